@@ -1,0 +1,62 @@
+"""crow eval: ASR on triggered prompts, false-trigger rate on clean prompts, clean perplexity."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..errors import CrowError
+from .common import add_model_arguments, check_file, load_from_args, positive_int
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+    p.add_argument("--task", help="keyword judge: negsentiment, refusal or codeinjection")
+    p.add_argument("--keywords", nargs="+", help="custom keywords (an output containing any counts as attacked)")
+    p.add_argument("--triggered", help="triggered prompts (JSON/JSONL records); ASR is measured on them")
+    p.add_argument("--clean", help="clean prompts with reference outputs; false triggers and perplexity")
+    p.add_argument("--out", required=True, help="report JSON path")
+    p.add_argument("--format", dest="prompt_format", default="raw", choices=("raw", "template"),
+                   help="raw: the bare instruction (official evaluation); template: as trained")
+    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"), help="template for --format template")
+    p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=16)
+    p.add_argument("--limit", type=positive_int("--limit"), help="use only the first N prompts of each set")
+    p.add_argument("--no-perplexity", action="store_true", help="skip clean perplexity")
+    p.add_argument("--outputs", action="store_true", help="also store every generation in the report")
+
+
+def run(args) -> int:
+    from ..data.records import load_records
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.judges import get_judge
+    from ..outputs import write_json_atomic
+
+    judge = get_judge(args.task, args.keywords)
+    if args.triggered is None and args.clean is None:
+        raise CrowError("give --triggered and/or --clean prompt files to evaluate")
+    check_file(args.triggered, "--triggered")
+    check_file(args.clean, "--clean")
+    out = Path(args.out)
+    if out.is_dir():
+        raise CrowError(f"--out {out} is a directory; pass a file path such as {out / 'report.json'}")
+    if not out.parent.exists():
+        raise CrowError(f"the directory of --out ({out.parent}) does not exist; create it first")
+    triggered = load_records(args.triggered, require_output=False, what="--triggered") if args.triggered else []
+    clean = load_records(args.clean, require_output=not args.no_perplexity, what="--clean") if args.clean else []
+    if args.limit:
+        triggered, clean = triggered[: args.limit], clean[: args.limit]
+    loaded = load_from_args(args)
+    report = evaluate(loaded.model, loaded.tokenizer, triggered=triggered, clean=clean, judge=judge,
+                      prompt_format=args.prompt_format, template=args.template, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, with_perplexity=not args.no_perplexity, progress=True)
+    data = report.to_dict(with_outputs=args.outputs)
+    data["settings"].update({"model": args.model, "adapter": args.adapter, "triggered": args.triggered,
+                             "clean": args.clean, "limit": args.limit})
+    write_json_atomic(out, data)
+    summary = {k: data[k] for k in ("asr", "false_trigger_rate", "clean_perplexity", "n_triggered", "n_clean", "n_empty")}
+    print(json.dumps(summary))
+    return 0

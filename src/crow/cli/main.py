@@ -1,0 +1,97 @@
+"""``crow`` command line: a thin dispatcher over the importable API.
+
+Every user mistake ends with exit code 2 and one line on stderr that says what is wrong and what
+to do; ``--debug`` shows the traceback. Exit codes: 0 ok, 1 internal error, 2 bad input,
+3 training diverged (NaN/inf loss), 130 interrupted (resumable with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+from ..errors import CrowError, Interrupted, TrainingDiverged
+
+# verb -> module in crow.cli that defines add_arguments(parser) and run(args)
+VERBS = {
+    "purify": "Remove a backdoor with CROW: train on clean samples, write an adapter or model.",
+    "eval": "Measure attack success rate, false-trigger rate and clean perplexity.",
+    "env": "Print versions of crow and its dependencies (for bug reports).",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line naming the verb and pointing to --help."""
+
+    def error(self, message: str):
+        raise CrowError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="crow", description="crow: remove backdoors from LLMs with CROW (ICML 2025).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    sub.required = True
+    for verb, help_text in VERBS.items():
+        module = importlib.import_module(f".{verb}_cmd", __package__)
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="crow: %(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("transformers", "peft", "accelerate", "datasets", "huggingface_hub", "urllib3", "filelock",
+                  "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+    if not debug:
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        try:
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    prog = "crow"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        prog = f"crow {args.verb}"
+        setup_logging(debug)
+        return int(args._run(args) or 0)
+    except SystemExit as e:  # --help, or a verb's explicit exit
+        return int(e.code or 0) if isinstance(e.code, int) else 0
+    except (CrowError, TrainingDiverged, Interrupted) as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in crow or a library: one line unless --debug
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"{prog}: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

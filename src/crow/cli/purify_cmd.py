@@ -1,0 +1,200 @@
+"""crow purify: CROW on clean samples -> a PEFT adapter (or merged model) + crow_config.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import CrowError, Interrupted
+from .common import add_model_arguments, check_file, load_from_args, load_yaml_config, nonneg_float, positive_int
+
+logger = logging.getLogger(__name__)
+
+
+def _layers(text: str) -> str:
+    from ..losses import parse_layer_range
+
+    if text not in ("official", "all"):
+        try:
+            parse_layer_range(text)
+        except CrowError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _choice(*valid: str):
+    def parse(text: str) -> str:
+        if text not in valid:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(valid)}")
+        return text
+    return parse
+
+
+def _bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    if str(text).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
+# command line (--name-with-dashes) or in --config YAML (name: value); the command line wins.
+OPTIONS = {
+    "alpha": (nonneg_float("--alpha"), None, "consistency weight; default 5.5, or the --task preset (refusal: 11)"),
+    "epsilon": (nonneg_float("--epsilon"), 0.1, "FGSM step on the input embeddings (paper: 0.1; 0 = no perturbation)"),
+    "layers": (_layers, "official", "layer pairs: official (hs[1:-2] vs hs[2:-1]), all, or START:STOP"),
+    "token_scope": (_choice("all", "masked"), "all", "average over all positions (official) or real tokens only"),
+    "lr": (nonneg_float("--lr"), 1e-3, "learning rate (paper: 1e-3)"),
+    "epochs": (nonneg_float("--epochs"), 5.0, "epochs over the clean set (paper: 5)"),
+    "max_steps": (int, -1, "stop after this many optimizer steps (-1: use --epochs)"),
+    "batch_size": (positive_int("--batch-size"), 2, "per-device batch size (paper: 2)"),
+    "grad_accum": (positive_int("--grad-accum"), 4, "gradient accumulation steps (paper: 4)"),
+    "warmup": (nonneg_float("--warmup"), 0.1, "warmup: a ratio if < 1, else steps (paper: 0.1)"),
+    "scheduler": (str, "cosine", "learning-rate schedule (paper: cosine)"),
+    "max_length": (positive_int("--max-length"), 512, "truncate samples to this many tokens"),
+    "template": (_choice("alpaca", "chat"), "alpaca", "prompt template of the clean samples"),
+    "limit": (positive_int("--limit"), None, "use only the first N records of --data (paper: 100 samples)"),
+    "lora_r": (positive_int("--lora-r"), 8, "LoRA rank of a new adapter (paper: 8)"),
+    "lora_alpha": (positive_int("--lora-alpha"), 16, "LoRA alpha of a new adapter (paper: 16)"),
+    "lora_dropout": (nonneg_float("--lora-dropout"), 0.0, "LoRA dropout of a new adapter (paper: 0)"),
+    "seed": (int, 42, "random seed"),
+    "save_steps": (positive_int("--save-steps"), 20, "checkpoint every N optimizer steps (for --resume)"),
+    "logging_steps": (positive_int("--logging-steps"), 5, "log CROW's metrics every N optimizer steps"),
+    "gradient_checkpointing": (_bool, False, "non-reentrant activation checkpointing (saves memory)"),
+    "bf16": (_bool, False, "bf16 mixed precision (GPU)"),
+    "full_finetune": (_bool, False, "train all weights instead of a LoRA adapter"),
+    "merge": (_bool, False, "write the merged full model instead of the adapter"),
+}
+FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="clean samples: JSON list or JSONL of instruction/input/output")
+    p.add_argument("--out", required=True, help="output directory (must not be the model or adapter directory)")
+    p.add_argument("--task", help="target task (negsentiment, refusal, codeinjection): picks the paper's alpha")
+    p.add_argument("--config", help="YAML file of options (names as below, with _); the command line wins")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    g = p.add_argument_group("CROW and training (defaults: the official recipe)")
+    for name, (parse, default, text) in OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if name in FLAGS:
+            g.add_argument(flag, action="store_const", const=True, default=None, help=f"{text}")
+        else:
+            g.add_argument(flag, type=parse, default=None, help=f"{text} (default: {default})")
+
+
+def resolve_options(args) -> dict:
+    """defaults < --config YAML < command line, every value checked by the option's own parser."""
+    values = {name: default for name, (_, default, _) in OPTIONS.items()}
+    for name, raw in load_yaml_config(args.config, set(OPTIONS)).items():
+        parse = OPTIONS[name][0]
+        try:
+            values[name] = raw if raw is None else parse(raw if isinstance(raw, bool) and name in FLAGS else str(raw))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise CrowError(f"--config {args.config}: {name}: {e}") from None
+    for name in OPTIONS:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    return values
+
+
+def run(args) -> int:
+    from ..data.records import load_records
+    from ..outputs import check_output_dir, crow_version, git_revision, sha256_file, staged_dir, write_json_atomic
+    from ..trainer import ALPHA_PRESETS
+
+    opts = resolve_options(args)
+    if args.task is not None and args.task not in ALPHA_PRESETS:
+        raise CrowError(f"unknown task {args.task!r}; valid: {', '.join(ALPHA_PRESETS)}")
+    if opts["alpha"] is None:
+        opts["alpha"] = ALPHA_PRESETS.get(args.task, 5.5)
+    if opts["full_finetune"] and args.adapter:
+        raise CrowError("--full-finetune and --adapter contradict each other: CROW continues training the given "
+                        "adapter; merge it into the model first to finetune all weights")
+    if opts["merge"] and opts["full_finetune"]:
+        logger.info("--merge has no effect with --full-finetune: the full model is written anyway")
+    check_file(args.data, "--data")
+    records = load_records(args.data, what="--data")
+    if opts["limit"]:
+        records = records[: opts["limit"]]
+    out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data],
+                           overwrite=args.overwrite or args.resume)
+    partial = out.parent / f".{out.name}.crow-partial"  # checkpoints of an unfinished run
+    resume = _find_checkpoint(partial) if args.resume else None
+    if args.resume and resume is None:
+        raise CrowError(f"--resume: no interrupted run of --out {out} was found (expected checkpoints in {partial})")
+    if not args.resume and partial.exists():
+        raise CrowError(f"an interrupted run of --out {out} exists ({partial}); pass --resume to continue it "
+                        "or delete that directory")
+
+    config = _crow_config(opts, partial)
+    started = time.perf_counter()
+    loaded = load_from_args(args, adapter_trainable=True)
+    from ..purification import LoraSettings, purify, save_model, settings_dict
+
+    lora = LoraSettings(r=opts["lora_r"], alpha=opts["lora_alpha"], dropout=opts["lora_dropout"])
+    try:
+        result = purify(loaded.model, loaded.tokenizer, records, config, template=opts["template"],
+                        max_length=opts["max_length"], full_finetune=opts["full_finetune"], lora=lora,
+                        resume_from_checkpoint=str(resume) if resume else None, handle_signals=True)
+    except Interrupted:
+        raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # only an interrupt leaves a resumable run behind
+        raise
+    with staged_dir(out) as tmp:
+        kind = save_model(result.model, loaded.tokenizer, tmp, merge=opts["merge"])
+        final = [h for h in result.log_history if "lm_loss" in h]
+        write_json_atomic(tmp / "crow_config.json", {
+            "crow_version": crow_version(), "git_revision": git_revision(), "method": "crow",
+            "paper": "Min, Pham, Li, Sun. CROW: Eliminating Backdoors from LLMs via Internal Consistency "
+                     "Regularization. ICML 2025 (arXiv 2411.12768)",
+            "output": kind, "model": args.model, "model_source": loaded.source, "adapter": args.adapter,
+            "data": str(Path(args.data).resolve()), "data_sha256": sha256_file(args.data), "n_records": len(records),
+            "n_train_samples": result.train_samples, "task": args.task, "options": opts,
+            "training_arguments": settings_dict(config), "optimizer_steps": result.global_step,
+            "seconds": round(time.perf_counter() - started, 2), "train_seconds": result.seconds,
+            "resumed": bool(resume), "last_log": final[-1] if final else None,
+        })
+    shutil.rmtree(partial, ignore_errors=True)
+    logger.info("wrote the purified %s to %s (%d optimizer steps, %.0f s)", kind, out, result.global_step,
+                result.seconds)
+    print(json.dumps({"out": str(out), "output": kind, "optimizer_steps": result.global_step,
+                      "seconds": result.seconds}))
+    return 0
+
+
+def _find_checkpoint(partial: Path) -> Path | None:
+    checkpoints = sorted(partial.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _crow_config(opts: dict, partial: Path):
+    from ..trainer import CrowConfig
+
+    try:
+        return _build_config(CrowConfig, opts, partial)
+    except CrowError:
+        raise
+    except ValueError as e:  # TrainingArguments' own checks (e.g. bf16 without a GPU, unknown scheduler)
+        raise CrowError(f"invalid training options: {str(e).strip().splitlines()[0]}") from None
+
+
+def _build_config(CrowConfig, opts: dict, partial: Path):
+    return CrowConfig(
+        output_dir=str(partial), crow_alpha=opts["alpha"], crow_epsilon=opts["epsilon"], crow_layers=opts["layers"],
+        crow_token_scope=opts["token_scope"], learning_rate=opts["lr"], num_train_epochs=opts["epochs"],
+        max_steps=opts["max_steps"], per_device_train_batch_size=opts["batch_size"],
+        gradient_accumulation_steps=opts["grad_accum"], warmup_steps=opts["warmup"], lr_scheduler_type=opts["scheduler"],
+        seed=opts["seed"], save_strategy="steps", save_steps=opts["save_steps"], save_total_limit=1,
+        logging_steps=opts["logging_steps"], gradient_checkpointing=opts["gradient_checkpointing"], bf16=opts["bf16"],
+    )
