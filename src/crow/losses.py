@@ -70,12 +70,16 @@ def parse_layer_range(layers: LayerSpec) -> tuple[int, int]:
 def pair_cosines(
     hidden_states: Sequence[torch.Tensor], layers: LayerSpec = "official"
 ) -> list[torch.Tensor]:
-    """Cosine similarity per selected pair, each [B, T] in fp32 (one pair in memory at a time)."""
+    """Cosine similarity per selected pair, each [B, T] in at least fp32 (one pair in memory at a time)."""
     out = []
     for i in layer_pairs(len(hidden_states), layers):
-        a, b = hidden_states[i].float(), hidden_states[i + 1].float()  # [B, T, H]
+        a, b = _at_least_fp32(hidden_states[i]), _at_least_fp32(hidden_states[i + 1])  # [B, T, H]
         out.append(F.cosine_similarity(a, b, dim=-1, eps=COSINE_EPS))  # [B, T]
     return out
+
+
+def _at_least_fp32(h: torch.Tensor) -> torch.Tensor:
+    return h.to(torch.promote_types(h.dtype, torch.float32))
 
 
 def layer_consistency_loss(
