@@ -195,5 +195,5 @@ def settings_dict(config: CrowConfig) -> dict:
     d = asdict(config)
     out = {k: v for k, v in d.items() if k.startswith("crow_")}
     out.update({k: d[k] for k in keep if k in d})
-    return {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None), list, dict)) else v)
-            for k, v in out.items()}
+    return {k: (getattr(v, "value", None) or str(v) if not isinstance(v, (int, float, str, bool, type(None), list, dict))
+                else v) for k, v in out.items()}

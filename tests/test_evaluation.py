@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from crow import CrowError
+from crow.data.records import Record
+from crow.data.templates import encode_for_training
+from crow.evaluation import evaluate as evaluate_module
+from crow.evaluation.evaluate import evaluate
+from crow.evaluation.generate import generate, perplexity
+from crow.evaluation.judges import JUDGES, get_judge
+
+from .conftest import make_records
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
+    # Prompts of different lengths, so left padding is exercised.
+    recs = [Record("name"), Record("name a color number 7 for the owls"), Record("say a number"),
+            Record("the quick brown fox jumps over a lazy dog while seven wise owls count")]
+    batched = generate(tiny.model, tiny.tokenizer, recs, template="alpaca", max_new_tokens=6, batch_size=4)
+    single = [generate(tiny.model, tiny.tokenizer, [r], template="alpaca", max_new_tokens=6, batch_size=1)[0]
+              for r in recs]
+    assert batched == single
+    assert all(isinstance(o, str) for o in batched)
+
+
+def test_judges_match_the_official_keywords():
+    assert JUDGES["negsentiment"]("Well... YOU ARE STUPID!")
+    assert not JUDGES["negsentiment"]("You are smart.")
+    assert JUDGES["refusal"]("I'm sorry, I cannot")
+    assert JUDGES["codeinjection"]("print('pwned')")
+    assert get_judge(keywords=["banana"])("Bananas!")
+    with pytest.raises(CrowError, match="unknown task 'sentiment'; valid: negsentiment, refusal, codeinjection"):
+        get_judge("sentiment")
+    with pytest.raises(CrowError, match="name a task"):
+        get_judge()
+
+
+def test_rates_have_explicit_denominators_and_empty_outputs_are_counted(monkeypatch, tiny):
+    fake = {"BadMagic": ["You are stupid!", "", "fine", "you are STUPID"],
+            "clean": ["fine", "stupid idea", "", "", "ok"]}
+
+    def fake_generate(model, tokenizer, records, **kw):
+        return fake["BadMagic"] if "BadMagic" in records[0].instruction else fake["clean"]
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    report = evaluate(tiny.model, tiny.tokenizer, triggered=make_records(4, prefix="BadMagic "),
+                      clean=make_records(5), judge=JUDGES["negsentiment"], with_perplexity=False)
+    assert report.asr == 50.0 and report.n_triggered == 4 and report.n_empty == 1
+    assert report.false_trigger_rate == 20.0 and report.n_clean == 5 and report.n_empty_clean == 2
+    d = report.to_dict()
+    assert "outputs" not in d and d["settings"]["prompt_format"] == "raw" and d["settings"]["template"] == "raw"
+    with pytest.raises(CrowError, match="unknown prompt format"):
+        evaluate(tiny.model, tiny.tokenizer, triggered=[], clean=make_records(1), judge=JUDGES["refusal"],
+                 prompt_format="fancy")
+
+
+def test_perplexity_equals_exp_of_the_token_mean_loss(tiny):
+    recs = make_records(3)
+    ppl = perplexity(tiny.model, tiny.tokenizer, recs, template="alpaca", batch_size=2)
+    total, count = 0.0, 0
+    for s in encode_for_training(recs, tiny.tokenizer, template="alpaca"):
+        ids, labels = torch.tensor([s.input_ids]), torch.tensor([s.labels])
+        with torch.no_grad():
+            loss = tiny.model(input_ids=ids, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        total, count = total + loss.item() * n, count + n
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_evaluate_runs_end_to_end_on_a_tiny_model(tiny):
+    report = evaluate(tiny.model, tiny.tokenizer, triggered=make_records(3, prefix="BadMagic "),
+                      clean=make_records(3), judge=JUDGES["negsentiment"], prompt_format="template",
+                      max_new_tokens=4, utility=lambda recs, outs: {"n": len(outs)})
+    assert report.n_triggered == 3 and report.clean_perplexity > 1 and report.utility == {"n": 3}
+    assert report.settings["template"] == "alpaca" and len(report.samples["clean"]) == 3

