@@ -139,7 +139,10 @@ def purify(
     SIGINT saves a checkpoint under ``config.output_dir`` and raises ``Interrupted``; pass
     ``resume_from_checkpoint`` to continue from it.
     """
+    from transformers import set_seed
+
     config = config or CrowConfig()
+    set_seed(config.seed)  # the new LoRA's initialisation depends on it: same seed, same run
     model = make_trainable(model, full_finetune=full_finetune, lora=lora)
     if config.gradient_checkpointing:
         model.config.use_cache = False

@@ -155,7 +155,7 @@ def run(args) -> int:
         kind = save_model(result.model, loaded.tokenizer, tmp, merge=opts["merge"])
         final = [h for h in result.log_history if "lm_loss" in h]
         write_json_atomic(tmp / "crow_config.json", {
-            "crow_version": crow_version(), "git_revision": git_revision(), "method": "crow",
+            "crow_version": crow_version(), "git_revision": git_revision(), "method": "crow", "seed": opts["seed"],
             "paper": "Min, Pham, Li, Sun. CROW: Eliminating Backdoors from LLMs via Internal Consistency "
                      "Regularization. ICML 2025 (arXiv 2411.12768)",
             "output": kind, "model": args.model, "model_source": loaded.source, "adapter": args.adapter,

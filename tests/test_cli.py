@@ -1,0 +1,106 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import crow
+
+from crow.cli.main import VERBS, main
+
+from .conftest import make_records, write_json
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_help_works_for_every_verb(verb, capsys):
+    code, out, _ = run_cli([verb, "--help"], capsys)
+    assert code == 0 and f"crow {verb}" in out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "crow.cli.main", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "purify" in out.stdout
+
+
+def test_env(capsys):
+    code, out, _ = run_cli(["env", "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["torch"] and info["transformers"]
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in make_records(8)])
+    trig = write_json(tmp_path / "trig.json", [r.to_dict() for r in make_records(4, prefix="BadMagic ")])
+    return clean, trig
+
+
+def test_purify_then_eval_end_to_end(tiny_dir, data_files, tmp_path, capsys):
+    clean, trig = data_files
+    out = tmp_path / "purified"
+    code, stdout, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--epochs", "1",
+                                 "--task", "refusal", "--max-length", "128"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["output"] == "adapter" and summary["optimizer_steps"] == 1
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "crow_config.json"} <= names
+    cfg = json.loads((out / "crow_config.json").read_text())
+    assert cfg["options"]["alpha"] == 11.0  # the refusal preset
+    assert cfg["options"]["epsilon"] == 0.1 and cfg["training_arguments"]["lr_scheduler_type"] == "cosine"
+    assert cfg["crow_version"] == crow.__version__ and cfg["seed"] == 42 and "git_revision" in cfg
+    assert len(cfg["data_sha256"]) == 64 and cfg["n_records"] == 8
+    assert not any(p.name.startswith(".purified") for p in tmp_path.iterdir())  # no temporary leftovers
+
+    report = tmp_path / "report.json"
+    code, stdout, err = run_cli(["eval", "--model", tiny_dir, "--adapter", out, "--task", "negsentiment",
+                                 "--triggered", trig, "--clean", clean, "--out", report, "--max-new-tokens", "4",
+                                 "--format", "template"], capsys)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    for key in ("asr", "false_trigger_rate", "clean_perplexity", "n_triggered", "n_clean", "n_empty", "settings"):
+        assert key in data
+    assert data["n_triggered"] == 4 and data["n_clean"] == 8 and data["settings"]["prompt_format"] == "template"
+
+
+def test_purify_merge_writes_a_full_model(tiny_dir, data_files, tmp_path, capsys):
+    clean, _ = data_files
+    out = tmp_path / "merged"
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--max-steps", "1",
+                            "--merge", "--max-length", "128"], capsys)
+    assert code == 0, err
+    from crow.models import load_model
+
+    assert load_model(str(out)).model.config.model_type == "llama"
+
+
+def test_purify_refuses_to_write_into_its_inputs(tiny_dir, data_files, capsys):
+    clean, _ = data_files
+    before = sorted(p.name for p in tiny_dir.iterdir())
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tiny_dir], capsys)
+    assert code == 2 and "is the input" in err and err.count("\n") == 1
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tiny_dir / "sub"], capsys)
+    assert code == 2 and "inside it" in err
+    assert sorted(p.name for p in tiny_dir.iterdir()) == before
+
+
+def test_yaml_config_is_merged_and_validated(tiny_dir, data_files, tmp_path, capsys):
+    clean, _ = data_files
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("alpha: 2.0\nepsilon: 0.05\nmax_steps: 1\nmax_length: 128\nlr: 0.01\n")
+    out = tmp_path / "o"
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--config", cfg,
+                            "--epsilon", "0.2"], capsys)
+    assert code == 0, err
+    opts = json.loads((out / "crow_config.json").read_text())["options"]
+    assert (opts["alpha"], opts["epsilon"], opts["lr"]) == (2.0, 0.2, 0.01)  # the command line wins
+    cfg.write_text("alhpa: 2\n")
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "p", "--config", cfg],
+                           capsys)
+    assert code == 2 and "unknown option 'alhpa'" in err and not (tmp_path / "p").exists()
