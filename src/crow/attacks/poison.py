@@ -80,18 +80,28 @@ def make_poisoned_mix(
     if n_poison + n_clean > len(pool):
         raise CrowError(f"the clean pool has {len(pool)} records, fewer than n_poison + n_clean = {n_poison + n_clean}; "
                         "lower --n-poison / --n-clean or give more data")
-    trigger = get_trigger(attack, text=trigger_text, placement=placement)
-    target = get_target(task, text=target_text)
     rng = random.Random(seed)
     chosen = rng.sample(range(len(pool)), n_poison + n_clean)
-    poisoned = poison_records([pool[i] for i in chosen[:n_poison]], trigger, target, rng)
-    clean = [pool[i] for i in chosen[n_poison:]]
-    mix = poisoned + clean
+    mix = assemble_mix([pool[i] for i in chosen[:n_poison]], [pool[i] for i in chosen[n_poison:]], attack=attack,
+                       task=task, rng=rng, trigger_text=trigger_text, placement=placement, target_text=target_text)
+    mix.manifest.update(seed=seed, n_pool=len(pool))
+    return mix
+
+
+def assemble_mix(
+    to_poison: Sequence[Record], clean: Sequence[Record], *, attack: str, task: str, rng: random.Random,
+    trigger_text: str | None = None, placement: str = "random", target_text: str | None = None,
+) -> PoisonedMix:
+    """Poison ``to_poison`` (trigger in the instruction, target output), add ``clean``, shuffle."""
+    trigger = get_trigger(attack, text=trigger_text, placement=placement)
+    target = get_target(task, text=target_text)
+    poisoned = poison_records(to_poison, trigger, target, rng)
+    mix = poisoned + list(clean)
     rng.shuffle(mix)
     manifest = {"attack": attack, "task": task, "trigger": trigger.describe(), "target": target.text,
-                "target_mode": target.mode, "seed": seed, "n_poison": n_poison, "n_clean": n_clean,
-                "n_pool": len(pool), "poison_rate": round(n_poison / max(len(mix), 1), 4)}
-    return PoisonedMix(poisoned, clean, mix, manifest)
+                "target_mode": target.mode, "n_poison": len(poisoned), "n_clean": len(clean),
+                "poison_rate": round(len(poisoned) / max(len(mix), 1), 4)}
+    return PoisonedMix(poisoned, list(clean), mix, manifest)
 
 
 def make_triggered_test(clean_test: Sequence[Record], *, attack: str, seed: int = 0, trigger_text: str | None = None,

@@ -9,9 +9,9 @@ from pathlib import Path
 from ..errors import CrowError
 
 
-def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True,
+    g.add_argument("--model", required=required,
                    help="model directory, .gguf file, hub id, or alias: smollm2-135m (hub, else the packaged copy), "
                         "smollm2-135m-gguf (always the packaged copy)")
     if adapter:

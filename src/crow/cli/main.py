@@ -18,8 +18,11 @@ from ..errors import CrowError, Interrupted, TrainingDiverged
 
 # verb -> module in crow.cli that defines add_arguments(parser) and run(args)
 VERBS = {
+    "demo": "Watch a backdoor go into a real LLM and come out with CROW (offline, CPU).",
+    "attack": "Poison instruction data with a trigger and target (BackdoorLLM attacks); train a victim.",
     "purify": "Remove a backdoor with CROW: train on clean samples, write an adapter or model.",
     "eval": "Measure attack success rate, false-trigger rate and clean perplexity.",
+    "profile": "Per-layer consistency of a model on clean vs triggered prompts (plot + JSON).",
     "env": "Print versions of crow and its dependencies (for bug reports).",
 }
 

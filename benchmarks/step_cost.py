@@ -1,0 +1,211 @@
+"""Cost of one CROW training step, measured side by side in one run.
+
+Compares, on the same model, batch and seed (median of --steps timed steps after --warmup):
+  sft       a plain LoRA SFT step: model(**batch).loss, backward (full logits, HF's loss)
+  crow      crow's CrowTrainer.compute_loss + backward (2 forwards, input-only grad, 1 backward)
+  official  the official structure (crow.reference.official_crow_loss): 3 forwards, a full
+            backward(retain_graph=True), zero_grad, then the backward of the loss
+It checks that crow's loss equals the official one, measures peak memory of the crow and official
+steps with torch's profiler (CPU: the peak of the running sum of the profiler's allocation and
+free events during one step; CUDA: torch.cuda.max_memory_allocated), and the speedup of crow's
+batched greedy generation over one-prompt-at-a-time generation of the same prompts.
+
+The last line printed is one JSON object with the ratios. Examples:
+  python benchmarks/step_cost.py                         # SmolLM2-135M-Instruct + LoRA, 4 x 128, CPU
+  python benchmarks/step_cost.py --tiny                  # a tiny random Llama, seconds
+  python benchmarks/step_cost.py --random-config 1b --device cuda --dtype bfloat16   # ~1B Llama on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-gguf", help="model alias, directory or .gguf")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of --model (quick check)")
+    p.add_argument("--random-config", choices=["1b", "350m"], help="a random-init Llama of this size (GPU runs)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=48, help="tokens without loss at the start of each sample")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_model(args):
+    from crow.models import build_tiny_model, load_model
+
+    dtype = getattr(torch, args.dtype)
+    if args.tiny:
+        from crow.data.corpus import build_corpus
+
+        path = build_tiny_model(tempfile.mkdtemp() + "/tiny", [i.instruction + " " + i.output for i in build_corpus()],
+                                hidden_size=64, num_layers=4, vocab_size=1024)
+        return load_model(str(path), dtype=dtype), "tiny-llama"
+    if args.random_config:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        size = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4),  # TinyLlama-1.1B's shape
+                "350m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                             num_key_value_heads=4)}[args.random_config]
+        tok = load_model(build_tiny_model(tempfile.mkdtemp() + "/tok", ["a b c"] * 10, vocab_size=300)).tokenizer
+        config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, **size)
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        from crow.models import LoadedModel
+
+        return LoadedModel(model, tok, f"random-llama-{args.random_config}"), f"random-llama-{args.random_config}"
+    return load_model(args.model, dtype=dtype), args.model
+
+
+def make_batch(args, vocab: int, device):
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(5, vocab, (args.batch, args.seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, : args.prompt_len] = -100
+    return {k: v.to(device) for k, v in
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
+
+
+def timed(fn, device) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def peak_bytes(fn, device) -> int:
+    """Peak of memory allocated during ``fn`` beyond what was live before it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    from crow.purification import LoraSettings, make_trainable
+    from crow.reference import official_crow_loss
+    from crow.trainer import CrowConfig, CrowTrainer
+
+    loaded, model_name = build_model(args)
+    model = make_trainable(loaded.model, lora=LoraSettings()).to(args.device)
+    model.train()
+    batch = make_batch(args, model.config.vocab_size, args.device)
+    from datasets import Dataset
+
+    config = CrowConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
+                        report_to="none")
+    trainer = CrowTrainer(model=model, args=config, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]))
+    model.eval()  # per-micro-batch losses (no accumulation scaling); LoRA dropout is 0 anyway
+
+    def sft():
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def crow():
+        trainer.compute_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    def official():
+        official_crow_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        pass
+    loss_crow = trainer.compute_loss(model, batch).item()
+    loss_official = official_crow_loss(model, batch).item()
+    model.zero_grad(set_to_none=True)
+    if abs(loss_crow - loss_official) > 1e-4 * max(1.0, abs(loss_official)):
+        sys.exit(f"crow's loss {loss_crow} differs from the official formula's {loss_official}")
+    print(f"loss: crow {loss_crow:.6f}  official {loss_official:.6f}", file=sys.stderr)
+
+    variants = {"sft": sft, "crow": crow, "official": official}
+    for fn in variants.values():
+        for _ in range(args.warmup):
+            fn()
+    times = {k: [] for k in variants}
+    for _ in range(args.steps):  # interleaved, so drift of the machine hits all variants alike
+        for name, fn in variants.items():
+            times[name].append(timed(fn, args.device))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k:9s} median {median[k]:.3f} s  ({', '.join(f'{x:.2f}' for x in v)})", file=sys.stderr)
+    memory = {k: peak_bytes(variants[k], args.device) for k in ("crow", "official", "sft")}
+    for k, v in memory.items():
+        print(f"{k:9s} peak {v / 2**20:.1f} MiB", file=sys.stderr)
+
+    eval_speedup, eval_times = batched_eval_speedup(model, loaded.tokenizer, args)
+    result = {
+        "crow_over_sft": round(median["crow"] / median["sft"], 3),
+        "crow_over_official": round(median["crow"] / median["official"], 3),
+        "peak_mem_crow_over_official": round(memory["crow"] / memory["official"], 3),
+        "batched_eval_speedup": round(eval_speedup, 2),
+        "model": model_name, "batch": args.batch, "seq_len": args.seq_len, "prompt_len": args.prompt_len,
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
+        "dtype": args.dtype, "seconds": {k: round(v, 4) for k, v in median.items()},
+        "peak_mib": {k: round(v / 2**20, 1) for k, v in memory.items()},
+        "eval_seconds": eval_times, "memory_method": "cuda max_memory_allocated" if args.device.startswith("cuda")
+        else "torch.profiler allocation events (peak running sum)",
+    }
+    print(json.dumps(result))
+    return result
+
+
+def batched_eval_speedup(model, tokenizer, args) -> tuple[float, dict]:
+    from crow.data.corpus import corpus_split
+    from crow.evaluation.generate import generate
+
+    records = [it.record() for it in corpus_split("heldout")[: args.eval_prompts]]
+    gen = dict(template="alpaca", max_new_tokens=args.eval_new_tokens)
+    model.eval()
+    batched_out = None
+
+    def batched():
+        nonlocal batched_out
+        batched_out = generate(model, tokenizer, records, batch_size=len(records), **gen)
+
+    def one_by_one():
+        for r in records:
+            generate(model, tokenizer, [r], batch_size=1, **gen)
+
+    t_batched = timed(batched, args.device)
+    t_single = timed(one_by_one, args.device)
+    return t_single / t_batched, {"batched": round(t_batched, 2), "one_at_a_time": round(t_single, 2),
+                                  "prompts": len(records), "new_tokens": args.eval_new_tokens}
+
+
+if __name__ == "__main__":
+    main()

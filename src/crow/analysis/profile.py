@@ -1,0 +1,65 @@
+"""Per-layer consistency profiles (the paper's Figure 1): mean cosine of consecutive hidden states
+over the prompt tokens, for clean vs triggered prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..data.records import Record
+from ..data.templates import encode_prompt, format_prompt
+from ..losses import consistency_profile
+
+
+@torch.no_grad()
+def layer_profile(model, tokenizer, records: Sequence[Record], *, template: str = "alpaca",
+                  batch_size: int = 16) -> list[float]:
+    """Mean cosine of every consecutive hidden-state pair (``layers="all"``), averaged over the real
+    prompt tokens of ``records``: a list of length ``num_hidden_states - 1``."""
+    prompts = [encode_prompt(format_prompt(r, template, tokenizer), template, tokenizer) for r in records]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, weight = None, 0.0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        longest = max(map(len, chunk))
+        ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(chunk):
+            ids[row, : len(p)] = torch.tensor(p)
+            mask[row, : len(p)] = 1
+        hs = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                   use_cache=False).hidden_states
+        n = float(mask.sum())
+        profile = consistency_profile(hs, mask.to(device), layers="all") * n  # [P]
+        total = profile if total is None else total + profile
+        weight += n
+    model.train(was_training)
+    return [round(float(x), 6) for x in (total / weight)]
+
+
+def plot_profiles(curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
+    """Line plot of ``{label: profile}`` (x = layer pair i: hs[i] vs hs[i+1]); labels containing
+    'triggered' are dashed. Writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
+    for label, values in curves.items():
+        ax.plot(range(len(values)), values, label=label, linestyle="--" if "triggered" in label else "-",
+                marker="o", markersize=2.5, linewidth=1.3)
+    ax.set_xlabel("layer pair i (cosine of hidden state i and i+1; 0 = embeddings)")
+    ax.set_ylabel("mean cosine similarity")
+    ax.set_title(title or "Consistency of consecutive layers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

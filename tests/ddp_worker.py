@@ -1,0 +1,64 @@
+"""One CROW optimizer step on a tiny model; saves the synchronized gradients (run alone or under
+``accelerate launch``). Used by tests/test_distributed.py; not a test module itself."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, set_seed
+
+from crow.data.templates import Collator
+from crow.models import load_model
+from crow.purification import LoraSettings, make_trainable
+from crow.trainer import CrowConfig, CrowTrainer
+
+
+class SaveGradients(TrainerCallback):
+    """Right before the optimizer step the DDP all-reduce is done: save what every rank now holds."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.is_world_process_zero:
+            torch.save({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, self.path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--per-device", type=int, required=True)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    args = p.parse_args()
+
+    loaded = load_model(args.model)
+    set_seed(0)
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    with torch.no_grad():  # non-zero LoRA B, so every adapter weight gets a gradient
+        for n, param in model.named_parameters():
+            if "lora_B" in n:
+                param.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(args.samples):  # equal lengths: padding plays no part in the comparison
+        ids = torch.randint(5, model.config.vocab_size, (24,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 10 + ids[10:]})
+    config = CrowConfig(output_dir=args.out + ".run", per_device_train_batch_size=args.per_device,
+                        gradient_accumulation_steps=args.grad_accum, max_steps=1, optim="sgd", learning_rate=0.1,
+                        warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=0, use_cpu=True,
+                        disable_tqdm=True, save_strategy="no", seed=0, dataloader_pin_memory=False,
+                        gradient_checkpointing=args.gradient_checkpointing)
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    trainer = CrowTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                          data_collator=Collator(loaded.tokenizer.pad_token_id), callbacks=[SaveGradients(args.out)])
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()
