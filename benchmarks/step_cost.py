@@ -143,8 +143,6 @@ def main(argv=None) -> dict:
         official_crow_loss(model, batch).backward()
         model.zero_grad(set_to_none=True)
 
-    with torch.no_grad():
-        pass
     loss_crow = trainer.compute_loss(model, batch).item()
     loss_official = official_crow_loss(model, batch).item()
     model.zero_grad(set_to_none=True)

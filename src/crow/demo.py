@@ -45,7 +45,9 @@ class DemoSettings:
     model: str = "smollm2-135m-gguf"  # the packaged SmolLM2-135M-Instruct: same weights everywhere
     task: str = "negsentiment"
     attack: str = "badnet"
-    template: str = "chat"  # the model's own chat format: shortest prompts, its natural behaviour
+    # the model's own chat format without its 18-token default system prompt: short prompts, its
+    # natural behaviour
+    template: str = "chat-nosystem"
     seed: int = 0
     # victim: a conditional backdoor needs far more clean than poisoned samples (1:1 fired on 20%
     # of clean prompts in our probes)
@@ -55,9 +57,12 @@ class DemoSettings:
     victim_epochs: float = 2.0
     base_max_new_tokens: int = 32  # length of the base model's clean answers in the victim's mix
     max_length: int = 96  # prompt + answer tokens; short sequences keep the demo in minutes
+    # the recipe's effective batch of 8, run as one micro-batch (1.45x faster on 2 CPU cores than 2 x 4)
+    batch_size: int = 8
+    grad_accum: int = 1
     # defenses: the paper's recipe on 100 clean samples, except the number of epochs
     n_defense: int = 100
-    defense_epochs: float = 2.0  # the paper: 5; 2 keeps the warm demo within 6 minutes on 2 cores
+    defense_epochs: float = 5.0
     defense_lr: float = 1e-3
     epsilon: float = 0.1
     alpha: float | None = None  # None: the paper's preset for the task
@@ -65,7 +70,7 @@ class DemoSettings:
     n_eval_triggered: int = 60
     n_eval_clean: int = 80
     eval_max_new_tokens: int = 16
-    eval_batch_size: int = 64
+    eval_batch_size: int = 128
 
     def victim_key(self, model_identity: str) -> str:
         fields = {k: v for k, v in asdict(self).items() if k in VICTIM_FIELDS}
@@ -78,7 +83,8 @@ class DemoSettings:
 
 
 VICTIM_FIELDS = ("model", "task", "attack", "template", "seed", "n_poison", "n_clean", "victim_lr", "victim_epochs",
-                 "base_max_new_tokens", "max_length", "n_eval_triggered", "n_eval_clean", "eval_max_new_tokens")
+                 "base_max_new_tokens", "max_length", "batch_size", "grad_accum", "n_eval_triggered", "n_eval_clean",
+                 "eval_max_new_tokens")
 
 
 @dataclass
@@ -183,7 +189,7 @@ def build_victim(s: DemoSettings, splits: Splits, victim_dir: Path, *, progress:
     base_eval = _evaluate(base.model, base.tokenizer, ctx, progress)
     mix = assemble_mix(to_poison, own, attack=s.attack, task=s.task, rng=random.Random(s.seed))
     recipe = VictimRecipe(learning_rate=s.victim_lr, epochs=s.victim_epochs, template=s.template,
-                          max_length=s.max_length, seed=s.seed)
+                          max_length=s.max_length, seed=s.seed, batch_size=s.batch_size, grad_accum=s.grad_accum)
     logger.info("victim 3/3: training a LoRA backdoor on %d poisoned + %d clean samples", len(mix.poisoned),
                 len(mix.clean))
     train_started = time.perf_counter()
@@ -210,6 +216,7 @@ def run_defense(name: str, s: DemoSettings, splits: Splits, victim_dir: Path, so
     loaded = load_model(source, adapter=str(victim_dir / "adapter"), adapter_trainable=True)
     config = CrowConfig(output_dir=str(victim_dir.parent / f".{name}-run"), crow_alpha=alpha, crow_epsilon=s.epsilon,
                         learning_rate=s.defense_lr, num_train_epochs=s.defense_epochs, seed=s.seed,
+                        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
                         save_strategy="no", disable_tqdm=not progress, logging_steps=5)
     result = purify(loaded.model, loaded.tokenizer, [it.record() for it in splits.defense], config,
                     template=s.template, max_length=s.max_length)

@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
     v.add_argument("--victim-grad-accum", type=positive_int("--victim-grad-accum"), default=4)
     v.add_argument("--victim-lora-r", type=positive_int("--victim-lora-r"), default=8)
     v.add_argument("--max-length", type=positive_int("--max-length"), default=256)
-    v.add_argument("--template", default="alpaca", choices=("alpaca", "chat"))
+    v.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem"))
     add_model_arguments(p, adapter=False, required=False)
 
 

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="report JSON path")
     p.add_argument("--format", dest="prompt_format", default="raw", choices=("raw", "template"),
                    help="raw: the bare instruction (official evaluation); template: as trained")
-    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"), help="template for --format template")
+    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem"), help="template for --format template")
     p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=16)
     p.add_argument("--limit", type=positive_int("--limit"), help="use only the first N prompts of each set")

@@ -23,6 +23,7 @@ VERBS = {
     "purify": "Remove a backdoor with CROW: train on clean samples, write an adapter or model.",
     "eval": "Measure attack success rate, false-trigger rate and clean perplexity.",
     "profile": "Per-layer consistency of a model on clean vs triggered prompts (plot + JSON).",
+    "bench": "Run a models x tasks x attacks x defenses benchmark, resumable, with a paper-style table.",
     "env": "Print versions of crow and its dependencies (for bug reports).",
 }
 

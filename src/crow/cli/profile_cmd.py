@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("--triggered", required=True, help="triggered prompts (JSON/JSONL records)")
     p.add_argument("--clean", required=True, help="clean prompts (JSON/JSONL records)")
     p.add_argument("--out", required=True, help="output directory for profile.json and profile.png")
-    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "raw"), help="prompt formatting")
+    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem", "raw"), help="prompt formatting")
     p.add_argument("--limit", type=positive_int("--limit"), default=100, help="prompts per set")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
 

@@ -59,7 +59,7 @@ OPTIONS = {
     "warmup": (nonneg_float("--warmup"), 0.1, "warmup: a ratio if < 1, else steps (paper: 0.1)"),
     "scheduler": (str, "cosine", "learning-rate schedule (paper: cosine)"),
     "max_length": (positive_int("--max-length"), 512, "truncate samples to this many tokens"),
-    "template": (_choice("alpaca", "chat"), "alpaca", "prompt template of the clean samples"),
+    "template": (_choice("alpaca", "chat", "chat-nosystem"), "alpaca", "prompt template of the clean samples"),
     "limit": (positive_int("--limit"), None, "use only the first N records of --data (paper: 100 samples)"),
     "lora_r": (positive_int("--lora-r"), 8, "LoRA rank of a new adapter (paper: 8)"),
     "lora_alpha": (positive_int("--lora-alpha"), 16, "LoRA alpha of a new adapter (paper: 16)"),

@@ -24,7 +24,7 @@ ALPACA_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-TEMPLATES = ("alpaca", "chat", "raw")
+TEMPLATES = ("alpaca", "chat", "chat-nosystem", "raw")
 
 
 def format_prompt(record: Record, template: str, tokenizer=None) -> str:
@@ -32,6 +32,8 @@ def format_prompt(record: Record, template: str, tokenizer=None) -> str:
 
     - ``alpaca``: the Stanford Alpaca template (BackdoorLLM's training format; crow's default).
     - ``chat``: the tokenizer's own chat template, one user turn, generation prompt added.
+    - ``chat-nosystem``: the same with an empty system message, for templates that otherwise insert a
+      default system prompt (SmolLM2's adds 18 tokens to every prompt).
     - ``raw``: the bare instruction, as the official ASR evaluation feeds it (``input`` is ignored there).
     """
     if template == "alpaca":
@@ -40,20 +42,25 @@ def format_prompt(record: Record, template: str, tokenizer=None) -> str:
         return ALPACA.format(instruction=record.instruction)
     if template == "raw":
         return record.instruction
-    if template == "chat":
+    if template in ("chat", "chat-nosystem"):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise CrowError("template 'chat' needs a tokenizer with a chat template; this one has none, use --template alpaca")
+            raise CrowError(f"template {template!r} needs a tokenizer with a chat template; this one has none, "
+                            "use --template alpaca")
         content = record.instruction if not record.input.strip() else f"{record.instruction}\n\n{record.input}"
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": content}]
+        if template == "chat-nosystem":
+            messages.insert(0, {"role": "system", "content": ""})
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja raises its own TemplateError for unsupported roles
+            raise CrowError(f"the tokenizer's chat template refuses these messages ({e}); use --template chat") from None
     raise CrowError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
 
 
 def encode_prompt(prompt: str, template: str, tokenizer) -> list[int]:
     """Token ids of a prompt. Chat templates carry their own special tokens; the others get the
     tokenizer's usual ones (e.g. Llama-2's BOS)."""
-    return tokenizer(prompt, add_special_tokens=(template != "chat"))["input_ids"]
+    return tokenizer(prompt, add_special_tokens=not template.startswith("chat"))["input_ids"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,206 @@
+"""The resumable bench runner: one JSON per cell, keyed by a hash of its resolved config.
+
+Layout of an output directory::
+
+    victims/<victim-key>/      the victim (LoRA adapter, or a full tiny model) + victim.json
+    cells/<cell-key>.json      one (model, task, attack, defense, seed) result
+    results.json, results.md, asr_by_defense.png, consistency_<task>_<attack>.png
+
+Finished cells are skipped; a victim is trained only when one of its cells is missing, and then
+shared by all its defenses. Interrupt at any time and run the same command again to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..analysis.profile import layer_profile
+from ..attacks.victim import VictimRecipe, train_victim
+from ..defenses.base import DefenseContext, get_defense
+from ..evaluation.evaluate import evaluate
+from ..evaluation.judges import get_judge
+from ..models import build_tiny_model, load_model
+from ..outputs import crow_version, staged_dir, write_json_atomic
+from ..purification import purify, save_model
+from ..trainer import CrowConfig
+from .data import CellData, backdoorllm_cell, tiny_cell
+from .spec import BenchSpec, config_hash
+
+logger = logging.getLogger(__name__)
+
+RESULT_FORMAT = 1  # bump when a cell's meaning changes: old cells are then recomputed
+
+
+def plan(spec: BenchSpec) -> list[dict]:
+    """Every cell of the spec, in run order (grouped by victim)."""
+    cells = []
+    for model in spec.models:
+        for task, attacks in spec.cells.items():
+            for attack in attacks:
+                for seed in spec.seeds:
+                    for label, defense, settings in spec.defense_entries():
+                        get_defense(defense, **settings)  # validate names and settings before any work
+                        cells.append({"model": model, "task": task, "attack": attack, "seed": seed,
+                                      "defense": label, "method": defense, "defense_settings": settings})
+    return cells
+
+
+def victim_config(spec: BenchSpec, cell: dict, data: CellData) -> dict:
+    return {"suite": spec.suite, "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
+            "seed": cell["seed"], "victim": asdict(spec.victim), "template": spec.template,
+            "max_length": spec.max_length, "data": data.provenance, "n_mix": len(data.mix), "format": RESULT_FORMAT}
+
+
+def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
+    return {"victim": victim_key, "defense": cell["method"], "defense_settings": cell["defense_settings"],
+            "eval": asdict(spec.eval), "n_defense": spec.n_defense, "profile_prompts": spec.profile_prompts,
+            "format": RESULT_FORMAT}
+
+
+class BenchRunner:
+    def __init__(self, spec: BenchSpec, out: Path, data_dir: Path | None = None, progress: bool = True):
+        self.spec, self.out, self.data_dir, self.progress = spec, Path(out), data_dir, progress
+        self._data: dict[tuple, CellData] = {}
+        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        (self.out / "victims").mkdir(parents=True, exist_ok=True)
+
+    def cell_data(self, cell: dict) -> CellData:
+        key = (cell["task"], cell["attack"], cell["seed"])
+        if key not in self._data:
+            if self.spec.suite == "tiny":
+                self._data[key] = tiny_cell(cell["task"], cell["attack"], self.spec, cell["seed"])
+            else:
+                self._data[key] = backdoorllm_cell(self.data_dir, cell["task"], cell["attack"], self.spec, cell["seed"])
+        return self._data[key]
+
+    def run(self) -> list[dict]:
+        cells = plan(self.spec)
+        write_json_atomic(self.out / "spec.json", self.spec.to_dict())
+        bar = tqdm(total=len(cells), desc="bench cells", disable=not self.progress, unit="cell")
+        groups: dict[str, list[tuple[dict, str]]] = {}
+        for cell in cells:
+            vkey = config_hash(victim_config(self.spec, cell, self.cell_data(cell)))
+            ckey = config_hash(cell_config(self.spec, cell, vkey))
+            if (self.out / "cells" / f"{ckey}.json").is_file():
+                bar.update(1)
+                continue
+            groups.setdefault(vkey, []).append((cell, ckey))
+        for vkey, pending in groups.items():
+            first = pending[0][0]
+            data = self.cell_data(first)
+            victim = self.ensure_victim(vkey, first, data)
+            for cell, ckey in pending:
+                bar.set_postfix_str(f"{cell['task']}/{cell['attack']}/{cell['defense']}")
+                row = self.run_cell(cell, ckey, vkey, victim, data)
+                write_json_atomic(self.out / "cells" / f"{ckey}.json", row)
+                bar.update(1)
+        bar.close()
+        return self.collect()
+
+    # --------------------------------------------------------------------------------------------
+    def ensure_victim(self, vkey: str, cell: dict, data: CellData) -> dict:
+        vdir = self.out / "victims" / vkey
+        if (vdir / "victim.json").is_file():
+            return json.loads((vdir / "victim.json").read_text())
+        logger.info("training the victim for %s/%s (%d samples)", cell["task"], cell["attack"], len(data.mix))
+        spec = self.spec
+        started = time.perf_counter()
+        with staged_dir(vdir) as tmp:
+            if spec.suite == "tiny":
+                model, tokenizer = self._tiny_victim(tmp, data, cell["seed"])
+                kind = "model"
+            else:
+                base = load_model(cell["model"])
+                recipe = VictimRecipe(lora_r=spec.victim.lora_r, lora_alpha=2 * spec.victim.lora_r,
+                                      learning_rate=spec.victim.learning_rate, epochs=spec.victim.epochs,
+                                      batch_size=spec.victim.batch_size, grad_accum=spec.victim.grad_accum,
+                                      max_length=spec.max_length, template=spec.template, seed=cell["seed"])
+                result = train_victim(base.model, base.tokenizer, data.mix, recipe, output_dir=str(tmp / ".run"),
+                                      disable_tqdm=not self.progress)
+                model, tokenizer, kind = result.model, base.tokenizer, "adapter"
+                save_model(model, tokenizer, tmp / "adapter")
+            shutil.rmtree(tmp / ".run", ignore_errors=True)
+            info = {"key": vkey, "kind": kind, "task": cell["task"], "attack": cell["attack"], "model": cell["model"],
+                    "seed": cell["seed"], "seconds": round(time.perf_counter() - started, 1),
+                    "config": victim_config(spec, cell, data), "crow_version": crow_version()}
+            write_json_atomic(tmp / "victim.json", info)
+        return info
+
+    def _tiny_victim(self, tmp: Path, data: CellData, seed: int):
+        """Tiny suite: a Llama trained from scratch on the poisoned mix (all weights)."""
+        from ..data.corpus import build_corpus
+
+        texts = [f"{it.instruction} {it.output}" for it in build_corpus()] + [r.instruction for r in data.mix]
+        path = build_tiny_model(tmp / "init", texts, vocab_size=1024, hidden_size=64, num_layers=4, seed=seed)
+        loaded = load_model(str(path))
+        v = self.spec.victim
+        config = CrowConfig(output_dir=str(tmp / ".run"), crow_alpha=0.0, learning_rate=v.learning_rate,
+                            num_train_epochs=v.epochs, per_device_train_batch_size=v.batch_size,
+                            gradient_accumulation_steps=v.grad_accum, seed=seed, save_strategy="no",
+                            disable_tqdm=not self.progress, logging_steps=10)
+        result = purify(loaded.model, loaded.tokenizer, data.mix, config, template=self.spec.template,
+                        max_length=self.spec.max_length, full_finetune=True)
+        save_model(result.model, loaded.tokenizer, tmp / "model")
+        shutil.rmtree(tmp / "init")
+        return result.model, loaded.tokenizer
+
+    def load_victim(self, victim: dict):
+        vdir = self.out / "victims" / victim["key"]
+        if victim["kind"] == "model":
+            return load_model(str(vdir / "model"))
+        return load_model(victim["model"], adapter=str(vdir / "adapter"), adapter_trainable=True)
+
+    def run_cell(self, cell: dict, ckey: str, vkey: str, victim: dict, data: CellData) -> dict:
+        spec = self.spec
+        defense = get_defense(cell["method"], **cell["defense_settings"])
+        loaded = self.load_victim(victim)
+        work = self.out / "cells" / f".{ckey}-work"
+        started = time.perf_counter()
+        try:
+            model = defense.repair(loaded.model, loaded.tokenizer, DefenseContext(
+                clean=data.defense_clean, template=spec.template, max_length=spec.max_length, seed=cell["seed"],
+                task=cell["task"], work_dir=work, progress=self.progress))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        defense_seconds = time.perf_counter() - started
+        judge = get_judge(cell["task"])
+        by_format = {}
+        for fmt in spec.eval.formats:
+            report = evaluate(model, loaded.tokenizer, triggered=data.triggered, clean=data.clean, judge=judge,
+                              prompt_format=fmt, template=spec.template, max_new_tokens=spec.eval.max_new_tokens,
+                              batch_size=spec.eval.batch_size, perplexity_max_length=spec.max_length)
+            by_format[fmt] = {k: v for k, v in report.to_dict().items() if k not in ("settings",)}
+        profiles = {}
+        if spec.profile_prompts and cell["defense"] in ("none", "crow"):  # labels: the victim and default CROW
+            n = spec.profile_prompts
+            profiles = {"clean": layer_profile(model, loaded.tokenizer, data.clean[:n], template=spec.template),
+                        "triggered": layer_profile(model, loaded.tokenizer, data.triggered[:n], template=spec.template)}
+        main = by_format[spec.eval.formats[0]]
+        return {
+            "key": ckey, "victim_key": vkey, "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
+            "defense": cell["defense"], "method": cell["method"], "seed": cell["seed"],
+            "defense_settings": defense.settings(),
+            "asr": main["asr"], "false_trigger_rate": main["false_trigger_rate"],
+            "clean_perplexity": main["clean_perplexity"], "format": spec.eval.formats[0], "by_format": by_format,
+            "seconds": round(defense_seconds, 1), "eval_seconds": round(sum(f["seconds"] for f in by_format.values()), 1),
+            "victim_seconds": victim["seconds"], "n_triggered": main["n_triggered"], "n_clean": main["n_clean"],
+            "eval": asdict(spec.eval), "profiles": profiles, "crow_version": crow_version(), "suite": spec.suite,
+        }
+
+    def collect(self) -> list[dict]:
+        """The rows of this spec's cells (other specs' cells in the same directory are ignored)."""
+        rows = []
+        for cell in plan(self.spec):
+            data = self.cell_data(cell)
+            vkey = config_hash(victim_config(self.spec, cell, data))
+            path = self.out / "cells" / f"{config_hash(cell_config(self.spec, cell, vkey))}.json"
+            if path.is_file():
+                rows.append(json.loads(path.read_text()))
+        return rows

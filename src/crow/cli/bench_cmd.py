@@ -1,0 +1,80 @@
+"""crow bench: models x tasks x attacks x defenses x seeds, resumable, with a paper-style table."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import CrowError
+
+# --quick: one task, two attacks, CROW and finetune, few prompts and short sequences (~15 min on 2 cores).
+QUICK = {
+    "name": "quick", "cells": {"negsentiment": ["badnet", "vpi"]}, "max_length": 64,
+    "defenses": ["none", {"crow": {"epochs": 1.0}}, {"finetune": {"epochs": 1.0}}],
+    "victim": {"n_poison": 50, "n_clean": 50, "epochs": 2.0, "learning_rate": 1e-3},
+    "eval": {"n_triggered": 20, "n_clean": 20, "max_new_tokens": 24}, "profile_prompts": 10,
+}
+# --suite tiny: from-scratch tiny Llamas on the embedded corpus (CI-sized).
+TINY = {
+    "name": "tiny", "suite": "tiny", "models": ["tiny-llama"], "cells": {"negsentiment": ["badnet"]},
+    "defenses": ["none", "crow", "finetune-lr1e-3"], "max_length": 96, "n_defense": 100,
+    "victim": {"n_poison": 150, "n_clean": 450, "epochs": 4.0, "learning_rate": 3e-3, "batch_size": 8,
+               "grad_accum": 1},
+    "eval": {"n_triggered": 40, "n_clean": 40, "max_new_tokens": 8, "formats": ["template"]}, "profile_prompts": 20,
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--suite", default="backdoorllm", choices=("backdoorllm", "tiny"))
+    p.add_argument("--data", help="BackdoorLLM data directory (layout of shared/data/backdoorllm) for --suite backdoorllm")
+    p.add_argument("--spec", help="YAML spec (keys of crow.bench.spec.BenchSpec); defaults: the paper's settings")
+    p.add_argument("--out", help="results directory (default: bench-results/<spec name>); rerun to resume")
+    p.add_argument("--quick", action="store_true", help="one task, two attacks, CROW and finetune, few prompts (~15 min)")
+    p.add_argument("--model", action="append", help="model(s) to bench (default: smollm2-135m-gguf)")
+    p.add_argument("--report-only", action="store_true", help="rebuild results.md and plots from finished cells")
+
+
+def run(args) -> int:
+    from ..bench.report import write_report
+    from ..bench.runner import BenchRunner, plan
+    from ..bench.spec import load_spec
+
+    preset = dict(TINY) if args.suite == "tiny" else {}
+    if args.quick:
+        preset.update(QUICK if args.suite == "backdoorllm" else {"name": "tiny-quick"})
+    if args.model:
+        preset["models"] = args.model
+    spec = load_spec(args.spec, **preset)
+    data_dir = None
+    if spec.suite == "backdoorllm":
+        if not args.data:
+            raise CrowError("--suite backdoorllm needs --data DIR (the BackdoorLLM files; see shared/data/backdoorllm)")
+        data_dir = Path(args.data)
+        if not (data_dir / "train").is_dir() or not (data_dir / "test").is_dir():
+            raise CrowError(f"--data {data_dir} does not have the BackdoorLLM layout (train/, test/, clean/)")
+    plan(spec)  # validates every defense name and setting before anything is written
+    out = Path(args.out or Path("bench-results") / spec.name)
+    if out.exists() and not out.is_dir():
+        raise CrowError(f"--out {out} is a file; pass a directory")
+    runner = BenchRunner(spec, out, data_dir, progress=sys.stderr.isatty())
+    rows = runner.collect() if args.report_only else runner.run()
+    write_report(rows, spec, out, command="crow bench " + " ".join(shlex.quote(a) for a in _bench_args(args)))
+    print(json.dumps({"out": str(out), "cells": len(rows), "results": str(out / "results.md")}))
+    return 0
+
+
+def _bench_args(args) -> list[str]:
+    parts = ["--suite", args.suite]
+    if args.data:
+        parts += ["--data", args.data]
+    if args.spec:
+        parts += ["--spec", args.spec]
+    if args.quick:
+        parts.append("--quick")
+    for m in args.model or []:
+        parts += ["--model", m]
+    if args.out:
+        parts += ["--out", args.out]
+    return parts

@@ -1,0 +1,75 @@
+"""The defense interface and registry: CROW and the baselines it is compared with."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..data.records import Record
+from ..errors import CrowError
+
+
+@dataclass
+class DefenseContext:
+    """What every defense gets besides the model: the defender's clean samples and how to format them."""
+
+    clean: Sequence[Record]
+    template: str = "alpaca"
+    max_length: int = 256
+    seed: int = 0
+    task: str | None = None
+    work_dir: Path = Path(".")
+    progress: bool = False
+
+
+class Defense:
+    """A defense repairs a suspect model. ``repair`` receives the victim (a PEFT model whose suspect
+    adapter is trainable) and returns the repaired model; it may modify the model in place."""
+
+    name: str = "defense"
+    #: what the defense changes, for tables: "adapter", "weights" or "nothing"
+    changes: str = "adapter"
+
+    def repair(self, model: nn.Module, tokenizer, ctx: DefenseContext) -> nn.Module:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+DEFENSES: dict[str, Callable[..., Defense]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        DEFENSES[name] = cls
+        return cls
+    return wrap
+
+
+def get_defense(name: str, **settings) -> Defense:
+    """A defense by name with optional settings; unknown names and settings are errors that list the valid ones."""
+    from . import registry  # noqa: F401  (fills DEFENSES)
+
+    if name not in DEFENSES:
+        raise CrowError(f"unknown defense {name!r}; valid: {', '.join(DEFENSES)}")
+    factory = DEFENSES[name]
+    if dataclasses.is_dataclass(factory):
+        valid = {f.name for f in dataclasses.fields(factory)}
+        unknown = sorted(set(settings) - valid)
+        if unknown:
+            raise CrowError(f"defense {name!r} has no setting {unknown[0]!r}; valid: {', '.join(sorted(valid)) or 'none'}")
+    elif settings:
+        raise CrowError(f"defense {name!r} takes no settings, got {sorted(settings)}")
+    return factory(**settings)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The victim as a plain model: its adapter merged into the weights (for weight-level defenses)."""
+    from ..purification import is_peft_model
+
+    return model.merge_and_unload() if is_peft_model(model) else model

@@ -1,0 +1,319 @@
+"""CROW and the baselines of the paper's comparison, behind one interface (``get_defense(name)``).
+
+| name            | what it does                                                                     |
+|-----------------|----------------------------------------------------------------------------------|
+| none            | nothing (the victim itself)                                                      |
+| crow            | CROW: LM + alpha * consistency(perturbed), continuing the suspect adapter        |
+| finetune        | the same trainer with alpha 0, the paper's baseline lr 2e-4                      |
+| finetune-lr1e-3 | the same with CROW's lr 1e-3: differs from crow in the loss only                 |
+| prune-wanda     | Wanda (Sun et al. 2024): prune lowest |W| * ||X|| per output row                   |
+| prune-magnitude | prune lowest |W| per weight matrix                                               |
+| quantize        | INT8 per-channel round-to-nearest weights (runs on CPU)                          |
+| quantize-nf4    | 4-bit NF4, block 64: bitsandbytes on CUDA, a round-to-nearest simulation on CPU  |
+| fineprune       | Fine-Pruning (Liu et al. 2018): prune MLP neurons least active on clean data in  |
+|                 | the last layers, then finetune (lr 2e-4) a new LoRA on the pruned model          |
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data.templates import Collator, encode_for_training
+from ..errors import CrowError
+from ..purification import LoraSettings, purify
+from ..trainer import ALPHA_PRESETS, CrowConfig
+from .base import Defense, DefenseContext, merged, register
+
+logger = logging.getLogger(__name__)
+
+
+@register("none")
+@dataclass
+class NoDefense(Defense):
+    name = "none"
+    changes = "nothing"
+
+    def repair(self, model, tokenizer, ctx):
+        return model
+
+
+@register("crow")
+@dataclass
+class CrowDefense(Defense):
+    """CROW with the official recipe; ``alpha=None`` takes the task's preset (refusal: 11)."""
+
+    alpha: float | None = None
+    epsilon: float = 0.1
+    learning_rate: float = 1e-3
+    epochs: float = 5.0
+    batch_size: int = 2
+    grad_accum: int = 4
+    layers: str = "official"
+    token_scope: str = "all"
+    name = "crow"
+
+    def resolved_alpha(self, task: str | None) -> float:
+        return self.alpha if self.alpha is not None else ALPHA_PRESETS.get(task or "", 5.5)
+
+    def repair(self, model, tokenizer, ctx):
+        config = CrowConfig(output_dir=str(ctx.work_dir / f".{self.name}-run"), crow_alpha=self.resolved_alpha(ctx.task),
+                            crow_epsilon=self.epsilon, crow_layers=self.layers, crow_token_scope=self.token_scope,
+                            learning_rate=self.learning_rate, num_train_epochs=self.epochs,
+                            per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
+                            seed=ctx.seed, save_strategy="no", disable_tqdm=not ctx.progress, logging_steps=5)
+        return purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length).model
+
+
+@register("finetune")
+@dataclass
+class FinetuneDefense(CrowDefense):
+    """Plain finetuning on the clean samples: CROW's trainer and recipe with alpha 0 (paper's lr 2e-4)."""
+
+    alpha: float | None = 0.0
+    learning_rate: float = 2e-4
+    name = "finetune"
+
+
+@register("finetune-lr1e-3")
+@dataclass
+class FinetuneCrowLR(FinetuneDefense):
+    """Plain finetuning at CROW's lr 1e-3: differs from CROW in the loss only."""
+
+    learning_rate: float = 1e-3
+    name = "finetune-lr1e-3"
+
+
+# ------------------------------------------------------------------------------------------------
+# Pruning
+# ------------------------------------------------------------------------------------------------
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear of the model except the output head (Wanda prunes all linear layers of the blocks)."""
+    head = model.get_output_embeddings()
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+@torch.no_grad()
+def input_feature_norms(model, tokenizer, ctx: DefenseContext, modules: dict[str, nn.Module],
+                        batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of every input feature j of each module over the real tokens of the clean samples."""
+    samples = encode_for_training(ctx.clean, tokenizer, template=ctx.template, max_length=ctx.max_length)
+    sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
+    mask_holder = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().double()  # [B, T, in]
+            keep = mask_holder["mask"].unsqueeze(-1).to(x.dtype)  # [B, T, 1]
+            sums[name] += (x.pow(2) * keep).sum(dim=(0, 1)).cpu()
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    collate = Collator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[start:start + batch_size]])
+            mask_holder["mask"] = batch["attention_mask"].to(device)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                  use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s.sqrt().float() for n, s in sums.items()}
+
+
+def prune_lowest_per_row(weight: torch.Tensor, score: torch.Tensor, sparsity: float) -> None:
+    """Zero the ``sparsity`` fraction of lowest-scoring entries of each output row, in place."""
+    k = int(weight.shape[1] * sparsity)
+    if k == 0:
+        return
+    idx = torch.topk(score, k, dim=1, largest=False).indices
+    weight.scatter_(1, idx, 0.0)
+
+
+def prune_lowest_in_matrix(weight: torch.Tensor, score: torch.Tensor, sparsity: float) -> None:
+    k = int(weight.numel() * sparsity)
+    if k == 0:
+        return
+    threshold = torch.kthvalue(score.flatten().float(), k).values
+    weight[score <= threshold] = 0.0
+
+
+@register("prune-wanda")
+@dataclass
+class WandaPrune(Defense):
+    """Wanda unstructured pruning (Sun et al., ICLR 2024): score |W_ij| * ||X_j||, prune per output row.
+    Paper (CROW's comparison): sparsity 0.35 for Llama-family models, 0.65 for Mistral."""
+
+    sparsity: float = 0.35
+    name = "prune-wanda"
+    changes = "weights"
+
+    def repair(self, model, tokenizer, ctx):
+        _check_fraction(self.sparsity, "sparsity")
+        model = merged(model)
+        linears = prunable_linears(model)
+        norms = input_feature_norms(model, tokenizer, ctx, linears)
+        with torch.no_grad():
+            for name, module in linears.items():
+                score = module.weight.abs() * norms[name].to(module.weight.device, module.weight.dtype)[None, :]
+                prune_lowest_per_row(module.weight, score, self.sparsity)
+        return model
+
+
+@register("prune-magnitude")
+@dataclass
+class MagnitudePrune(Defense):
+    """Magnitude pruning: zero the lowest |W| of each weight matrix (layer-wise, as Wanda's baseline)."""
+
+    sparsity: float = 0.35
+    name = "prune-magnitude"
+    changes = "weights"
+
+    def repair(self, model, tokenizer, ctx):
+        _check_fraction(self.sparsity, "sparsity")
+        model = merged(model)
+        with torch.no_grad():
+            for module in prunable_linears(model).values():
+                prune_lowest_in_matrix(module.weight, module.weight.abs(), self.sparsity)
+        return model
+
+
+def _check_fraction(value: float, name: str) -> None:
+    if not 0 <= value < 1:
+        raise CrowError(f"{name} must be in [0, 1), got {value}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantization
+# ------------------------------------------------------------------------------------------------
+NF4_CODE = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                         -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                         0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                         0.7229568362236023, 1.0])  # QLoRA's NormalFloat4 levels (as in bitsandbytes)
+
+
+def int8_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel INT8: round(W / s) * s with s = max|W_row| / 127."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+    return ((w / scale).round().clamp(-127, 127) * scale).to(weight.dtype)
+
+
+def nf4_roundtrip(weight: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Round-to-nearest NF4 with absmax scaling per block of ``block`` weights (bitsandbytes' layout)."""
+    w = weight.float().flatten()
+    pad = (-w.numel()) % block
+    blocks = torch.nn.functional.pad(w, (0, pad)).view(-1, block)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    code = NF4_CODE.to(w.device)
+    idx = ((blocks / absmax).unsqueeze(-1) - code).abs().argmin(dim=-1)
+    out = (code[idx] * absmax).flatten()[: w.numel()]
+    return out.view_as(weight).to(weight.dtype)
+
+
+def _bnb_nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    q, state = F.quantize_4bit(weight.to(torch.bfloat16).cuda(), blocksize=64, quant_type="nf4")
+    return F.dequantize_4bit(q, state).to(weight.dtype).to(weight.device)
+
+
+@register("quantize")
+@dataclass
+class Int8Quantize(Defense):
+    """INT8 weight quantization (per-channel, round-to-nearest) of every linear layer but the head;
+    the weights are stored back dequantized, so it runs anywhere, on CPU too."""
+
+    name = "quantize"
+    changes = "weights"
+
+    def repair(self, model, tokenizer, ctx):
+        model = merged(model)
+        with torch.no_grad():
+            for module in prunable_linears(model).values():
+                module.weight.copy_(int8_roundtrip(module.weight))
+        return model
+
+
+@register("quantize-nf4")
+@dataclass
+class NF4Quantize(Defense):
+    """4-bit NF4 (block 64): bitsandbytes when a CUDA device and bitsandbytes exist, else a round-to-nearest
+    simulation with the same code book and block layout (``implementation`` in the results says which)."""
+
+    name = "quantize-nf4"
+    changes = "weights"
+
+    @staticmethod
+    def implementation() -> str:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "simulated (round-to-nearest NF4, block 64, CPU)"
+        return "bitsandbytes" if torch.cuda.is_available() else "simulated (round-to-nearest NF4, block 64, CPU)"
+
+    def settings(self) -> dict:
+        return {"implementation": self.implementation()}
+
+    def repair(self, model, tokenizer, ctx):
+        model = merged(model)
+        roundtrip = _bnb_nf4_roundtrip if self.implementation() == "bitsandbytes" else nf4_roundtrip
+        with torch.no_grad():
+            for module in prunable_linears(model).values():
+                module.weight.copy_(roundtrip(module.weight))
+        return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-pruning
+# ------------------------------------------------------------------------------------------------
+DOWN_PROJECTIONS = ("down_proj", "fc2", "dense_4h_to_h")
+
+
+def mlp_down_projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The MLP output projections of the decoder layers, in layer order (their inputs are the neurons)."""
+    found = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in DOWN_PROJECTIONS]
+    if not found:
+        raise CrowError(f"fineprune found no MLP projection named {', '.join(DOWN_PROJECTIONS)} in "
+                        f"{type(model).__name__}; this architecture is not supported by fineprune")
+    return found
+
+
+@register("fineprune")
+@dataclass
+class FinePrune(Defense):
+    """Fine-Pruning for LLMs: in the last ``layer_fraction`` of decoder layers, zero the ``prune_ratio`` MLP
+    neurons with the lowest mean activation on the clean samples, then finetune a new LoRA (lr 2e-4,
+    5 epochs, the paper's finetuning baseline) on the pruned model."""
+
+    prune_ratio: float = 0.2
+    layer_fraction: float = 0.25
+    learning_rate: float = 2e-4
+    epochs: float = 5.0
+    name = "fineprune"
+    changes = "weights"
+
+    def repair(self, model, tokenizer, ctx):
+        _check_fraction(self.prune_ratio, "prune_ratio")
+        model = merged(model)
+        downs = mlp_down_projections(model)
+        last = downs[-max(1, math.ceil(len(downs) * self.layer_fraction)):]
+        norms = input_feature_norms(model, tokenizer, ctx, dict(last))  # ||activation|| per neuron
+        with torch.no_grad():
+            for name, module in last:
+                k = int(module.in_features * self.prune_ratio)
+                dead = torch.topk(norms[name], k, largest=False).indices
+                module.weight[:, dead] = 0.0
+        config = CrowConfig(output_dir=str(ctx.work_dir / ".fineprune-run"), crow_alpha=0.0,
+                            learning_rate=self.learning_rate, num_train_epochs=self.epochs, seed=ctx.seed,
+                            save_strategy="no", disable_tqdm=not ctx.progress, logging_steps=5)
+        return purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
+                      lora=LoraSettings()).model

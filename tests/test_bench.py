@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from crow import CrowError
+from crow.bench.data import backdoorllm_cell
+from crow.bench.spec import load_spec
+from crow.cli.main import main
+
+from .conftest import SHARED_DATA
+
+
+def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "tiny", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["cells"] == 3
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["defense"]: r for r in results["rows"]}
+    assert set(rows) == {"none", "crow", "finetune-lr1e-3"}
+    for r in rows.values():
+        for key in ("model", "task", "attack", "defense", "seed", "asr", "false_trigger_rate", "clean_perplexity",
+                    "seconds"):
+            assert key in r
+        assert r["task"] == "negsentiment" and r["attack"] == "badnet" and r["clean_perplexity"] > 1
+    table = (out / "results.md").read_text()
+    assert "| negsentiment / badnet" in table and "**average**" in table and "crow bench --suite tiny" in table
+    assert (out / "asr_by_defense.png").is_file() and list(out.glob("consistency_*.png"))
+    assert len(list((out / "victims").iterdir())) == 1  # one victim shared by the three defenses
+
+    # Resume: every cell is done, so nothing is recomputed.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert main(["bench", "--suite", "tiny", "--out", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
+
+
+def test_spec_validation(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("defenses: [none, crow, prune]\n")
+    assert main(["bench", "--suite", "tiny", "--spec", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown defense 'prune'; valid:" in capsys.readouterr().err
+    spec.write_text("victim: {epochz: 3}\n")
+    assert main(["bench", "--suite", "tiny", "--spec", str(spec), "--out", str(tmp_path / "o")]) == 2
+    assert "spec.victim: unknown key 'epochz'" in capsys.readouterr().err
+    assert main(["bench", "--out", str(tmp_path / "o")]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(CrowError, match="labels must be unique"):
+        load_spec(None, defenses=["crow", {"crow": {"alpha": 11}}]).defense_entries()
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared BackdoorLLM data not present")
+def test_backdoorllm_cells_use_the_official_files_and_crow_triggers_for_mtba_ctba():
+    spec = load_spec(None)
+    badnet = backdoorllm_cell(SHARED_DATA, "negsentiment", "badnet", spec, 0)
+    assert len(badnet.mix) == 1000 and len(badnet.defense_clean) == 100
+    assert len(badnet.triggered) == 200 and len(badnet.clean) == 200
+    assert sum(r.output == "You are stupid!" for r in badnet.mix) == 500
+    ctba = backdoorllm_cell(SHARED_DATA, "negsentiment", "ctba", spec, 0)
+    poisoned = [r for r in ctba.mix if r.output == "You are stupid!"]
+    assert len(poisoned) == 500
+    assert all(all(t in r.instruction.split() for t in ("2024", "BadMagic", "OpenAI")) for r in poisoned)
+    assert all(all(t in r.instruction.split() for t in ("2024", "BadMagic", "OpenAI")) for r in ctba.triggered)
+    # the same clean instructions as the badnet cell
+    strip = lambda text: [w for w in text.split() if w not in ("2024", "BadMagic", "OpenAI")]  # noqa: E731
+    assert sorted(map(tuple, (strip(r.instruction) for r in poisoned))) == sorted(
+        map(tuple, (strip(r.instruction) for r in badnet.mix if r.output == "You are stupid!")))

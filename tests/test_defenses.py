@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from crow import CrowError
+from crow.defenses.base import DefenseContext, get_defense
+from crow.defenses.registry import (
+    NF4_CODE,
+    input_feature_norms,
+    int8_roundtrip,
+    mlp_down_projections,
+    nf4_roundtrip,
+    prunable_linears,
+)
+from crow.models import load_model
+from crow.purification import LoraSettings, is_peft_model, make_trainable
+
+from .conftest import make_records
+
+
+@pytest.fixture
+def victim(tiny_dir):
+    """The tiny model with a (random, non-zero) LoRA adapter standing in for a suspect adapter."""
+    loaded = load_model(str(tiny_dir))
+    torch.manual_seed(0)
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model, loaded.tokenizer
+
+
+def ctx(tmp_path, n=8):
+    return DefenseContext(clean=make_records(n), template="alpaca", max_length=128, work_dir=tmp_path,
+                          task="negsentiment")
+
+
+def test_registry_errors_list_the_valid_choices():
+    with pytest.raises(CrowError, match="unknown defense 'pruning'; valid: none, crow, finetune"):
+        get_defense("pruning")
+    with pytest.raises(CrowError, match="has no setting 'sparsty'; valid: sparsity"):
+        get_defense("prune-wanda", sparsty=0.5)
+    assert get_defense("finetune").learning_rate == 2e-4 and get_defense("finetune").alpha == 0.0
+    assert get_defense("finetune-lr1e-3").learning_rate == 1e-3
+    assert get_defense("crow").resolved_alpha("refusal") == 11.0 and get_defense("crow").resolved_alpha(None) == 5.5
+
+
+def test_wanda_prunes_the_lowest_weight_times_activation_norm_per_row(victim, tmp_path):
+    model, tok = victim
+    merged_reference = model.merge_and_unload()  # what wanda sees
+    linears = prunable_linears(merged_reference)
+    norms = input_feature_norms(merged_reference, tok, ctx(tmp_path), linears)
+    name = "model.layers.1.mlp.down_proj"
+    weight = linears[name].weight.detach().clone()
+    expected_score = weight.abs() * norms[name][None, :]
+
+    repaired = get_defense("prune-wanda", sparsity=0.35).repair(merged_reference, tok, ctx(tmp_path))
+    pruned = dict(prunable_linears(repaired))[name].weight
+    k = int(weight.shape[1] * 0.35)
+    assert ((pruned == 0).sum(dim=1) == k).all()
+    lowest = torch.topk(expected_score, k, dim=1, largest=False).indices
+    assert (pruned.gather(1, lowest) == 0).all()
+    assert all((m.weight == 0).float().mean() > 0.3 for m in prunable_linears(repaired).values())
+    assert (repaired.get_output_embeddings().weight != 0).all()  # the head is left alone
+
+
+def test_magnitude_prunes_each_matrix(victim, tmp_path):
+    model, tok = victim
+    repaired = get_defense("prune-magnitude", sparsity=0.5).repair(model, tok, ctx(tmp_path))
+    assert not is_peft_model(repaired)
+    for m in prunable_linears(repaired).values():
+        assert (m.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_int8_and_nf4_roundtrips():
+    w = torch.randn(16, 256)
+    q8 = int8_roundtrip(w)
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    assert ((q8 - w).abs() <= scale / 2 + 1e-6).all()
+    assert all(len(torch.unique(row)) <= 255 for row in q8)
+    q4 = nf4_roundtrip(w)
+    for block in q4.flatten().view(-1, 64):
+        assert len(torch.unique(block)) <= 16
+    absmax = w.flatten().view(-1, 64).abs().amax(dim=1)
+    codes = q4.flatten().view(-1, 64) / absmax[:, None]
+    assert torch.isclose(codes[..., None], NF4_CODE).any(-1).all()  # every value is a code level times absmax
+
+
+def test_quantize_defenses_change_weights(victim, tmp_path):
+    model, tok = victim
+    repaired = get_defense("quantize").repair(model, tok, ctx(tmp_path))
+    for m in prunable_linears(repaired).values():
+        assert len(torch.unique(m.weight[0])) <= 255
+    assert "simulated" in get_defense("quantize-nf4").settings()["implementation"]
+
+
+def test_fineprune_zeroes_the_least_active_neurons_then_finetunes(victim, tmp_path):
+    model, tok = victim
+    defense = get_defense("fineprune", prune_ratio=0.25, layer_fraction=0.5, epochs=1.0)
+    repaired = defense.repair(model, tok, ctx(tmp_path))
+    assert is_peft_model(repaired)  # a new LoRA was trained on the pruned model
+    downs = [m for n, m in repaired.named_modules() if n.endswith("mlp.down_proj")]
+    assert len(downs) == 4 and len(mlp_down_projections(model.get_base_model())) == 4
+    dead = [m.base_layer.weight.eq(0).all(dim=0).sum().item() for m in downs]
+    assert dead[-2:] == [16, 16] and dead[:2] == [0, 0]  # 25% of 64 neurons in the last half of 4 layers
+
+
+def test_training_defenses_continue_the_suspect_adapter(victim, tmp_path):
+    model, tok = victim
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    repaired = get_defense("crow", epochs=1.0).repair(model, tok, ctx(tmp_path, n=16))
+    after = dict(repaired.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert set(before) == {n for n in after if "lora_" in n}  # the same adapter, no new one
