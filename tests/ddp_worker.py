@@ -23,7 +23,8 @@ class SaveGradients(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
-            torch.save({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, self.path)
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            torch.save({"grads": grads, "world_size": args.world_size}, self.path)
 
 
 def main() -> None:

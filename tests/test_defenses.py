@@ -52,6 +52,7 @@ def test_wanda_prunes_the_lowest_weight_times_activation_norm_per_row(victim, tm
     norms = input_feature_norms(merged_reference, tok, ctx(tmp_path), linears)
     name = "model.layers.1.mlp.down_proj"
     weight = linears[name].weight.detach().clone()
+    head = merged_reference.get_output_embeddings().weight.detach().clone()
     expected_score = weight.abs() * norms[name][None, :]
 
     repaired = get_defense("prune-wanda", sparsity=0.35).repair(merged_reference, tok, ctx(tmp_path))
@@ -61,7 +62,7 @@ def test_wanda_prunes_the_lowest_weight_times_activation_norm_per_row(victim, tm
     lowest = torch.topk(expected_score, k, dim=1, largest=False).indices
     assert (pruned.gather(1, lowest) == 0).all()
     assert all((m.weight == 0).float().mean() > 0.3 for m in prunable_linears(repaired).values())
-    assert (repaired.get_output_embeddings().weight != 0).all()  # the head is left alone
+    assert torch.equal(repaired.get_output_embeddings().weight, head)  # the head is left alone
 
 
 def test_magnitude_prunes_each_matrix(victim, tmp_path):
@@ -96,11 +97,12 @@ def test_quantize_defenses_change_weights(victim, tmp_path):
 
 def test_fineprune_zeroes_the_least_active_neurons_then_finetunes(victim, tmp_path):
     model, tok = victim
+    assert len(mlp_down_projections(model.merge_and_unload())) == 4
     defense = get_defense("fineprune", prune_ratio=0.25, layer_fraction=0.5, epochs=1.0)
     repaired = defense.repair(model, tok, ctx(tmp_path))
     assert is_peft_model(repaired)  # a new LoRA was trained on the pruned model
     downs = [m for n, m in repaired.named_modules() if n.endswith("mlp.down_proj")]
-    assert len(downs) == 4 and len(mlp_down_projections(model.get_base_model())) == 4
+    assert len(downs) == 4
     dead = [m.base_layer.weight.eq(0).all(dim=0).sum().item() for m in downs]
     assert dead[-2:] == [16, 16] and dead[:2] == [0, 0]  # 25% of 64 neurons in the last half of 4 layers
 

@@ -28,28 +28,38 @@ def _launch(args, timeout=600):
     return out
 
 
+# accelerate 1.15 starts several CPU processes with `--cpu` only through mpirun; its torch.distributed
+# launcher (--multi_gpu, or configs/accelerate/ddp_cpu.yaml) on a machine without CUDA starts CPU
+# processes that talk over gloo.
+LAUNCH_2 = [ACCELERATE, "launch", "--config_file", str(Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+                                                       / "ddp_cpu.yaml")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU DDP config is for machines without CUDA")
 def test_two_processes_give_the_gradients_of_one_process_over_the_same_global_batch(tiny_dir, tmp_path):
     single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
     _launch([sys.executable, str(WORKER), "--model", str(tiny_dir), "--out", str(single), "--per-device", "4"])
-    _launch([ACCELERATE, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
-             "--dynamo_backend", "no", "--main_process_port", "29533",
-             str(WORKER), "--model", str(tiny_dir), "--out", str(ddp), "--per-device", "2"])
-    a, b = torch.load(single), torch.load(ddp)
+    _launch(LAUNCH_2 + ["--main_process_port", "29533", str(WORKER), "--model", str(tiny_dir), "--out", str(ddp),
+                        "--per-device", "2"])
+    one, two = torch.load(single), torch.load(ddp)
+    assert one["world_size"] == 1 and two["world_size"] == 2  # two processes really ran
+    a, b = one["grads"], two["grads"]
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
     assert any(g.abs().max() > 0 for g in a.values())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU DDP config is for machines without CUDA")
 def test_accelerate_launch_runs_crow_purify_to_completion(tiny_dir, tmp_path):
     data = write_json(tmp_path / "d.json", [r.to_dict() for r in make_records(8)])
     out = tmp_path / "purified"
-    _launch([ACCELERATE, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
-             "--dynamo_backend", "no", "--main_process_port", "29534", "-m", "crow.cli.main",
-             "purify", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--max-steps", "2",
-             "--max-length", "128", "--batch-size", "2", "--grad-accum", "1"])
+    _launch(LAUNCH_2 + ["--main_process_port", "29534", "-m", "crow.cli.main",
+                        "purify", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--max-steps", "2",
+                        "--max-length", "128", "--batch-size", "2", "--grad-accum", "1"])
     config = json.loads((out / "crow_config.json").read_text())
-    assert config["optimizer_steps"] == 2 and (out / "adapter_model.safetensors").is_file()
+    assert config["optimizer_steps"] == 2 and config["num_processes"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
     assert not any(p.name.startswith(".purified") for p in tmp_path.iterdir())
 
 
@@ -59,6 +69,6 @@ def test_checkpointing_gives_the_gradients_of_a_plain_run(tiny_dir, tmp_path):
              "--grad-accum", "2"])
     _launch([sys.executable, str(WORKER), "--model", str(tiny_dir), "--out", str(ckpt), "--per-device", "2",
              "--grad-accum", "2", "--gradient-checkpointing"])
-    a, b = torch.load(plain), torch.load(ckpt)
+    a, b = torch.load(plain)["grads"], torch.load(ckpt)["grads"]
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name

@@ -117,6 +117,8 @@ class PurifyResult:
     seconds: float = 0.0
     global_step: int = 0
     train_samples: int = 0
+    num_processes: int = 1
+    is_main_process: bool = True  # under DDP only the main process writes outputs
 
 
 def purify(
@@ -173,7 +175,8 @@ def purify(
                           f"a checkpoint is in {config.output_dir}: rerun the same command with --resume")
     return PurifyResult(model=trainer.model, log_history=list(trainer.state.log_history),
                         seconds=round(time.perf_counter() - started, 2), global_step=trainer.state.global_step,
-                        train_samples=len(dataset))
+                        train_samples=len(dataset), num_processes=trainer.accelerator.num_processes,
+                        is_main_process=trainer.accelerator.is_main_process)
 
 
 def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool = False) -> str:

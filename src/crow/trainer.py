@@ -82,6 +82,10 @@ class CrowConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.output_dir is None:
             self.output_dir = "crow_output"
+        if not self.use_cpu and not _has_accelerator():
+            # On a machine with no accelerator, say so: under torchrun / accelerate launch the Trainer
+            # then starts gloo DDP over the CPU processes instead of training each process alone.
+            self.use_cpu = True
         super().__post_init__()
         if not (self.crow_alpha >= 0 and math.isfinite(self.crow_alpha)):
             raise CrowError(f"crow_alpha must be a finite number >= 0, got {self.crow_alpha} (paper: 5.5, 11 for refusal)")
@@ -103,6 +107,12 @@ class CrowConfig(TrainingArguments):
                 )
             kwargs.setdefault("use_reentrant", False)
             self.gradient_checkpointing_kwargs = kwargs
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or torch.backends.mps.is_available()
+            or bool(xpu is not None and xpu.is_available()))
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:

@@ -42,22 +42,36 @@ def layer_profile(model, tokenizer, records: Sequence[Record], *, template: str 
 
 
 def plot_profiles(curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
-    """Line plot of ``{label: profile}`` (x = layer pair i: hs[i] vs hs[i+1]); labels containing
-    'triggered' are dashed. Writes a PNG."""
+    """Plot ``{label: profile}`` (x = layer pair i: hs[i] vs hs[i+1]); labels containing 'triggered' are
+    dashed. When curves come in pairs ``"<model> clean"`` / ``"<model> triggered"``, a second panel shows
+    triggered minus clean per model: the per-layer gaps are small next to the curves themselves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
+    models = [label[: -len(" clean")] for label in curves if label.endswith(" clean")
+              and f"{label[: -len(' clean')]} triggered" in curves]
+    rows = 2 if models else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 3.4 * rows), dpi=120, sharex=True, squeeze=False)
+    ax = axes[0][0]
     for label, values in curves.items():
         ax.plot(range(len(values)), values, label=label, linestyle="--" if "triggered" in label else "-",
                 marker="o", markersize=2.5, linewidth=1.3)
-    ax.set_xlabel("layer pair i (cosine of hidden state i and i+1; 0 = embeddings)")
     ax.set_ylabel("mean cosine similarity")
     ax.set_title(title or "Consistency of consecutive layers")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if models:
+        low = axes[1][0]
+        for m in models:
+            gap = [t - c for c, t in zip(curves[f"{m} clean"], curves[f"{m} triggered"])]
+            low.plot(range(len(gap)), gap, label=m, marker="o", markersize=2.5, linewidth=1.3)
+        low.axhline(0.0, color="grey", linewidth=0.8)
+        low.set_ylabel("triggered - clean")
+        low.grid(alpha=0.3)
+        low.legend(fontsize=8)
+    axes[-1][0].set_xlabel("layer pair i (cosine of hidden state i and i+1; 0 = embeddings)")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

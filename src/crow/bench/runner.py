@@ -3,6 +3,7 @@
 Layout of an output directory::
 
     victims/<victim-key>/      the victim (LoRA adapter, or a full tiny model) + victim.json
+                               (``--victims DIR`` shares them between specs)
     cells/<cell-key>.json      one (model, task, attack, defense, seed) result
     results.json, results.md, asr_by_defense.png, consistency_<task>_<attack>.png
 
@@ -65,11 +66,13 @@ def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
 
 
 class BenchRunner:
-    def __init__(self, spec: BenchSpec, out: Path, data_dir: Path | None = None, progress: bool = True):
+    def __init__(self, spec: BenchSpec, out: Path, data_dir: Path | None = None, progress: bool = True,
+                 victims: Path | None = None):
         self.spec, self.out, self.data_dir, self.progress = spec, Path(out), data_dir, progress
+        self.victims = Path(victims) if victims else self.out / "victims"  # shareable between specs
         self._data: dict[tuple, CellData] = {}
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
-        (self.out / "victims").mkdir(parents=True, exist_ok=True)
+        self.victims.mkdir(parents=True, exist_ok=True)
 
     def cell_data(self, cell: dict) -> CellData:
         key = (cell["task"], cell["attack"], cell["seed"])
@@ -106,7 +109,7 @@ class BenchRunner:
 
     # --------------------------------------------------------------------------------------------
     def ensure_victim(self, vkey: str, cell: dict, data: CellData) -> dict:
-        vdir = self.out / "victims" / vkey
+        vdir = self.victims / vkey
         if (vdir / "victim.json").is_file():
             return json.loads((vdir / "victim.json").read_text())
         logger.info("training the victim for %s/%s (%d samples)", cell["task"], cell["attack"], len(data.mix))
@@ -152,7 +155,7 @@ class BenchRunner:
         return result.model, loaded.tokenizer
 
     def load_victim(self, victim: dict):
-        vdir = self.out / "victims" / victim["key"]
+        vdir = self.victims / victim["key"]
         if victim["kind"] == "model":
             return load_model(str(vdir / "model"))
         return load_model(victim["model"], adapter=str(vdir / "adapter"), adapter_trainable=True)

@@ -100,9 +100,10 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
-def load_spec(path: str | Path | None = None, **overrides) -> BenchSpec:
-    """A spec from YAML (keys as in BenchSpec; nested victim/eval/conditional), with overrides on top."""
-    data: dict = {}
+def load_spec(path: str | Path | None = None, *, base: dict | None = None, **overrides) -> BenchSpec:
+    """A spec: BenchSpec defaults < ``base`` (a preset) < the YAML file at ``path`` < ``overrides``.
+    Keys as in BenchSpec; nested victim/eval/conditional mappings replace the preset's as a whole."""
+    data: dict = dict(base or {})
     if path is not None:
         import yaml
 
@@ -110,9 +111,12 @@ def load_spec(path: str | Path | None = None, **overrides) -> BenchSpec:
         if not file.is_file():
             raise CrowError(f"--spec {file} does not exist; pass a YAML bench spec (see configs/bench/)")
         try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise CrowError(f"--spec {file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise CrowError(f"--spec {file} must be a mapping of spec keys, got a {type(loaded).__name__}")
+        data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     spec = _build(BenchSpec, data, "spec")
     if spec.suite not in ("backdoorllm", "tiny"):

@@ -19,7 +19,7 @@ QUICK = {
 # --suite tiny: from-scratch tiny Llamas on the embedded corpus (CI-sized).
 TINY = {
     "name": "tiny", "suite": "tiny", "models": ["tiny-llama"], "cells": {"negsentiment": ["badnet"]},
-    "defenses": ["none", "crow", "finetune-lr1e-3"], "max_length": 96, "n_defense": 100,
+    "defenses": ["none", "crow", "finetune-lr1e-3"], "max_length": 128, "n_defense": 100,
     "victim": {"n_poison": 150, "n_clean": 450, "epochs": 4.0, "learning_rate": 3e-3, "batch_size": 8,
                "grad_accum": 1},
     "eval": {"n_triggered": 40, "n_clean": 40, "max_new_tokens": 8, "formats": ["template"]}, "profile_prompts": 20,
@@ -33,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="results directory (default: bench-results/<spec name>); rerun to resume")
     p.add_argument("--quick", action="store_true", help="one task, two attacks, CROW and finetune, few prompts (~15 min)")
     p.add_argument("--model", action="append", help="model(s) to bench (default: smollm2-135m-gguf)")
+    p.add_argument("--victims", help="victims directory to share between specs (default: OUT/victims)")
     p.add_argument("--report-only", action="store_true", help="rebuild results.md and plots from finished cells")
 
 
@@ -44,9 +45,7 @@ def run(args) -> int:
     preset = dict(TINY) if args.suite == "tiny" else {}
     if args.quick:
         preset.update(QUICK if args.suite == "backdoorllm" else {"name": "tiny-quick"})
-    if args.model:
-        preset["models"] = args.model
-    spec = load_spec(args.spec, **preset)
+    spec = load_spec(args.spec, base=preset, models=args.model)
     data_dir = None
     if spec.suite == "backdoorllm":
         if not args.data:
@@ -58,7 +57,7 @@ def run(args) -> int:
     out = Path(args.out or Path("bench-results") / spec.name)
     if out.exists() and not out.is_dir():
         raise CrowError(f"--out {out} is a file; pass a directory")
-    runner = BenchRunner(spec, out, data_dir, progress=sys.stderr.isatty())
+    runner = BenchRunner(spec, out, data_dir, progress=sys.stderr.isatty(), victims=args.victims)
     rows = runner.collect() if args.report_only else runner.run()
     write_report(rows, spec, out, command="crow bench " + " ".join(shlex.quote(a) for a in _bench_args(args)))
     print(json.dumps({"out": str(out), "cells": len(rows), "results": str(out / "results.md")}))
@@ -77,4 +76,6 @@ def _bench_args(args) -> list[str]:
         parts += ["--model", m]
     if args.out:
         parts += ["--out", args.out]
+    if args.victims:
+        parts += ["--victims", args.victims]
     return parts

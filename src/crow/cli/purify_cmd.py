@@ -151,6 +151,8 @@ def run(args) -> int:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # only an interrupt leaves a resumable run behind
         raise
+    if not result.is_main_process:  # under accelerate launch, the main process writes the result
+        return 0
     with staged_dir(out) as tmp:
         kind = save_model(result.model, loaded.tokenizer, tmp, merge=opts["merge"])
         final = [h for h in result.log_history if "lm_loss" in h]
@@ -162,6 +164,7 @@ def run(args) -> int:
             "data": str(Path(args.data).resolve()), "data_sha256": sha256_file(args.data), "n_records": len(records),
             "n_train_samples": result.train_samples, "task": args.task, "options": opts,
             "training_arguments": settings_dict(config), "optimizer_steps": result.global_step,
+            "num_processes": result.num_processes,
             "seconds": round(time.perf_counter() - started, 2), "train_seconds": result.seconds,
             "resumed": bool(resume), "last_log": final[-1] if final else None,
         })
