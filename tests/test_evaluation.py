@@ -14,15 +14,40 @@ from crow.evaluation.judges import JUDGES, get_judge
 from .conftest import make_records
 
 
-def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
-    # Prompts of different lengths, so left padding is exercised.
-    recs = [Record("name"), Record("name a color number 7 for the owls"), Record("say a number"),
-            Record("the quick brown fox jumps over a lazy dog while seven wise owls count")]
-    batched = generate(tiny.model, tiny.tokenizer, recs, template="alpaca", max_new_tokens=6, batch_size=4)
-    single = [generate(tiny.model, tiny.tokenizer, [r], template="alpaca", max_new_tokens=6, batch_size=1)[0]
-              for r in recs]
-    assert batched == single
-    assert all(isinstance(o, str) for o in batched)
+PROMPTS = [Record("name"), Record("name a color number 7 for the owls"), Record("say a number"),
+           Record("the quick brown fox jumps over a lazy dog while seven wise owls count")]
+
+
+def hf_one_at_a_time(model, tokenizer, records, max_new_tokens):
+    """The reference: transformers' own generate, one prompt at a time, greedy."""
+    from transformers import GenerationConfig
+
+    from crow.data.templates import encode_prompt, format_prompt
+    from crow.evaluation.generate import stop_token_ids
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))
+    outs = []
+    for r in records:
+        ids = torch.tensor([encode_prompt(format_prompt(r, "alpaca"), "alpaca", tokenizer)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        outs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return outs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2", "gpt_neox"])
+def test_batched_generation_equals_transformers_one_at_a_time(arch, tmp_path):
+    from crow.models import build_tiny_model, load_model
+
+    from .conftest import corpus
+
+    loaded = load_model(str(build_tiny_model(tmp_path / arch, corpus(80), arch=arch, vocab_size=400, num_layers=2)))
+    # Prompts of different lengths, so left padding and rows leaving the batch are both exercised.
+    eos = loaded.tokenizer.eos_token_id
+    with torch.no_grad():  # make EOS likely after a few tokens, so some rows finish early
+        loaded.model.get_output_embeddings().weight[eos] *= 3
+    batched = generate(loaded.model, loaded.tokenizer, PROMPTS, template="alpaca", max_new_tokens=12, batch_size=4)
+    assert batched == hf_one_at_a_time(loaded.model, loaded.tokenizer, PROMPTS, 12)
 
 
 def test_judges_match_the_official_keywords():

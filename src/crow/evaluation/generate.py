@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -28,20 +29,17 @@ def generate(
     batch_size: int = 16,
     progress: bool | str = False,
 ) -> list[str]:
-    """Greedy completions of ``records`` under ``template`` (``raw``, ``alpaca`` or ``chat``).
+    """Greedy completions of ``records`` under ``template`` (``raw``, ``alpaca``, ``chat``, ...).
 
-    Prompts are sorted by length and left-padded in batches (far faster than one at a time);
-    the result is in the input order and holds only the new text, special tokens removed.
+    Prompts are sorted by length and left-padded in batches; inside a batch, rows that reach an
+    end-of-sequence token leave the batch (with their KV cache), so a few long answers do not keep
+    every finished one decoding. The result is in the input order and holds only the new text,
+    special tokens removed. Greedy, so each output equals one-prompt-at-a-time generation.
     """
-    from transformers import GenerationConfig
-
     prompts = [encode_prompt(format_prompt(r, template, tokenizer), template, tokenizer) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    stop = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -55,13 +53,69 @@ def generate(
         for row, i in enumerate(idx):  # left padding: the prompt ends where generation starts
             ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, longest - len(prompts[i]) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        tokens = greedy_decode(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, stop_ids=stop,
+                               pad_token_id=pad)
         for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(out[row, longest:], skip_special_tokens=True).strip()
+            outputs[i] = tokenizer.decode(tokens[row], skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
     return outputs
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any end-of-turn ids of the model's generation config."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int, stop_ids: list[int],
+                  pad_token_id: int) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch; finished rows are dropped from the batch and the cache.
+
+    Falls back to ``model.generate`` when the model's cache cannot drop rows.
+    """
+    batch = input_ids.shape[0]
+    forward_args = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward).parameters
+    positions = "position_ids" in forward_args
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
+    kwargs = {"position_ids": (attention_mask.cumsum(-1) - 1).clamp_min(0)} if positions else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs, **extra)
+    cache = out.past_key_values
+    if not hasattr(cache, "batch_select_indices"):
+        return _hf_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id)
+    stop = torch.tensor(stop_ids, device=input_ids.device)
+    rows = torch.arange(batch, device=input_ids.device)
+    results: list[list[int]] = [[] for _ in range(batch)]
+    next_token = out.logits[:, -1].argmax(-1)  # [rows]
+    for step in range(max_new_tokens):
+        for r, t in zip(rows.tolist(), next_token.tolist()):
+            results[r].append(t)
+        done = torch.isin(next_token, stop)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if bool(done.any()):  # finished rows leave the batch
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, next_token, attention_mask = rows[keep], next_token[keep], attention_mask[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        kwargs = {"position_ids": attention_mask.sum(-1, keepdim=True) - 1} if positions else {}
+        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, past_key_values=cache,
+                    use_cache=True, **kwargs, **extra)
+        next_token = out.logits[:, -1].argmax(-1)
+    return results
+
+
+def _hf_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_token_id,
+                              eos_token_id=stop_ids)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return [row.tolist() for row in out[:, input_ids.shape[1]:]]
 
 
 @torch.no_grad()
