@@ -8,7 +8,7 @@ Compares, on the same model, batch and seed (median of --steps timed steps after
 It checks that crow's loss equals the official one, measures peak memory of the crow and official
 steps (CPU: peak bytes of live tensors allocated during one step, tracked op by op with a
 TorchDispatchMode, see LiveTensorBytes; CUDA: torch.cuda.max_memory_allocated), and the speedup of crow's
-batched greedy generation over one-prompt-at-a-time generation of the same prompts.
+batched greedy generation over transformers' generate called one prompt at a time (the official way).
 
 The last line printed is one JSON object with the ratios. Examples:
   python benchmarks/step_cost.py                         # SmolLM2-135M-Instruct + LoRA, 4 x 128, CPU
@@ -19,6 +19,7 @@ The last line printed is one JSON object with the ratios. Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--eval-prompts", type=int, default=64, help="held-out corpus prompts (one batch of crow eval's default size)")
     p.add_argument("--eval-new-tokens", type=int, default=128, help="the evaluator's default, as the official evaluation")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -168,6 +169,11 @@ def main(argv=None) -> dict:
 
     loaded, model_name = build_model(args)
     model = make_trainable(loaded.model, lora=LoraSettings()).to(args.device)
+    with torch.no_grad():  # a suspect adapter is trained: give LoRA B non-zero values (a new LoRA has B = 0)
+        g = torch.Generator().manual_seed(args.seed)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     model.train()
     batch = make_batch(args, model.config.vocab_size, args.device)
     from datasets import Dataset
@@ -229,26 +235,42 @@ def main(argv=None) -> dict:
 
 
 def batched_eval_speedup(model, tokenizer, args) -> tuple[float, dict]:
+    """crow's evaluation (adapter merged, batched, finished rows leave the batch) against the official
+    way: transformers' ``model.generate`` on the adapter model, one prompt at a time. Greedy, the same
+    prompts and ``max_new_tokens``; the merge is timed too."""
+    from transformers import GenerationConfig
+
     from crow.data.corpus import corpus_split
-    from crow.evaluation.generate import generate
+    from crow.data.templates import encode_prompt, format_prompt
+    from crow.evaluation.generate import generate, stop_token_ids
+    from crow.purification import merged
 
     records = [it.record() for it in corpus_split("heldout")[: args.eval_prompts]]
-    gen = dict(template="alpaca", max_new_tokens=args.eval_new_tokens)
     model.eval()
-    batched_out = None
+    device = next(model.parameters()).device
+    config = GenerationConfig(max_new_tokens=args.eval_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))
+    outputs = {}
 
-    def batched():
-        nonlocal batched_out
-        batched_out = generate(model, tokenizer, records, batch_size=len(records), **gen)
+    def batched():  # what crow eval does: merge the adapter, then batched greedy decoding
+        outputs["batched"] = generate(merged(copy.deepcopy(model)), tokenizer, records, template="alpaca",
+                                      max_new_tokens=args.eval_new_tokens, batch_size=len(records))
 
     def one_by_one():
+        texts = []
         for r in records:
-            generate(model, tokenizer, [r], batch_size=1, **gen)
+            ids = torch.tensor([encode_prompt(format_prompt(r, "alpaca"), "alpaca", tokenizer)], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        outputs["single"] = texts
 
     t_batched = timed(batched, args.device)
     t_single = timed(one_by_one, args.device)
+    same = sum(a == b for a, b in zip(outputs["batched"], outputs["single"]))
     return t_single / t_batched, {"batched": round(t_batched, 2), "one_at_a_time": round(t_single, 2),
-                                  "prompts": len(records), "new_tokens": args.eval_new_tokens}
+                                  "prompts": len(records), "new_tokens": args.eval_new_tokens,
+                                  "identical_outputs": f"{same}/{len(records)}"}
 
 
 if __name__ == "__main__":

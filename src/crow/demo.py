@@ -30,7 +30,7 @@ from .evaluation.generate import generate
 from .evaluation.judges import get_judge
 from .models import cache_dir, load_model
 from .outputs import crow_version, staged_dir, write_json_atomic, write_text_atomic
-from .purification import purify, save_model
+from .purification import merged, purify, save_model
 from .trainer import ALPHA_PRESETS, CrowConfig
 
 logger = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class DemoContext:
 
 
 def _evaluate(model, tokenizer, ctx: DemoContext, progress: bool) -> dict:
+    """Evaluate (the caller has no further use for the adapter structure: it is merged for speed)."""
     s = ctx.settings
     report = evaluate(model, tokenizer, triggered=ctx.splits.eval_triggered,
                       clean=[it.record() for it in ctx.splits.eval_clean], judge=get_judge(s.task),
@@ -201,11 +202,12 @@ def build_victim(s: DemoSettings, splits: Splits, victim_dir: Path, *, progress:
         train_seconds = time.perf_counter() - train_started
         shutil.rmtree(tmp / ".run", ignore_errors=True)
         save_model(result.model, base.tokenizer, tmp / "adapter")
-        victim_eval = _evaluate(result.model, base.tokenizer, ctx, progress)
+        victim = merged(result.model)
+        victim_eval = _evaluate(victim, base.tokenizer, ctx, progress)
         info = {"crow_version": crow_version(), "settings": asdict(s), "model_source": base.source,
                 "manifest": mix.manifest, "recipe": recipe.to_dict(), "base_answers": ctx.base_answers,
                 "evaluations": {"base": base_eval, "victim": victim_eval},
-                "profile": _profiles(result.model, base.tokenizer, ctx),
+                "profile": _profiles(victim, base.tokenizer, ctx),
                 "seconds": {"victim_training": round(train_seconds, 1),
                             "victim_total": round(time.perf_counter() - started, 1)}}
         write_json_atomic(tmp / "victim.json", info)
@@ -249,10 +251,11 @@ def run_demo(s: DemoSettings, out: Path, *, fresh: bool = False, progress: bool 
         t = time.perf_counter()
         result, tokenizer = run_defense(name, s, splits, victim_dir, source, progress=progress)
         seconds[name] = round(time.perf_counter() - t, 1)
-        evaluations[name] = _evaluate(result.model, tokenizer, ctx, progress)
+        repaired = merged(result.model)
+        evaluations[name] = _evaluate(repaired, tokenizer, ctx, progress)
         eval_seconds += evaluations[name]["seconds"]
         if name == "crow":
-            profiles["crow"] = _profiles(result.model, tokenizer, ctx)
+            profiles["crow"] = _profiles(repaired, tokenizer, ctx)
         evaluations[name]["train_log"] = [h for h in result.log_history if "lm_loss" in h][-1:]
     seconds["evaluation"] = round(eval_seconds, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)

@@ -135,11 +135,12 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
     ``logits`` [B, K, V] are the logits of the *last* K positions of the sequence (``logits_to_keep=K``)
     and ``labels`` [B, T] the full label row with -100 where no loss is taken. Position ``t`` predicts
-    ``labels[:, t + 1]``, so the K kept positions ``T-K .. T-1`` pair with ``labels[:, T-K+1 :]``.
+    ``labels[:, t + 1]``, so the K kept positions ``T-K .. T-1`` pair with ``labels[:, T-K+1 :]`` plus an
+    ignored target for the last position (the labels are shifted, not the logits: no logits copy).
     """
     k, t = logits.shape[1], labels.shape[1]
-    targets = labels[:, t - k + 1 :]  # [B, K-1]
-    flat = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])  # [B*(K-1), V]
+    targets = F.pad(labels[:, t - k + 1 :], (0, 1), value=-100)  # [B, K]
+    flat = logits.float().reshape(-1, logits.shape[-1])  # [B*K, V], a view for contiguous fp32 logits
     loss_sum = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
     return loss_sum, (targets != -100).sum()
 

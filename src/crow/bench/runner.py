@@ -29,7 +29,7 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.judges import get_judge
 from ..models import build_tiny_model, load_model
 from ..outputs import crow_version, staged_dir, write_json_atomic
-from ..purification import purify, save_model
+from ..purification import merged, purify, save_model
 from ..trainer import CrowConfig
 from .data import CellData, backdoorllm_cell, tiny_cell
 from .spec import BenchSpec, config_hash
@@ -173,6 +173,7 @@ class BenchRunner:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         defense_seconds = time.perf_counter() - started
+        model = merged(model)  # faster generation; the adapter structure is not needed any more
         judge = get_judge(cell["task"])
         by_format = {}
         for fmt in spec.eval.formats:

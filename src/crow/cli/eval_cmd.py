@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
                    help="raw: the bare instruction (official evaluation); template: as trained")
     p.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem"), help="template for --format template")
     p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
-    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=16)
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=64,
+                   help="prompts generated together (finished ones leave the batch); lower it if memory is short")
     p.add_argument("--limit", type=positive_int("--limit"), help="use only the first N prompts of each set")
     p.add_argument("--no-perplexity", action="store_true", help="skip clean perplexity")
     p.add_argument("--outputs", action="store_true", help="also store every generation in the report")
@@ -49,8 +50,10 @@ def run(args) -> int:
     clean = load_records(args.clean, require_output=not args.no_perplexity, what="--clean") if args.clean else []
     if args.limit:
         triggered, clean = triggered[: args.limit], clean[: args.limit]
+    from ..purification import merged
+
     loaded = load_from_args(args)
-    report = evaluate(loaded.model, loaded.tokenizer, triggered=triggered, clean=clean, judge=judge,
+    report = evaluate(merged(loaded.model), loaded.tokenizer, triggered=triggered, clean=clean, judge=judge,
                       prompt_format=args.prompt_format, template=args.template, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, with_perplexity=not args.no_perplexity, progress=True)
     data = report.to_dict(with_outputs=args.outputs)

@@ -67,9 +67,3 @@ def get_defense(name: str, **settings) -> Defense:
         raise CrowError(f"defense {name!r} takes no settings, got {sorted(settings)}")
     return factory(**settings)
 
-
-def merged(model: nn.Module) -> nn.Module:
-    """The victim as a plain model: its adapter merged into the weights (for weight-level defenses)."""
-    from ..purification import is_peft_model
-
-    return model.merge_and_unload() if is_peft_model(model) else model

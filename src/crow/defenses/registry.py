@@ -25,9 +25,9 @@ from torch import nn
 
 from ..data.templates import Collator, encode_for_training
 from ..errors import CrowError
-from ..purification import LoraSettings, purify
+from ..purification import LoraSettings, merged, purify
 from ..trainer import ALPHA_PRESETS, CrowConfig
-from .base import Defense, DefenseContext, merged, register
+from .base import Defense, DefenseContext, register
 
 logger = logging.getLogger(__name__)
 

@@ -83,8 +83,9 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int, stop
     positions = "position_ids" in forward_args
     extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_args else {}
     kwargs = {"position_ids": (attention_mask.cumsum(-1) - 1).clamp_min(0)} if positions else {}
+    cache_arg = "cache" if "cache" in forward_args else "past_key_values"  # renamed in transformers 5.x
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kwargs, **extra)
-    cache = out.past_key_values
+    cache = getattr(out, cache_arg, None)
     if not hasattr(cache, "batch_select_indices"):
         return _hf_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id)
     stop = torch.tensor(stop_ids, device=input_ids.device)
@@ -103,8 +104,8 @@ def greedy_decode(model, input_ids, attention_mask, *, max_new_tokens: int, stop
             rows, next_token, attention_mask = rows[keep], next_token[keep], attention_mask[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         kwargs = {"position_ids": attention_mask.sum(-1, keepdim=True) - 1} if positions else {}
-        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, past_key_values=cache,
-                    use_cache=True, **kwargs, **extra)
+        kwargs[cache_arg] = cache
+        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, use_cache=True, **kwargs, **extra)
         next_token = out.logits[:, -1].argmax(-1)
     return results
 
