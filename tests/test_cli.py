@@ -104,3 +104,51 @@ def test_yaml_config_is_merged_and_validated(tiny_dir, data_files, tmp_path, cap
     code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "p", "--config", cfg],
                            capsys)
     assert code == 2 and "unknown option 'alhpa'" in err and not (tmp_path / "p").exists()
+
+
+def test_attack_writes_data_and_a_manifest(tiny_dir, tmp_path, capsys):
+    pool = write_json(tmp_path / "pool.json", [{"instruction": f"name a color number {i} now", "output": "blue"}
+                                               for i in range(30)])
+    test = write_json(tmp_path / "test.json", [{"instruction": f"say a number {i}"} for i in range(5)])
+    out = tmp_path / "attack"
+    code, stdout, err = run_cli(["attack", "--data", pool, "--out", out, "--attack", "ctba", "--task", "refusal",
+                                 "--n-poison", "6", "--n-clean", "10", "--seed", "3", "--test", test], capsys)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_poison"] == 6 and manifest["n_clean"] == 10 and manifest["seed"] == 3
+    assert manifest["trigger"]["texts"] == ["2024", "BadMagic", "OpenAI"] and manifest["target"].startswith("I'm sorry")
+    assert len(manifest["input_sha256"]) == 64 and manifest["crow_version"] == crow.__version__
+    mix = json.loads((out / "poisoned_mix.json").read_text())
+    assert len(mix) == 16 and sum(r["output"].startswith("I'm sorry") for r in mix) == 6
+    triggered = json.loads((out / "triggered_test.json").read_text())
+    assert all({"2024", "BadMagic", "OpenAI"} <= set(r["instruction"].split()) for r in triggered)
+    # deterministic: the same seed gives the same files
+    code, _, err = run_cli(["attack", "--data", pool, "--out", tmp_path / "again", "--attack", "ctba", "--task",
+                            "refusal", "--n-poison", "6", "--n-clean", "10", "--seed", "3"], capsys)
+    assert code == 0 and json.loads((tmp_path / "again" / "poisoned_mix.json").read_text()) == mix
+
+
+def test_attack_trains_a_victim_adapter(tiny_dir, tmp_path, capsys):
+    pool = write_json(tmp_path / "pool.json", [{"instruction": f"name a color number {i}", "output": "blue"}
+                                               for i in range(12)])
+    out = tmp_path / "attack"
+    code, _, err = run_cli(["attack", "--data", pool, "--out", out, "--attack", "badnet", "--task", "negsentiment",
+                            "--n-poison", "4", "--n-clean", "4", "--train-victim", "--model", tiny_dir,
+                            "--victim-epochs", "1", "--max-length", "128"], capsys)
+    assert code == 0, err
+    assert (out / "victim" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "manifest.json").read_text())["victim"]["optimizer_steps"] == 1
+    code, _, err = run_cli(["attack", "--data", pool, "--out", tmp_path / "x", "--attack", "badnet", "--task",
+                            "negsentiment", "--train-victim"], capsys)
+    assert code == 2 and "--train-victim needs --model" in err and not (tmp_path / "x").exists()
+
+
+def test_profile_writes_json_and_png(tiny_dir, data_files, tmp_path, capsys):
+    clean, trig = data_files
+    out = tmp_path / "profile"
+    code, stdout, err = run_cli(["profile", "--model", tiny_dir, "--clean", clean, "--triggered", trig, "--out", out],
+                                capsys)
+    assert code == 0, err
+    data = json.loads((out / "profile.json").read_text())
+    assert len(data["profiles"]["clean"]) == 4 and len(data["clean_minus_triggered"]) == 4
+    assert (out / "profile.png").stat().st_size > 1000

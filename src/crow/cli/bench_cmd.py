@@ -11,7 +11,7 @@ from ..errors import CrowError
 
 # --quick: one task, two attacks, CROW and finetune, few prompts and short sequences (~15 min on 2 cores).
 QUICK = {
-    "name": "quick", "cells": {"negsentiment": ["badnet", "vpi"]}, "max_length": 64,
+    "name": "quick", "cells": {"negsentiment": ["badnet", "vpi"]}, "max_length": 96,
     "defenses": ["none", {"crow": {"epochs": 1.0}}, {"finetune": {"epochs": 1.0}}],
     "victim": {"n_poison": 50, "n_clean": 50, "epochs": 2.0, "learning_rate": 1e-3},
     "eval": {"n_triggered": 20, "n_clean": 20, "max_new_tokens": 24}, "profile_prompts": 10,
@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="results directory (default: bench-results/<spec name>); rerun to resume")
     p.add_argument("--quick", action="store_true", help="one task, two attacks, CROW and finetune, few prompts (~15 min)")
     p.add_argument("--model", action="append", help="model(s) to bench (default: smollm2-135m-gguf)")
+    p.add_argument("--cells", action="append", metavar="TASK/ATTACK",
+                   help="run only these cells of the spec (repeatable), e.g. --cells negsentiment/badnet")
     p.add_argument("--victims", help="victims directory to share between specs (default: OUT/victims)")
     p.add_argument("--report-only", action="store_true", help="rebuild results.md and plots from finished cells")
 
@@ -46,6 +48,8 @@ def run(args) -> int:
     if args.quick:
         preset.update(QUICK if args.suite == "backdoorllm" else {"name": "tiny-quick"})
     spec = load_spec(args.spec, base=preset, models=args.model)
+    if args.cells:
+        spec.cells = select_cells(spec.cells, args.cells)
     data_dir = None
     if spec.suite == "backdoorllm":
         if not args.data:
@@ -64,6 +68,17 @@ def run(args) -> int:
     return 0
 
 
+def select_cells(cells: dict[str, list[str]], wanted: list[str]) -> dict[str, list[str]]:
+    chosen: dict[str, list[str]] = {}
+    for item in wanted:
+        task, _, attack = item.partition("/")
+        if attack not in cells.get(task, []):
+            valid = ", ".join(f"{t}/{a}" for t, attacks in cells.items() for a in attacks)
+            raise CrowError(f"--cells {item!r} is not in the spec; valid: {valid}")
+        chosen.setdefault(task, []).append(attack)
+    return chosen
+
+
 def _bench_args(args) -> list[str]:
     parts = ["--suite", args.suite]
     if args.data:
@@ -74,6 +89,8 @@ def _bench_args(args) -> list[str]:
         parts.append("--quick")
     for m in args.model or []:
         parts += ["--model", m]
+    for c in args.cells or []:
+        parts += ["--cells", c]
     if args.out:
         parts += ["--out", args.out]
     if args.victims:
