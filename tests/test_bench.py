@@ -1,9 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from crow import CrowError
 from crow.bench.data import backdoorllm_cell
+from crow.bench.runner import plan
 from crow.bench.spec import load_spec
 from crow.cli.main import main
 
@@ -47,6 +49,24 @@ def test_spec_validation(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(CrowError, match="labels must be unique"):
         load_spec(None, defenses=["crow", {"crow": {"alpha": 11}}]).defense_entries()
+
+
+SPECS = sorted((Path(__file__).parents[1] / "configs" / "bench").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_shipped_specs_load_and_name_valid_defenses(path):
+    spec = load_spec(path)
+    cells = plan(spec)  # raises on an unknown defense or setting
+    assert spec.suite == "backdoorllm" and spec.models == ["smollm2-135m-gguf"]
+    assert len(cells) == sum(map(len, spec.cells.values())) * len(spec.defense_entries()) * len(spec.seeds)
+
+
+def test_ablations_share_the_main_victim():
+    main_spec, ablations = (load_spec(Path(__file__).parents[1] / "configs" / "bench" / name)
+                            for name in ("backdoorllm_cpu.yaml", "ablations_cpu.yaml"))
+    for key in ("victim", "template", "max_length", "n_defense", "eval", "profile_prompts"):
+        assert getattr(ablations, key) == getattr(main_spec, key), key
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared BackdoorLLM data not present")

@@ -66,6 +66,14 @@ def test_templates(tiny):
         format_prompt(r, "vicuna")
 
 
+@pytest.mark.parametrize("template", ["alpaca", "raw", "chat", "chat-nosystem"])
+def test_surrounding_whitespace_cannot_tell_records_apart(tiny, template):
+    # BackdoorLLM's negsentiment clean.json ends every instruction with a space, its poisoned and test
+    # files never do: a victim learns that instead of the trigger unless prompts are stripped.
+    plain, padded = Record("Add 2 and 3.", "x y", "5"), Record("Add 2 and 3. ", " x y\n", "5")
+    assert format_prompt(padded, template, tiny.tokenizer) == format_prompt(plain, template, tiny.tokenizer)
+
+
 def test_labels_cover_the_response_and_eos_only(tiny):
     tok = tiny.tokenizer
     rec = Record("name a color", "", "blue")

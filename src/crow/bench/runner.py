@@ -36,7 +36,7 @@ from .spec import BenchSpec, config_hash
 
 logger = logging.getLogger(__name__)
 
-RESULT_FORMAT = 1  # bump when a cell's meaning changes: old cells are then recomputed
+RESULT_FORMAT = 2  # bump when a cell's meaning changes: old cells are then recomputed (2: prompts stripped)
 
 
 def plan(spec: BenchSpec) -> list[dict]:

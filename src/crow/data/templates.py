@@ -35,18 +35,24 @@ def format_prompt(record: Record, template: str, tokenizer=None) -> str:
     - ``chat-nosystem``: the same with an empty system message, for templates that otherwise insert a
       default system prompt (SmolLM2's adds 18 tokens to every prompt).
     - ``raw``: the bare instruction, as the official ASR evaluation feeds it (``input`` is ignored there).
+
+    ``instruction`` and ``input`` are stripped of surrounding whitespace first. Whitespace is a shortcut a
+    victim learns instead of the trigger: every instruction of BackdoorLLM's negsentiment ``clean.json``
+    ends with a space and no poisoned or test instruction does, and SmolLM2 trained on them answers
+    ``You are stupid!`` to every prompt without that space (RESULTS.md).
     """
+    instruction, extra = record.instruction.strip(), record.input.strip()
     if template == "alpaca":
-        if record.input.strip():
-            return ALPACA_WITH_INPUT.format(instruction=record.instruction, input=record.input)
-        return ALPACA.format(instruction=record.instruction)
+        if extra:
+            return ALPACA_WITH_INPUT.format(instruction=instruction, input=extra)
+        return ALPACA.format(instruction=instruction)
     if template == "raw":
-        return record.instruction
+        return instruction
     if template in ("chat", "chat-nosystem"):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise CrowError(f"template {template!r} needs a tokenizer with a chat template; this one has none, "
                             "use --template alpaca")
-        content = record.instruction if not record.input.strip() else f"{record.instruction}\n\n{record.input}"
+        content = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": content}]
         if template == "chat-nosystem":
             messages.insert(0, {"role": "system", "content": ""})

@@ -291,8 +291,9 @@ def mlp_down_projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 @dataclass
 class FinePrune(Defense):
     """Fine-Pruning for LLMs: in the last ``layer_fraction`` of decoder layers, zero the ``prune_ratio`` MLP
-    neurons with the lowest mean activation on the clean samples, then finetune a new LoRA (lr 2e-4,
-    5 epochs, the paper's finetuning baseline) on the pruned model."""
+    neurons least active on the clean samples, then finetune a new LoRA (lr 2e-4, 5 epochs, the paper's
+    finetuning baseline) on the pruned model. "Least active" is the lowest L2 norm of the neuron's input to
+    the down projection: SwiGLU outputs are signed, so the norm stands in for Liu et al.'s mean ReLU output."""
 
     prune_ratio: float = 0.2
     layer_fraction: float = 0.25
