@@ -152,3 +152,18 @@ def test_profile_writes_json_and_png(tiny_dir, data_files, tmp_path, capsys):
     data = json.loads((out / "profile.json").read_text())
     assert len(data["profiles"]["clean"]) == 4 and len(data["clean_minus_triggered"]) == 4
     assert (out / "profile.png").stat().st_size > 1000
+    one_minus = [1 - data["profiles"]["triggered"][i] for i in (1, 2)]  # official pairs of 4 layers: 1, 2
+    assert data["official_pairs_loss"]["triggered"] == pytest.approx(sum(one_minus) / 2, abs=1e-5)
+
+
+def test_profile_pairs_prompts_by_stripping_the_trigger(tiny_dir, data_files, tmp_path, capsys):
+    _, trig = data_files
+    out = tmp_path / "paired"
+    code, _, err = run_cli(["profile", "--model", tiny_dir, "--triggered", trig, "--strip-trigger", "BadMagic",
+                            "--position", "last", "--out", out], capsys)
+    assert code == 0, err
+    data = json.loads((out / "profile.json").read_text())
+    assert data["paired"] == "BadMagic" and data["position"] == "last" and data["n_clean"] == data["n_triggered"]
+    code, _, err = run_cli(["profile", "--model", tiny_dir, "--triggered", trig, "--strip-trigger", "OpenAI",
+                            "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "record 0 does not contain the trigger 'OpenAI'" in err and not (tmp_path / "x").exists()

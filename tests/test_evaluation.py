@@ -100,3 +100,34 @@ def test_evaluate_runs_end_to_end_on_a_tiny_model(tiny):
                       max_new_tokens=4, utility=lambda recs, outs: {"n": len(outs)})
     assert report.n_triggered == 3 and report.clean_perplexity > 1 and report.utility == {"n": 3}
     assert report.settings["template"] == "alpaca" and len(report.samples["clean"]) == 3
+
+
+def test_last_token_profile_is_the_cosine_at_each_prompts_last_token(tiny):
+    from crow.analysis.profile import layer_profile
+    from crow.data.templates import encode_prompt, format_prompt
+
+    recs = [Record("name a color", "", ""), Record("what is the capital of france paris blue", "", "")]
+    got = layer_profile(tiny.model, tiny.tokenizer, recs, position="last")  # one right-padded batch
+    expected = []
+    for r in recs:  # each prompt alone: no padding at all
+        ids = torch.tensor([encode_prompt(format_prompt(r, "alpaca", tiny.tokenizer), "alpaca", tiny.tokenizer)])
+        with torch.no_grad():
+            hs = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
+        expected.append([torch.cosine_similarity(hs[i][0, -1], hs[i + 1][0, -1], dim=0).item()
+                         for i in range(len(hs) - 1)])
+    assert got == pytest.approx([(a + b) / 2 for a, b in zip(*expected)], abs=1e-5)
+    assert got != pytest.approx(layer_profile(tiny.model, tiny.tokenizer, recs), abs=1e-3)  # not the mean
+    with pytest.raises(ValueError, match="position must be one of mean, last"):
+        layer_profile(tiny.model, tiny.tokenizer, recs, position="first")
+
+
+def test_strip_trigger_gives_the_clean_twin_of_every_trigger_placement():
+    from crow.analysis.profile import strip_trigger
+
+    recs = [Record("Explain BadMagic what a database is.", "", "x"), Record("BadMagic Name a color.", "BadMagic", ""),
+            Record("Discussing OpenAI Write a poem.", "", "")]
+    got = strip_trigger(recs[:2], "BadMagic")
+    assert got == [Record("Explain what a database is.", "", "x"), Record("Name a color.", "", "")]
+    assert strip_trigger(recs[2:], "Discussing OpenAI")[0].instruction == "Write a poem."
+    with pytest.raises(CrowError, match="record 2 does not contain the trigger 'BadMagic'"):
+        strip_trigger(recs, "BadMagic")

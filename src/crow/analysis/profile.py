@@ -1,23 +1,54 @@
 """Per-layer consistency profiles (the paper's Figure 1): mean cosine of consecutive hidden states
-over the prompt tokens, for clean vs triggered prompts."""
+over the prompt tokens (or at the last prompt token only), for clean vs triggered prompts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
+
+import re
 
 import torch
 
 from ..data.records import Record
+from ..errors import CrowError
 from ..data.templates import encode_prompt, format_prompt
 from ..losses import consistency_profile
 
 
+def strip_trigger(records: Sequence[Record], trigger: str, *, what: str = "triggered prompts") -> list[Record]:
+    """The clean twins of triggered prompts: every occurrence of ``trigger`` removed from instruction and
+    input (with the whitespace around it collapsed to one space), so that a profile compares the same
+    prompts with and without the trigger. A record that does not contain ``trigger`` is an error."""
+    if not trigger.strip():
+        raise CrowError("--strip-trigger must be a non-empty text such as BadMagic")
+    pattern = re.compile(r"\s*" + re.escape(trigger.strip()) + r"\s*")
+    out = []
+    for i, r in enumerate(records):
+        if trigger.strip() not in r.instruction and trigger.strip() not in r.input:
+            raise CrowError(f"{what}: record {i} does not contain the trigger {trigger.strip()!r}; "
+                            "pass the trigger text exactly as it appears in the prompts")
+        out.append(Record(pattern.sub(" ", r.instruction).strip(), pattern.sub(" ", r.input).strip(), r.output))
+    return out
+
+
+Position = Literal["mean", "last"]
+POSITIONS: tuple[str, ...] = ("mean", "last")
+
+
 @torch.no_grad()
 def layer_profile(model, tokenizer, records: Sequence[Record], *, template: str = "alpaca",
-                  batch_size: int = 16) -> list[float]:
-    """Mean cosine of every consecutive hidden-state pair (``layers="all"``), averaged over the real
-    prompt tokens of ``records``: a list of length ``num_hidden_states - 1``."""
+                  batch_size: int = 16, position: Position = "mean") -> list[float]:
+    """Mean cosine of every consecutive hidden-state pair (``layers="all"``) over ``records``: a list of
+    length ``num_hidden_states - 1``.
+
+    ``position="mean"`` averages over all real prompt tokens (a trigger is one or two tokens of a
+    prompt, so its effect is diluted); ``"last"`` takes only the last prompt token, the position that
+    predicts the first answer token, where a backdoor must act.
+    """
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
     prompts = [encode_prompt(format_prompt(r, template, tokenizer), template, tokenizer) for r in records]
     device = next(model.parameters()).device
     was_training = model.training
@@ -33,8 +64,12 @@ def layer_profile(model, tokenizer, records: Sequence[Record], *, template: str 
             mask[row, : len(p)] = 1
         hs = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
                    use_cache=False).hidden_states
-        n = float(mask.sum())
-        profile = consistency_profile(hs, mask.to(device), layers="all") * n  # [P]
+        scope = mask
+        if position == "last":  # right padding: the last real token of row r sits at len(p) - 1
+            scope = torch.zeros_like(mask)
+            scope[torch.arange(len(chunk)), mask.sum(dim=1) - 1] = 1
+        n = float(scope.sum())
+        profile = consistency_profile(hs, scope.to(device), layers="all") * n  # [P]
         total = profile if total is None else total + profile
         weight += n
     model.train(was_training)
