@@ -29,6 +29,10 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
     assert "| negsentiment / badnet" in table and "**average**" in table and "crow bench --suite tiny" in table
     assert (out / "asr_by_defense.png").is_file() and list(out.glob("consistency_*.png"))
     assert len(list((out / "victims").iterdir())) == 1  # one victim shared by the three defenses
+    logs = {c["defense"]: c["train_log"] for c in map(json.loads, map(Path.read_text, (out / "cells").glob("*.json")))}
+    assert logs["none"] == [] and logs["crow"] and logs["finetune-lr1e-3"]
+    assert all("consistency_perturbed" in row and "lm_loss" in row for row in logs["crow"])
+    assert all("consistency_clean" not in row for row in logs["finetune-lr1e-3"])  # alpha 0: no consistency pass
 
     # Resume: every cell is done, so nothing is recomputed.
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}

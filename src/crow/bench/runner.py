@@ -65,6 +65,20 @@ def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
             "format": RESULT_FORMAT}
 
 
+TRAIN_LOG_KEYS = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed", "grad_norm", "learning_rate")
+
+
+def train_log_summary(log_history: list[dict]) -> list[dict]:
+    """The per-logging-step training metrics of a defense, for the cell's JSON: step, epoch and the
+    losses (the trainer's final summary row, which has no step metrics, is dropped)."""
+    rows = []
+    for entry in log_history:
+        kept = {k: round(float(entry[k]), 6) for k in TRAIN_LOG_KEYS if k in entry}
+        if kept:
+            rows.append({"step": entry.get("step"), "epoch": round(float(entry.get("epoch", 0.0)), 3), **kept})
+    return rows
+
+
 class BenchRunner:
     def __init__(self, spec: BenchSpec, out: Path, data_dir: Path | None = None, progress: bool = True,
                  victims: Path | None = None):
@@ -166,10 +180,10 @@ class BenchRunner:
         loaded = self.load_victim(victim)
         work = self.out / "cells" / f".{ckey}-work"
         started = time.perf_counter()
+        ctx = DefenseContext(clean=data.defense_clean, template=spec.template, max_length=spec.max_length,
+                             seed=cell["seed"], task=cell["task"], work_dir=work, progress=self.progress)
         try:
-            model = defense.repair(loaded.model, loaded.tokenizer, DefenseContext(
-                clean=data.defense_clean, template=spec.template, max_length=spec.max_length, seed=cell["seed"],
-                task=cell["task"], work_dir=work, progress=self.progress))
+            model = defense.repair(loaded.model, loaded.tokenizer, ctx)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         defense_seconds = time.perf_counter() - started
@@ -182,7 +196,7 @@ class BenchRunner:
                               batch_size=spec.eval.batch_size, perplexity_max_length=spec.max_length)
             by_format[fmt] = {k: v for k, v in report.to_dict().items() if k not in ("settings",)}
         profiles = {}
-        if spec.profile_prompts and cell["defense"] in ("none", "crow"):  # labels: the victim and default CROW
+        if spec.profile_prompts and cell["method"] in ("none", "crow"):  # the victim and every CROW variant
             n = spec.profile_prompts
             profiles = {"clean": layer_profile(model, loaded.tokenizer, data.clean[:n], template=spec.template),
                         "triggered": layer_profile(model, loaded.tokenizer, data.triggered[:n], template=spec.template)}
@@ -195,7 +209,8 @@ class BenchRunner:
             "clean_perplexity": main["clean_perplexity"], "format": spec.eval.formats[0], "by_format": by_format,
             "seconds": round(defense_seconds, 1), "eval_seconds": round(sum(f["seconds"] for f in by_format.values()), 1),
             "victim_seconds": victim["seconds"], "n_triggered": main["n_triggered"], "n_clean": main["n_clean"],
-            "eval": asdict(spec.eval), "profiles": profiles, "crow_version": crow_version(), "suite": spec.suite,
+            "eval": asdict(spec.eval), "profiles": profiles, "train_log": train_log_summary(ctx.train_log),
+            "crow_version": crow_version(), "suite": spec.suite,
         }
 
     def collect(self) -> list[dict]:

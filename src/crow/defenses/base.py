@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -24,6 +24,8 @@ class DefenseContext:
     task: str | None = None
     work_dir: Path = Path(".")
     progress: bool = False
+    #: filled by defenses that train: the trainer's logged metrics (lm_loss, consistency_clean, ...) per logging step
+    train_log: list[dict] = field(default_factory=list)
 
 
 class Defense:

@@ -66,7 +66,9 @@ class CrowDefense(Defense):
                             learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                             per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                             seed=ctx.seed, save_strategy="no", disable_tqdm=not ctx.progress, logging_steps=5)
-        return purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length).model
+        result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length)
+        ctx.train_log[:] = result.log_history
+        return result.model
 
 
 @register("finetune")
@@ -316,5 +318,7 @@ class FinePrune(Defense):
         config = CrowConfig(output_dir=str(ctx.work_dir / ".fineprune-run"), crow_alpha=0.0,
                             learning_rate=self.learning_rate, num_train_epochs=self.epochs, seed=ctx.seed,
                             save_strategy="no", disable_tqdm=not ctx.progress, logging_steps=5)
-        return purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
-                      lora=LoraSettings()).model
+        result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
+                        lora=LoraSettings())
+        ctx.train_log[:] = result.log_history
+        return result.model
