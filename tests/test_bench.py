@@ -27,6 +27,7 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
         assert r["task"] == "negsentiment" and r["attack"] == "badnet" and r["clean_perplexity"] > 1
     table = (out / "results.md").read_text()
     assert "| negsentiment / badnet" in table and "**average**" in table and "crow bench --suite tiny" in table
+    assert "Victim: a 4-layer Llama trained from scratch" in table and "LoRA r" not in table
     assert (out / "asr_by_defense.png").is_file() and list(out.glob("consistency_*.png"))
     assert len(list((out / "victims").iterdir())) == 1  # one victim shared by the three defenses
     logs = {c["defense"]: c["train_log"] for c in map(json.loads, map(Path.read_text, (out / "cells").glob("*.json")))}

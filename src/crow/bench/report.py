@@ -50,9 +50,10 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     e = spec.eval
+    trained = "a 4-layer Llama trained from scratch (all weights)" if spec.suite == "tiny" else f"LoRA r {spec.victim.lora_r}"
     lines += [f"Each cell: ASR % on {e.n_triggered} triggered prompts, with clean perplexity (ppl) and the "
               f"false-trigger rate (FTR %) on {e.n_clean} clean prompts; greedy decoding, {e.max_new_tokens} new tokens, "
-              f"samples cut to {spec.max_length} tokens. Victim: LoRA r {spec.victim.lora_r}, lr "
+              f"samples cut to {spec.max_length} tokens. Victim: {trained}, lr "
               f"{spec.victim.learning_rate}, {spec.victim.epochs:g} epochs on {spec.victim.n_poison} poisoned + "
               f"{spec.victim.n_clean} clean samples; defenses use {spec.n_defense} clean samples.",
               f"A victim is *conditional* when its ASR >= {spec.conditional.min_asr:g}% and FTR <= "
