@@ -3,17 +3,16 @@ over the prompt tokens (or at the last prompt token only), for clean vs triggere
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-import re
-
 import torch
 
 from ..data.records import Record
-from ..errors import CrowError
 from ..data.templates import encode_prompt, format_prompt
+from ..errors import CrowError
 from ..losses import consistency_profile
 
 
@@ -21,13 +20,14 @@ def strip_trigger(records: Sequence[Record], trigger: str, *, what: str = "trigg
     """The clean twins of triggered prompts: every occurrence of ``trigger`` removed from instruction and
     input (with the whitespace around it collapsed to one space), so that a profile compares the same
     prompts with and without the trigger. A record that does not contain ``trigger`` is an error."""
-    if not trigger.strip():
+    trigger = trigger.strip()
+    if not trigger:
         raise CrowError("--strip-trigger must be a non-empty text such as BadMagic")
-    pattern = re.compile(r"\s*" + re.escape(trigger.strip()) + r"\s*")
+    pattern = re.compile(r"\s*" + re.escape(trigger) + r"\s*")
     out = []
     for i, r in enumerate(records):
-        if trigger.strip() not in r.instruction and trigger.strip() not in r.input:
-            raise CrowError(f"{what}: record {i} does not contain the trigger {trigger.strip()!r}; "
+        if trigger not in r.instruction and trigger not in r.input:
+            raise CrowError(f"{what}: record {i} does not contain the trigger {trigger!r}; "
                             "pass the trigger text exactly as it appears in the prompts")
         out.append(Record(pattern.sub(" ", r.instruction).strip(), pattern.sub(" ", r.input).strip(), r.output))
     return out
