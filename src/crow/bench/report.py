@@ -9,7 +9,7 @@ from ..outputs import write_json_atomic, write_text_atomic
 from .spec import BenchSpec
 
 ROW_KEYS = ("model", "task", "attack", "defense", "method", "seed", "asr", "false_trigger_rate", "clean_perplexity", "seconds",
-            "eval_seconds", "format", "by_format", "defense_settings", "n_triggered", "n_clean", "victim_key")
+            "eval_seconds", "format", "by_format", "defense_settings", "n_defense", "n_triggered", "n_clean", "victim_key")
 
 
 def is_conditional(victim_row: dict | None, spec: BenchSpec) -> bool | None:
@@ -30,6 +30,8 @@ def write_report(rows: list[dict], spec: BenchSpec, out: Path, command: str = ""
     results = []
     for r in rows:
         row = {k: r.get(k) for k in ROW_KEYS}
+        if row["n_defense"] is None:  # cells made before per-defense n_clean existed used the spec's n_defense
+            row["n_defense"] = spec.n_defense
         row["victim_conditional"] = is_conditional(victims.get((r["model"], r["task"], r["attack"], r["seed"])), spec)
         results.append(row)
     write_json_atomic(out / "results.json", {"spec": spec.to_dict(), "command": command, "rows": results})
@@ -45,17 +47,19 @@ def write_report(rows: list[dict], spec: BenchSpec, out: Path, command: str = ""
 
 
 def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str:
-    defenses = [label for label, _, _ in spec.defense_entries()]
+    defenses = [e.label for e in spec.defense_entries()]
     lines = [f"# Bench: {spec.name} ({spec.suite})", ""]
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     e = spec.eval
+    fewer = "; ".join(f"{x.label}: {x.n_clean}" for x in spec.defense_entries() if x.n_clean != spec.n_defense)
+    fewer = f" (except {fewer})" if fewer else ""
     trained = "a 4-layer Llama trained from scratch (all weights)" if spec.suite == "tiny" else f"LoRA r {spec.victim.lora_r}"
     lines += [f"Each cell: ASR % on {e.n_triggered} triggered prompts, with clean perplexity (ppl) and the "
               f"false-trigger rate (FTR %) on {e.n_clean} clean prompts; greedy decoding, {e.max_new_tokens} new tokens, "
               f"samples cut to {spec.max_length} tokens. Victim: {trained}, lr "
               f"{spec.victim.learning_rate}, {spec.victim.epochs:g} epochs on {spec.victim.n_poison} poisoned + "
-              f"{spec.victim.n_clean} clean samples; defenses use {spec.n_defense} clean samples.",
+              f"{spec.victim.n_clean} clean samples; defenses use {spec.n_defense} clean samples{fewer}.",
               f"A victim is *conditional* when its ASR >= {spec.conditional.min_asr:g}% and FTR <= "
               f"{spec.conditional.max_false_trigger_rate:g}% (first prompt format); rows marked with † are not.", ""]
     by_model = defaultdict(list)
@@ -106,7 +110,7 @@ def plot_asr(rows: list[dict], spec: BenchSpec, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    defenses = [label for label, _, _ in spec.defense_entries()]
+    defenses = [e.label for e in spec.defense_entries()]
     groups = list(dict.fromkeys(f"{r['task']}/{r['attack']}" for r in rows))
     if not groups:
         return

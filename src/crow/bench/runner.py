@@ -46,10 +46,11 @@ def plan(spec: BenchSpec) -> list[dict]:
         for task, attacks in spec.cells.items():
             for attack in attacks:
                 for seed in spec.seeds:
-                    for label, defense, settings in spec.defense_entries():
-                        get_defense(defense, **settings)  # validate names and settings before any work
+                    for entry in spec.defense_entries():
+                        get_defense(entry.name, **entry.settings)  # validate names and settings before any work
                         cells.append({"model": model, "task": task, "attack": attack, "seed": seed,
-                                      "defense": label, "method": defense, "defense_settings": settings})
+                                      "defense": entry.label, "method": entry.name, "defense_settings": entry.settings,
+                                      "n_defense": entry.n_clean})
     return cells
 
 
@@ -61,7 +62,7 @@ def victim_config(spec: BenchSpec, cell: dict, data: CellData) -> dict:
 
 def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
     return {"victim": victim_key, "defense": cell["method"], "defense_settings": cell["defense_settings"],
-            "eval": asdict(spec.eval), "n_defense": spec.n_defense, "profile_prompts": spec.profile_prompts,
+            "eval": asdict(spec.eval), "n_defense": cell["n_defense"], "profile_prompts": spec.profile_prompts,
             "format": RESULT_FORMAT}
 
 
@@ -97,8 +98,10 @@ class BenchRunner:
                 self._data[key] = backdoorllm_cell(self.data_dir, cell["task"], cell["attack"], self.spec, cell["seed"])
         return self._data[key]
 
-    def run(self) -> list[dict]:
-        cells = plan(self.spec)
+    def run(self, only: set[tuple[str, str]] | None = None) -> list[dict]:
+        """Run the missing cells (only the (task, attack) pairs in ``only`` when given) and return the
+        rows of every finished cell of the spec."""
+        cells = [c for c in plan(self.spec) if only is None or (c["task"], c["attack"]) in only]
         write_json_atomic(self.out / "spec.json", self.spec.to_dict())
         bar = tqdm(total=len(cells), desc="bench cells", disable=not self.progress, unit="cell")
         groups: dict[str, list[tuple[dict, str]]] = {}
@@ -180,7 +183,7 @@ class BenchRunner:
         loaded = self.load_victim(victim)
         work = self.out / "cells" / f".{ckey}-work"
         started = time.perf_counter()
-        ctx = DefenseContext(clean=data.defense_clean, template=spec.template, max_length=spec.max_length,
+        ctx = DefenseContext(clean=data.defense_clean[: cell["n_defense"]], template=spec.template, max_length=spec.max_length,
                              seed=cell["seed"], task=cell["task"], work_dir=work, progress=self.progress)
         try:
             model = defense.repair(loaded.model, loaded.tokenizer, ctx)
@@ -204,7 +207,7 @@ class BenchRunner:
         return {
             "key": ckey, "victim_key": vkey, "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
             "defense": cell["defense"], "method": cell["method"], "seed": cell["seed"],
-            "defense_settings": defense.settings(),
+            "defense_settings": defense.settings(), "n_defense": len(ctx.clean),
             "asr": main["asr"], "false_trigger_rate": main["false_trigger_rate"],
             "clean_perplexity": main["clean_perplexity"], "format": spec.eval.formats[0], "by_format": by_format,
             "seconds": round(defense_seconds, 1), "eval_seconds": round(sum(f["seconds"] for f in by_format.values()), 1),

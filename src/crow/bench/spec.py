@@ -45,6 +45,16 @@ class ConditionalSpec:
     max_false_trigger_rate: float = 10.0
 
 
+@dataclass(frozen=True)
+class DefenseEntry:
+    """One column of a bench: a registered defense with its settings."""
+
+    label: str  # the column's name (the defense's name unless the entry sets ``label``)
+    name: str  # the registry name (``get_defense``)
+    settings: dict  # passed to the defense's config dataclass
+    n_clean: int  # clean samples this defense gets (the spec's ``n_defense`` unless the entry sets ``n_clean``)
+
+
 @dataclass
 class BenchSpec:
     name: str = "backdoorllm"
@@ -61,20 +71,26 @@ class BenchSpec:
     conditional: ConditionalSpec = field(default_factory=ConditionalSpec)
     profile_prompts: int = 40  # prompts per set for the per-layer consistency profiles (0: none)
 
-    def defense_entries(self) -> list[tuple[str, str, dict]]:
-        """(label, registry name, settings) per defense. Entries are a name, or ``{name: {setting: value}}``
-        where the optional ``label`` setting names the column (for several settings of one defense)."""
+    def defense_entries(self) -> list[DefenseEntry]:
+        """One entry per defense. Entries are a name, or ``{name: {setting: value}}``; besides the defense's
+        own settings an entry may set ``label`` (the column's name, for several settings of one defense)
+        and ``n_clean`` (fewer clean samples than ``n_defense``, for a clean-sample ablation)."""
         out = []
         for d in self.defenses:
             if isinstance(d, str):
-                out.append((d, d, {}))
+                out.append(DefenseEntry(d, d, {}, self.n_defense))
             elif isinstance(d, dict) and len(d) == 1:
                 (name, settings), = d.items()
                 settings = dict(settings or {})
-                out.append((str(settings.pop("label", name)), name, settings))
+                label = str(settings.pop("label", name))
+                n_clean = settings.pop("n_clean", self.n_defense)
+                if isinstance(n_clean, bool) or not isinstance(n_clean, int) or not 1 <= n_clean <= self.n_defense:
+                    raise CrowError(f"defense entry {label!r}: n_clean must be an integer from 1 to the spec's "
+                                    f"n_defense ({self.n_defense}), got {n_clean!r}")
+                out.append(DefenseEntry(label, name, settings, n_clean))
             else:
                 raise CrowError(f"defense entry {d!r} must be a name or a one-key mapping name: {{setting: value}}")
-        labels = [label for label, _, _ in out]
+        labels = [e.label for e in out]
         if len(set(labels)) != len(labels):
             raise CrowError(f"defense labels must be unique, got {labels}; add label: ... to repeated defenses")
         return out

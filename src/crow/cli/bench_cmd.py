@@ -34,7 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="one task, two attacks, CROW and finetune, few prompts (~15 min)")
     p.add_argument("--model", action="append", help="model(s) to bench (default: smollm2-135m-gguf)")
     p.add_argument("--cells", action="append", metavar="TASK/ATTACK",
-                   help="run only these cells of the spec (repeatable), e.g. --cells negsentiment/badnet")
+                   help="run only these cells of the spec (repeatable), e.g. --cells negsentiment/badnet; "
+                        "the report still covers every finished cell")
     p.add_argument("--victims", help="victims directory to share between specs (default: OUT/victims)")
     p.add_argument("--report-only", action="store_true", help="rebuild results.md and plots from finished cells")
 
@@ -48,8 +49,7 @@ def run(args) -> int:
     if args.quick:
         preset.update(QUICK if args.suite == "backdoorllm" else {"name": "tiny-quick"})
     spec = load_spec(args.spec, base=preset, models=args.model)
-    if args.cells:
-        spec.cells = select_cells(spec.cells, args.cells)
+    only = select_cells(spec.cells, args.cells) if args.cells else None
     data_dir = None
     if spec.suite == "backdoorllm":
         if not args.data:
@@ -62,24 +62,25 @@ def run(args) -> int:
     if out.exists() and not out.is_dir():
         raise CrowError(f"--out {out} is a file; pass a directory")
     runner = BenchRunner(spec, out, data_dir, progress=sys.stderr.isatty(), victims=args.victims)
-    rows = runner.collect() if args.report_only else runner.run()
+    rows = runner.collect() if args.report_only else runner.run(only=only)  # the report covers every finished cell
     write_report(rows, spec, out, command="crow bench " + " ".join(shlex.quote(a) for a in _bench_args(args)))
     print(json.dumps({"out": str(out), "cells": len(rows), "results": str(out / "results.md")}))
     return 0
 
 
-def select_cells(cells: dict[str, list[str]], wanted: list[str]) -> dict[str, list[str]]:
-    chosen: dict[str, list[str]] = {}
+def select_cells(cells: dict[str, list[str]], wanted: list[str]) -> set[tuple[str, str]]:
+    chosen = set()
     for item in wanted:
         task, _, attack = item.partition("/")
         if attack not in cells.get(task, []):
             valid = ", ".join(f"{t}/{a}" for t, attacks in cells.items() for a in attacks)
             raise CrowError(f"--cells {item!r} is not in the spec; valid: {valid}")
-        chosen.setdefault(task, []).append(attack)
+        chosen.add((task, attack))
     return chosen
 
 
 def _bench_args(args) -> list[str]:
+    """The command that completes and rebuilds the whole table (so without ``--cells``)."""
     parts = ["--suite", args.suite]
     if args.data:
         parts += ["--data", args.data]
@@ -89,8 +90,6 @@ def _bench_args(args) -> list[str]:
         parts.append("--quick")
     for m in args.model or []:
         parts += ["--model", m]
-    for c in args.cells or []:
-        parts += ["--cells", c]
     if args.out:
         parts += ["--out", args.out]
     if args.victims:
