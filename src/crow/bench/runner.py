@@ -183,8 +183,9 @@ class BenchRunner:
         loaded = self.load_victim(victim)
         work = self.out / "cells" / f".{ckey}-work"
         started = time.perf_counter()
-        ctx = DefenseContext(clean=data.defense_clean[: cell["n_defense"]], template=spec.template, max_length=spec.max_length,
-                             seed=cell["seed"], task=cell["task"], work_dir=work, progress=self.progress)
+        ctx = DefenseContext(clean=data.defense_clean[: cell["n_defense"]], template=spec.template,
+                             max_length=spec.max_length, seed=cell["seed"], task=cell["task"], work_dir=work,
+                             progress=self.progress)
         try:
             model = defense.repair(loaded.model, loaded.tokenizer, ctx)
         finally:
