@@ -47,12 +47,13 @@ def write_report(rows: list[dict], spec: BenchSpec, out: Path, command: str = ""
 
 
 def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str:
-    defenses = [e.label for e in spec.defense_entries()]
+    entries = spec.defense_entries()
+    defenses = [e.label for e in entries]
     lines = [f"# Bench: {spec.name} ({spec.suite})", ""]
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     e = spec.eval
-    fewer = "; ".join(f"{x.label}: {x.n_clean}" for x in spec.defense_entries() if x.n_clean != spec.n_defense)
+    fewer = "; ".join(f"{x.label}: {x.n_clean}" for x in entries if x.n_clean != spec.n_defense)
     fewer = f" (except {fewer})" if fewer else ""
     trained = "a 4-layer Llama trained from scratch (all weights)" if spec.suite == "tiny" else f"LoRA r {spec.victim.lora_r}"
     lines += [f"Each cell: ASR % on {e.n_triggered} triggered prompts, with clean perplexity (ppl) and the "

@@ -41,16 +41,18 @@ RESULT_FORMAT = 2  # bump when a cell's meaning changes: old cells are then reco
 
 def plan(spec: BenchSpec) -> list[dict]:
     """Every cell of the spec, in run order (grouped by victim)."""
+    entries = spec.defense_entries()
+    for entry in entries:
+        get_defense(entry.name, **entry.settings)  # validate names and settings before any work
     cells = []
     for model in spec.models:
         for task, attacks in spec.cells.items():
             for attack in attacks:
                 for seed in spec.seeds:
-                    for entry in spec.defense_entries():
-                        get_defense(entry.name, **entry.settings)  # validate names and settings before any work
+                    for entry in entries:
                         cells.append({"model": model, "task": task, "attack": attack, "seed": seed,
-                                      "defense": entry.label, "method": entry.name, "defense_settings": entry.settings,
-                                      "n_defense": entry.n_clean})
+                                      "defense": entry.label, "method": entry.name,
+                                      "defense_settings": dict(entry.settings), "n_defense": entry.n_clean})
     return cells
 
 
