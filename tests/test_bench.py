@@ -5,9 +5,11 @@ import pytest
 
 from crow import CrowError
 from crow.bench.data import backdoorllm_cell
+from crow.bench.report import render_markdown
 from crow.bench.runner import plan
 from crow.bench.spec import load_spec
 from crow.cli.main import main
+from crow.models import default_device, device_label
 
 from .conftest import SHARED_DATA
 
@@ -25,9 +27,11 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
                     "seconds"):
             assert key in r
         assert r["task"] == "negsentiment" and r["attack"] == "badnet" and r["clean_perplexity"] > 1
+        assert r["device"] == device_label(default_device())
     table = (out / "results.md").read_text()
     assert "| negsentiment / badnet" in table and "**average**" in table and "crow bench --suite tiny" in table
     assert "Victim: a 4-layer Llama trained from scratch" in table and "LoRA r" not in table
+    assert f"Defense time ({device_label(default_device())}) (s, mean per cell): none 0, crow " in table
     assert (out / "asr_by_defense.png").is_file() and list(out.glob("consistency_*.png"))
     assert len(list((out / "victims").iterdir())) == 1  # one victim shared by the three defenses
     logs = {c["defense"]: c["train_log"] for c in map(json.loads, map(Path.read_text, (out / "cells").glob("*.json")))}
@@ -59,6 +63,22 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
     assert "defenses use 100 clean samples (except ft 20: 20)" in table and "--cells" not in table
     assert "| negsentiment / badnet" in table and "negsentiment / vpi" not in table
     assert json.loads((out / "spec.json").read_text())["cells"] == {"negsentiment": ["badnet", "vpi"]}
+
+
+def test_report_says_which_device_ran_which_cells():
+    spec = load_spec(base={"suite": "tiny", "models": ["tiny-llama"], "cells": {"negsentiment": ["badnet", "vpi"]},
+                           "defenses": ["none", "crow"]})
+    fmt = {"asr": 50.0, "false_trigger_rate": 0.0, "clean_perplexity": 9.0}
+    rows = [{"model": "tiny-llama", "task": "negsentiment", "attack": attack, "defense": defense, "seconds": seconds,
+             "by_format": {"template": fmt, "raw": fmt}, "device": device}
+            for attack, device, scale in (("badnet", "cpu", 100), ("vpi", "cuda (NVIDIA H200)", 1))
+            for defense, seconds in (("none", 0), ("crow", 7 * scale))]
+    table = render_markdown(rows, spec)
+    assert "Cells run on cpu: negsentiment / badnet.\n\nDefense time on cpu (s, mean per cell): none 0, crow 700" in table
+    assert ("Cells run on cuda (NVIDIA H200): negsentiment / vpi.\n\n"
+            "Defense time on cuda (NVIDIA H200) (s, mean per cell): none 0, crow 7") in table
+    rows = [dict(r, device=None) for r in rows if r["device"] == "cpu"]  # cells made before the field existed
+    assert "Defense time (device not recorded) (s, mean per cell): none 0, crow 700" in render_markdown(rows, spec)
 
 
 def test_spec_validation(tmp_path, capsys):

@@ -133,3 +133,18 @@ def test_packaged_smollm2_converts_and_loads(tmp_path, monkeypatch):
     loaded = load_model("smollm2-135m-gguf")
     assert loaded.model.config.num_hidden_layers == 30
     assert (tmp_path / "models").is_dir()
+
+
+def test_device_placement(tiny_dir, monkeypatch):
+    import torch
+
+    from crow.models import default_device
+
+    assert next(load_model(str(tiny_dir)).model.parameters()).device.type == "cpu"  # None: as transformers
+    assert next(load_model(str(tiny_dir), device="meta").model.parameters()).device.type == "meta"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    assert next(load_model(str(tiny_dir), device="auto").model.parameters()).device.type == "cpu"

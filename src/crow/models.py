@@ -46,6 +46,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crow"
 
 
+def default_device() -> torch.device:
+    """Where crow runs the models it loads: the first CUDA (else MPS, else XPU) device when one is visible,
+    else the CPU. ``CUDA_VISIBLE_DEVICES=""`` keeps a GPU machine on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return torch.device("xpu")
+    return torch.device("cpu")
+
+
+def device_label(device: torch.device) -> str:
+    """``cpu``, or the accelerator with its name (``cuda (NVIDIA H200)``), for results and logs."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 # ------------------------------------------------------------------------------------------------
 # Resolving a model argument
 # ------------------------------------------------------------------------------------------------
@@ -163,11 +183,13 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str | None = None,
 ) -> LoadedModel:
     """Load a causal LM (+ tokenizer, + optional PEFT adapter).
 
     ``model`` is a local directory, a ``.gguf`` file, an alias (``smollm2-135m``, ``smollm2-135m-gguf``)
-    or a hub id. Raises ``CrowError`` with a one-line fix for every user mistake.
+    or a hub id. ``device``: where to put it (``"auto"`` is :func:`default_device`; None leaves it on the
+    CPU, as transformers does). Raises ``CrowError`` with a one-line fix for every user mistake.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,6 +232,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token  # generation and batching need a pad token
     if adapter is not None:
         net = load_adapter(net, adapter, trainable=adapter_trainable, allow_pickle=allow_pickle)
+    if device is not None:
+        net.to(default_device() if device == "auto" else device)
     return LoadedModel(net, tokenizer, source, adapter)
 
 

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainingArguments
 
 from .errors import CrowError, TrainingDiverged
 from .hooks import capture_embeddings, perturb_embeddings
+from .models import default_device
 from .losses import (
     causal_lm_loss_sum,
     fgsm_delta,
@@ -110,9 +111,7 @@ class CrowConfig(TrainingArguments):
 
 
 def _has_accelerator() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return (torch.cuda.is_available() or torch.backends.mps.is_available()
-            or bool(xpu is not None and xpu.is_available()))
+    return default_device().type != "cpu"
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:

@@ -9,7 +9,7 @@ from ..outputs import write_json_atomic, write_text_atomic
 from .spec import BenchSpec
 
 ROW_KEYS = ("model", "task", "attack", "defense", "method", "seed", "asr", "false_trigger_rate", "clean_perplexity", "seconds",
-            "eval_seconds", "format", "by_format", "defense_settings", "n_defense", "n_triggered", "n_clean", "victim_key")
+            "eval_seconds", "format", "by_format", "defense_settings", "n_defense", "n_triggered", "n_clean", "victim_key", "device")
 
 
 def is_conditional(victim_row: dict | None, spec: BenchSpec) -> bool | None:
@@ -97,12 +97,28 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
                 asr, ftr, ppl = (_mean([v[i] for v in vals]) for i in range(3))
                 avg.append(f"**{asr:.1f}** (FTR {ftr:.0f}" + (f", ppl {ppl:.2f})" if ppl else ")"))
             lines += ["| **average** | " + " | ".join(avg) + " |", ""]
-        seconds = defaultdict(list)
-        for r in model_rows:
-            seconds[r["defense"]].append(r["seconds"])
-        lines += ["Defense time (s, mean per cell): " + ", ".join(f"{d} {_mean(seconds[d]):.0f}" for d in defenses
-                                                               if seconds.get(d)), ""]
+        lines += _device_lines(model_rows, defenses)
     return "\n".join(lines)
+
+
+def _device_lines(rows: list[dict], defenses: list[str]) -> list[str]:
+    """Defense times per device (seconds are only comparable on one device), and which cells ran where
+    when the rows come from more than one."""
+    by_device = defaultdict(list)
+    for r in rows:
+        by_device[r.get("device") or "device not recorded"].append(r)
+    lines = []
+    for device, device_rows in by_device.items():
+        seconds = defaultdict(list)
+        for r in device_rows:
+            seconds[r["defense"]].append(r["seconds"])
+        where = f" on {device}" if len(by_device) > 1 else f" ({device})"
+        if len(by_device) > 1:
+            cells = dict.fromkeys(f"{r['task']} / {r['attack']}" for r in device_rows)
+            lines += [f"Cells run on {device}: " + ", ".join(cells) + ".", ""]
+        lines += [f"Defense time{where} (s, mean per cell): "
+                  + ", ".join(f"{d} {_mean(seconds[d]):.0f}" for d in defenses if seconds.get(d)), ""]
+    return lines
 
 
 def plot_asr(rows: list[dict], spec: BenchSpec, path: Path) -> None:

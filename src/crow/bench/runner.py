@@ -27,7 +27,7 @@ from ..attacks.victim import VictimRecipe, train_victim
 from ..defenses.base import DefenseContext, get_defense
 from ..evaluation.evaluate import evaluate
 from ..evaluation.judges import get_judge
-from ..models import build_tiny_model, load_model
+from ..models import build_tiny_model, default_device, device_label, load_model
 from ..outputs import crow_version, staged_dir, write_json_atomic
 from ..purification import merged, purify, save_model
 from ..trainer import CrowConfig
@@ -139,7 +139,7 @@ class BenchRunner:
                 model, tokenizer = self._tiny_victim(tmp, data, cell["seed"])
                 kind = "model"
             else:
-                base = load_model(cell["model"])
+                base = load_model(cell["model"], device="auto")
                 recipe = VictimRecipe(lora_r=spec.victim.lora_r, lora_alpha=2 * spec.victim.lora_r,
                                       learning_rate=spec.victim.learning_rate, epochs=spec.victim.epochs,
                                       batch_size=spec.victim.batch_size, grad_accum=spec.victim.grad_accum,
@@ -151,6 +151,7 @@ class BenchRunner:
             shutil.rmtree(tmp / ".run", ignore_errors=True)
             info = {"key": vkey, "kind": kind, "task": cell["task"], "attack": cell["attack"], "model": cell["model"],
                     "seed": cell["seed"], "seconds": round(time.perf_counter() - started, 1),
+                    "device": device_label(default_device()),
                     "config": victim_config(spec, cell, data), "crow_version": crow_version()}
             write_json_atomic(tmp / "victim.json", info)
         return info
@@ -161,7 +162,7 @@ class BenchRunner:
 
         texts = [f"{it.instruction} {it.output}" for it in build_corpus()] + [r.instruction for r in data.mix]
         path = build_tiny_model(tmp / "init", texts, vocab_size=1024, hidden_size=64, num_layers=4, seed=seed)
-        loaded = load_model(str(path))
+        loaded = load_model(str(path), device="auto")
         v = self.spec.victim
         config = CrowConfig(output_dir=str(tmp / ".run"), crow_alpha=0.0, learning_rate=v.learning_rate,
                             num_train_epochs=v.epochs, per_device_train_batch_size=v.batch_size,
@@ -176,8 +177,8 @@ class BenchRunner:
     def load_victim(self, victim: dict):
         vdir = self.victims / victim["key"]
         if victim["kind"] == "model":
-            return load_model(str(vdir / "model"))
-        return load_model(victim["model"], adapter=str(vdir / "adapter"), adapter_trainable=True)
+            return load_model(str(vdir / "model"), device="auto")
+        return load_model(victim["model"], adapter=str(vdir / "adapter"), adapter_trainable=True, device="auto")
 
     def run_cell(self, cell: dict, ckey: str, vkey: str, victim: dict, data: CellData) -> dict:
         spec = self.spec
@@ -217,6 +218,7 @@ class BenchRunner:
             "victim_seconds": victim["seconds"], "n_triggered": main["n_triggered"], "n_clean": main["n_clean"],
             "eval": asdict(spec.eval), "profiles": profiles, "train_log": train_log_summary(ctx.train_log),
             "crow_version": crow_version(), "suite": spec.suite,
+            "device": device_label(next(model.parameters()).device),
         }
 
     def collect(self) -> list[dict]:

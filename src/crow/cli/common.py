@@ -27,7 +27,8 @@ def load_from_args(args, *, adapter_trainable: bool = False):
     from ..models import load_model
 
     return load_model(args.model, adapter=getattr(args, "adapter", None), adapter_trainable=adapter_trainable,
-                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
+                      device="auto")  # the GPU when there is one; CUDA_VISIBLE_DEVICES="" keeps the CPU
 
 
 def positive_int(name: str):

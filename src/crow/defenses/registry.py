@@ -220,6 +220,9 @@ def nf4_roundtrip(weight: torch.Tensor, block: int = 64) -> torch.Tensor:
     return out.view_as(weight).to(weight.dtype)
 
 
+SIMULATED_NF4 = "simulated (round-to-nearest NF4, block 64)"
+
+
 def _bnb_nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     import bitsandbytes.functional as F
 
@@ -258,8 +261,8 @@ class NF4Quantize(Defense):
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            return "simulated (round-to-nearest NF4, block 64, CPU)"
-        return "bitsandbytes" if torch.cuda.is_available() else "simulated (round-to-nearest NF4, block 64, CPU)"
+            return SIMULATED_NF4
+        return "bitsandbytes" if torch.cuda.is_available() else SIMULATED_NF4
 
     def settings(self) -> dict:
         return {"implementation": self.implementation()}
