@@ -17,8 +17,17 @@ from .conftest import SHARED_DATA
 def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--suite", "tiny", "--out", str(out)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["cells"] == 3
+    # stderr is no terminal here, so no bars: progress and ETA come as log lines (victim training, cells)
+    lines = [line.removeprefix("crow: ") for line in captured.err.splitlines()]
+    steps = [m for m in lines if m.startswith("training step ")]
+    assert len(steps) >= 10 and all("spent, about" in m and m.endswith("left") for m in steps)
+    assert "(100%)" in steps[-1] and steps[-1].endswith("about 0s left")
+    cells_done = [m for m in lines if m.startswith("cell ")]
+    assert [m.split(" done")[0] for m in cells_done] == ["cell 1/3", "cell 2/3", "cell 3/3"]
+    assert cells_done[-1].endswith("about 0s left") and "negsentiment/badnet/" in cells_done[-1]
     results = json.loads((out / "results.json").read_text())
     rows = {r["defense"]: r for r in results["rows"]}
     assert set(rows) == {"none", "crow", "finetune-lr1e-3"}

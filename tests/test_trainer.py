@@ -224,3 +224,9 @@ def test_paper_defaults():
     assert c.lr_scheduler_type == "cosine" and c.warmup_steps == 0.1
     lora = LoraSettings().to_peft()
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (8, 16, 0.0, "all-linear")
+
+
+def test_format_duration():
+    from crow.purification import format_duration
+
+    assert [format_duration(s) for s in (0.4, 42, 185, 3599.6, 4020)] == ["0s", "42s", "3m05s", "1h00m", "1h07m"]

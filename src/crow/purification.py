@@ -108,12 +108,50 @@ class MetricsProgress(ProgressCallback):
         logger.debug("step %d: %s", state.global_step, logs)
 
 
+class LoggedProgress(TrainerCallback):
+    """Progress without a bar (``disable_tqdm``, e.g. stderr is a log file under nohup): an INFO line at
+    every tenth of training with the last loss, the time spent and the time left."""
+
+    def __init__(self, parts: int = 10) -> None:
+        self.parts = parts
+        self._started, self._first, self._next = 0.0, None, 1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started, self._first = time.perf_counter(), None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step, total = state.global_step, state.max_steps
+        if not state.is_world_process_zero or total <= 0:
+            return
+        if self._first is None:  # the step this run started from (> 0 when resumed from a checkpoint)
+            self._first = step - 1
+            self._next = self._first * self.parts // total + 1
+        if step * self.parts < self._next * total:
+            return
+        self._next = step * self.parts // total + 1
+        spent = time.perf_counter() - self._started
+        left = spent / (step - self._first) * (total - step)
+        loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+        logger.info("training step %d/%d (%d%%)%s; %s spent, about %s left", step, total, 100 * step // total,
+                    "" if loss is None else f", loss {loss:.4g}", format_duration(spent), format_duration(left))
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h07m``: for progress lines."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def quiet_trainer_output(trainer) -> None:
-    """Progress bar on stderr; metrics in the bar and the log history, nothing printed on stdout."""
+    """Progress bar on stderr (log lines instead when bars are off); metrics in the bar and the log
+    history, nothing printed on stdout."""
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if not trainer.args.disable_tqdm:
-        trainer.add_callback(MetricsProgress())
+    trainer.add_callback(LoggedProgress() if trainer.args.disable_tqdm else MetricsProgress())
 
 
 @dataclass

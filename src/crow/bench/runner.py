@@ -29,7 +29,7 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.judges import get_judge
 from ..models import build_tiny_model, default_device, device_label, load_model
 from ..outputs import crow_version, staged_dir, write_json_atomic
-from ..purification import merged, purify, save_model
+from ..purification import format_duration, merged, purify, save_model
 from ..trainer import CrowConfig
 from .data import CellData, backdoorllm_cell, tiny_cell
 from .spec import BenchSpec, config_hash
@@ -114,15 +114,23 @@ class BenchRunner:
                 bar.update(1)
                 continue
             groups.setdefault(vkey, []).append((cell, ckey))
+        todo, done, started = sum(map(len, groups.values())), 0, time.perf_counter()
         for vkey, pending in groups.items():
             first = pending[0][0]
             data = self.cell_data(first)
             victim = self.ensure_victim(vkey, first, data)
             for cell, ckey in pending:
-                bar.set_postfix_str(f"{cell['task']}/{cell['attack']}/{cell['defense']}")
+                name = f"{cell['task']}/{cell['attack']}/{cell['defense']}"
+                bar.set_postfix_str(name)
                 row = self.run_cell(cell, ckey, vkey, victim, data)
                 write_json_atomic(self.out / "cells" / f"{ckey}.json", row)
                 bar.update(1)
+                done += 1
+                if not self.progress:  # no bar to show the ETA (stderr is a file): say it in the log
+                    spent = time.perf_counter() - started  # victims included, so the estimate is rough
+                    logger.info("cell %d/%d done: %s, ASR %.1f%%, defense %s; %s spent, about %s left", done, todo, name,
+                                row["asr"], format_duration(row["seconds"]), format_duration(spent),
+                                format_duration(spent / done * (todo - done)))
         bar.close()
         return self.collect()
 
