@@ -114,11 +114,13 @@ class BenchRunner:
                 bar.update(1)
                 continue
             groups.setdefault(vkey, []).append((cell, ckey))
-        todo, done, started = sum(map(len, groups.values())), 0, time.perf_counter()
-        for vkey, pending in groups.items():
+        todo, done, started, victim_seconds = sum(map(len, groups.values())), 0, time.perf_counter(), 0.0
+        for i, (vkey, pending) in enumerate(groups.items()):
             first = pending[0][0]
             data = self.cell_data(first)
+            t0 = time.perf_counter()
             victim = self.ensure_victim(vkey, first, data)
+            victim_seconds += time.perf_counter() - t0
             for cell, ckey in pending:
                 name = f"{cell['task']}/{cell['attack']}/{cell['defense']}"
                 bar.set_postfix_str(name)
@@ -127,10 +129,12 @@ class BenchRunner:
                 bar.update(1)
                 done += 1
                 if not self.progress:  # no bar to show the ETA (stderr is a file): say it in the log
-                    spent = time.perf_counter() - started  # victims included, so the estimate is rough
+                    spent = time.perf_counter() - started
+                    left = ((spent - victim_seconds) / done * (todo - done)  # cells so far, victims so far
+                            + victim_seconds / (i + 1) * (len(groups) - i - 1))
                     logger.info("cell %d/%d done: %s, ASR %.1f%%, defense %s; %s spent, about %s left", done, todo, name,
                                 row["asr"], format_duration(row["seconds"]), format_duration(spent),
-                                format_duration(spent / done * (todo - done)))
+                                format_duration(left))
         bar.close()
         return self.collect()
 
