@@ -6,7 +6,7 @@ import pytest
 from crow import CrowError
 from crow.bench.data import backdoorllm_cell
 from crow.bench.report import render_markdown
-from crow.bench.runner import plan
+from crow.bench.runner import estimate_seconds_left, plan
 from crow.bench.spec import load_spec
 from crow.cli.main import main
 from crow.models import default_device, device_label
@@ -72,6 +72,14 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
     assert "defenses use 100 clean samples (except ft 20: 20)" in table and "--cells" not in table
     assert "| negsentiment / badnet" in table and "negsentiment / vpi" not in table
     assert json.loads((out / "spec.json").read_text())["cells"] == {"negsentiment": ["badnet", "vpi"]}
+
+
+def test_eta_costs_each_pending_cell_by_its_defense():
+    measured = {"crow": [700.0, 800.0, 2100.0], "quantize": [5.0]}  # 2100: a run slowed by another job
+    # crow at its median 800, quantize at 5, an unmeasured defense at the median of all cells (750), one victim
+    assert estimate_seconds_left(["crow", "quantize", "fineprune"], measured, 1, [1000.0, 1100.0]) == 800 + 5 + 750 + 1050
+    assert estimate_seconds_left([], measured, 0, []) == 0
+    assert estimate_seconds_left(["crow"], {}, 2, []) == 0  # nothing measured yet: no guess
 
 
 def test_report_says_which_device_ran_which_cells():

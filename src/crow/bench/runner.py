@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -82,6 +83,24 @@ def train_log_summary(log_history: list[dict]) -> list[dict]:
     return rows
 
 
+def cell_seconds(row: dict) -> float:
+    """Wall time of a finished cell without its victim: the defense plus the evaluation."""
+    return float(row.get("seconds", 0.0)) + float(row.get("eval_seconds", 0.0))
+
+
+def estimate_seconds_left(pending: list[str], measured: dict[str, list[float]], victims_left: int,
+                          victim_seconds: list[float]) -> float:
+    """Seconds that the ``pending`` cells (their defense labels) and ``victims_left`` victims should take.
+
+    A cell costs the median measured time of its defense (defenses differ a hundredfold: a quantization
+    takes seconds, CROW minutes), a defense not measured yet the median of every measured cell, a victim
+    the median measured victim. Medians, so that one run slowed by a concurrent job does not skew it."""
+    everything = [s for times in measured.values() for s in times]
+    fallback = statistics.median(everything) if everything else 0.0
+    cells = sum(statistics.median(measured[label]) if measured.get(label) else fallback for label in pending)
+    return cells + (statistics.median(victim_seconds) * victims_left if victim_seconds else 0.0)
+
+
 class BenchRunner:
     def __init__(self, spec: BenchSpec, out: Path, data_dir: Path | None = None, progress: bool = True,
                  victims: Path | None = None):
@@ -114,13 +133,16 @@ class BenchRunner:
                 bar.update(1)
                 continue
             groups.setdefault(vkey, []).append((cell, ckey))
-        todo, done, started, victim_seconds = sum(map(len, groups.values())), 0, time.perf_counter(), 0.0
+        measured, victim_times = self.measured_seconds()  # finished cells on this device: the ETA's prior
+        queue = [cell["defense"] for pending in groups.values() for cell, _ in pending]
+        started, done = time.perf_counter(), 0
         for i, (vkey, pending) in enumerate(groups.items()):
             first = pending[0][0]
             data = self.cell_data(first)
-            t0 = time.perf_counter()
+            trained, t0 = not (self.victims / vkey / "victim.json").is_file(), time.perf_counter()
             victim = self.ensure_victim(vkey, first, data)
-            victim_seconds += time.perf_counter() - t0
+            if trained:
+                victim_times.append(time.perf_counter() - t0)
             for cell, ckey in pending:
                 name = f"{cell['task']}/{cell['attack']}/{cell['defense']}"
                 bar.set_postfix_str(name)
@@ -128,15 +150,31 @@ class BenchRunner:
                 write_json_atomic(self.out / "cells" / f"{ckey}.json", row)
                 bar.update(1)
                 done += 1
+                measured.setdefault(cell["defense"], []).append(cell_seconds(row))
                 if not self.progress:  # no bar to show the ETA (stderr is a file): say it in the log
-                    spent = time.perf_counter() - started
-                    left = ((spent - victim_seconds) / done * (todo - done)  # cells so far, victims so far
-                            + victim_seconds / (i + 1) * (len(groups) - i - 1))
-                    logger.info("cell %d/%d done: %s, ASR %.1f%%, defense %s; %s spent, about %s left", done, todo, name,
-                                row["asr"], format_duration(row["seconds"]), format_duration(spent),
-                                format_duration(left))
+                    victims_left = sum(not (self.victims / k / "victim.json").is_file() for k in list(groups)[i + 1:])
+                    left = estimate_seconds_left(queue[done:], measured, victims_left, victim_times)
+                    logger.info("cell %d/%d done: %s, ASR %.1f%%, defense %s; %s spent, about %s left", done,
+                                len(queue), name, row["asr"], format_duration(row["seconds"]),
+                                format_duration(time.perf_counter() - started), format_duration(left))
         bar.close()
         return self.collect()
+
+    def measured_seconds(self) -> tuple[dict[str, list[float]], list[float]]:
+        """Wall times of the cells already in the output directory that ran on this run's device, by
+        defense label, and of their victims' training (once per victim)."""
+        device, by_defense, victims = device_label(default_device()), {}, {}
+        for path in sorted((self.out / "cells").glob("*.json")):
+            try:
+                row = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # cells are written atomically; a hand-edited one must not stop a run over an ETA
+            if row.get("device") != device:
+                continue
+            by_defense.setdefault(row.get("defense"), []).append(cell_seconds(row))
+            if row.get("victim_seconds"):
+                victims[row.get("victim_key")] = float(row["victim_seconds"])
+        return by_defense, list(victims.values())
 
     # --------------------------------------------------------------------------------------------
     def ensure_victim(self, vkey: str, cell: dict, data: CellData) -> dict:
