@@ -154,3 +154,26 @@ def test_backdoorllm_cells_use_the_official_files_and_crow_triggers_for_mtba_ctb
     with pytest.raises(CrowError, match=r"spec n_defense 150 exceeds the 100 samples of .*consistency_data.json; "
                                         r"set n_defense to at most 100"):
         backdoorllm_cell(SHARED_DATA, "negsentiment", "badnet", load_spec(None, n_defense=150), 0)
+
+
+def test_sigterm_stops_a_bench_cleanly(tmp_path):
+    """A killed bench (a batch scheduler's SIGTERM) exits as interrupted and leaves no staged victim or
+    work directory behind, so the next run starts clean."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([sys.executable, "-m", "crow.cli.main", "bench", "--suite", "tiny", "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # stop it while it trains the victim, inside the staged directory
+        lines.append(line.strip())
+        if "training step" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, lines + rest.splitlines()
+    assert rest.strip().splitlines()[-1] == "crow bench: interrupted"
+    leftovers = [p.name for d in (out / "victims", out / "cells") for p in d.iterdir()]
+    assert leftovers == []  # neither a half-trained victim nor a half-written cell

@@ -2,16 +2,20 @@
 
 Every user mistake ends with exit code 2 and one line on stderr that says what is wrong and what
 to do; ``--debug`` shows the traceback. Exit codes: 0 ok, 1 internal error, 2 bad input,
-3 training diverged (NaN/inf loss), 130 interrupted (resumable with ``--resume``).
+3 training diverged (NaN/inf loss), 130 interrupted (resumable with ``--resume``). A SIGTERM (``kill``,
+a batch scheduler) interrupts like Ctrl-C, so staged outputs are cleaned up on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from ..errors import CrowError, Interrupted, TrainingDiverged
@@ -68,6 +72,26 @@ def setup_logging(debug: bool) -> None:
             pass
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt while a verb runs. Python's default for SIGTERM ends the
+    process at once, skipping the ``finally`` blocks that remove staged outputs (a half-trained victim's
+    temporary directory, a defense's work directory); as an interrupt they run. ``crow purify`` installs
+    its own handler during training (checkpoint, then stop) and restores this one after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -77,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         prog = f"crow {args.verb}"
         setup_logging(debug)
-        return int(args._run(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args._run(args) or 0)
     except SystemExit as e:  # --help, or a verb's explicit exit
         return int(e.code or 0) if isinstance(e.code, int) else 0
     except (CrowError, TrainingDiverged, Interrupted) as e:
