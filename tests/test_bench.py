@@ -1,4 +1,7 @@
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,10 +162,6 @@ def test_backdoorllm_cells_use_the_official_files_and_crow_triggers_for_mtba_ctb
 def test_sigterm_stops_a_bench_cleanly(tmp_path):
     """A killed bench (a batch scheduler's SIGTERM) exits as interrupted and leaves no staged victim or
     work directory behind, so the next run starts clean."""
-    import signal
-    import subprocess
-    import sys
-
     out = tmp_path / "bench"
     proc = subprocess.Popen([sys.executable, "-m", "crow.cli.main", "bench", "--suite", "tiny", "--out", str(out)],
                             stderr=subprocess.PIPE, text=True)
