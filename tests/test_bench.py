@@ -85,6 +85,24 @@ def test_eta_costs_each_pending_cell_by_its_defense():
     assert estimate_seconds_left(["crow"], {}, 2, []) == 0  # nothing measured yet: no guess
 
 
+def test_report_averages_only_conditional_victims():
+    spec = load_spec(base={"suite": "tiny", "models": ["tiny-llama"], "cells": {"negsentiment": ["badnet", "vpi"]},
+                           "defenses": ["none", "crow"]})
+
+    def row(attack, defense, asr, conditional):
+        fmt = {"asr": asr, "false_trigger_rate": 0.0, "clean_perplexity": 9.0}
+        return {"model": "tiny-llama", "task": "negsentiment", "attack": attack, "defense": defense, "seconds": 1,
+                "by_format": {"template": fmt, "raw": fmt}, "device": "cpu", "victim_conditional": conditional}
+
+    rows = [row("badnet", "none", 100.0, True), row("badnet", "crow", 10.0, True),
+            row("vpi", "none", 40.0, False), row("vpi", "crow", 30.0, False)]
+    table = render_markdown(rows, spec)
+    assert "| negsentiment / vpi † | 40.0" in table
+    assert "| **average** (rows without †) | **100.0** (FTR 0, ppl 9.00) | **10.0** (FTR 0, ppl 9.00) |" in table
+    table = render_markdown([dict(r, victim_conditional=False) for r in rows], spec)
+    assert "| **average** (every row; no victim is conditional) | **70.0** (FTR 0, ppl 9.00) | **20.0**" in table
+
+
 def test_report_says_which_device_ran_which_cells():
     spec = load_spec(base={"suite": "tiny", "models": ["tiny-llama"], "cells": {"negsentiment": ["badnet", "vpi"]},
                            "defenses": ["none", "crow"]})

@@ -72,7 +72,7 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
                       "", "| task / attack | " + " | ".join(defenses) + " |", "|---|" + "---|" * len(defenses)]
             cells = {(r["task"], r["attack"], r["defense"]): r for r in model_rows}
             order = list(dict.fromkeys((r["task"], r["attack"]) for r in model_rows))
-            sums = defaultdict(list)
+            sums, all_sums = defaultdict(list), defaultdict(list)  # conditional victims' rows; every row
             for task, attack in order:
                 victim = cells.get((task, attack, "none"))
                 mark = "" if victim is None or victim.get("victim_conditional") is not False else " †"
@@ -83,11 +83,18 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
                     if not f:
                         entries.append("-")
                         continue
-                    sums[d].append((f["asr"], f["false_trigger_rate"], f["clean_perplexity"]))
+                    all_sums[d].append((f["asr"], f["false_trigger_rate"], f["clean_perplexity"]))
+                    if not mark:  # a defense is judged on the victims that count
+                        sums[d].append(all_sums[d][-1])
                     ppl = f["clean_perplexity"]
                     entries.append(f"{f['asr']:.1f} (FTR {f['false_trigger_rate']:.0f}, ppl {ppl:.2f})" if ppl
                                    else f"{f['asr']:.1f} (FTR {f['false_trigger_rate']:.0f})")
                 lines.append(f"| {task} / {attack}{mark} | " + " | ".join(entries) + " |")
+            label = "**average**"
+            if not sums:  # no victim counts (the tiny suite's): average every row, and say so
+                sums, label = all_sums, "**average** (every row; no victim is conditional)"
+            elif any(len(all_sums[d]) != len(sums.get(d, [])) for d in all_sums):
+                label = "**average** (rows without †)"
             avg = []
             for d in defenses:
                 vals = sums.get(d)
@@ -96,7 +103,7 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
                     continue
                 asr, ftr, ppl = (_mean([v[i] for v in vals]) for i in range(3))
                 avg.append(f"**{asr:.1f}** (FTR {ftr:.0f}" + (f", ppl {ppl:.2f})" if ppl else ")"))
-            lines += ["| **average** | " + " | ".join(avg) + " |", ""]
+            lines += [f"| {label} | " + " | ".join(avg) + " |", ""]
         lines += _device_lines(model_rows, defenses)
     return "\n".join(lines)
 

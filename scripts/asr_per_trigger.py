@@ -1,0 +1,53 @@
+"""ASR of a bench victim per trigger word, for the multi-trigger attack (mtba: one of ``2024``,
+``BadMagic``, ``OpenAI`` per prompt): which of its triggers did the victim learn?
+
+    python scripts/asr_per_trigger.py --victim results/backdoorllm-cpu/victims/<key> \
+        --out results/backdoorllm-cpu/mtba_per_trigger.json
+
+Uses the bench's own cell data (the same 50 triggered test prompts, template prompts, 32 new tokens) and
+counts, per trigger, the poisoned training samples that carry it.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from crow.bench.data import backdoorllm_cell
+from crow.bench.spec import load_spec
+from crow.evaluation.evaluate import evaluate
+from crow.evaluation.judges import get_judge
+from crow.models import load_model
+
+TRIGGER_WORDS = ("2024", "BadMagic", "OpenAI")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--victim", required=True, help="a bench victim directory (victims/<key>)")
+    ap.add_argument("--spec", default="configs/bench/backdoorllm_cpu.yaml")
+    ap.add_argument("--data", default="../shared/data/backdoorllm")
+    ap.add_argument("--task", default="negsentiment")
+    ap.add_argument("--attack", default="mtba")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    spec = load_spec(args.spec)
+    data = backdoorllm_cell(Path(args.data), args.task, args.attack, spec, spec.seeds[0])
+    victim = json.loads((Path(args.victim) / "victim.json").read_text())
+    loaded = load_model(victim["model"], adapter=str(Path(args.victim) / "adapter"))
+    judge = get_judge(args.task)
+    result = {}
+    for word in TRIGGER_WORDS:
+        prompts = [r for r in data.triggered if word in r.instruction.split()]
+        report = evaluate(loaded.model, loaded.tokenizer, triggered=prompts, clean=data.clean[:1], judge=judge,
+                          prompt_format="template", template=spec.template, max_new_tokens=spec.eval.max_new_tokens,
+                          batch_size=spec.eval.batch_size, perplexity_max_length=spec.max_length,
+                          with_perplexity=False)
+        n_train = sum(word in r.instruction.split() and judge(r.output) for r in data.mix)
+        result[word] = {"n_test": len(prompts), "asr": round(report.asr, 1), "n_poisoned_train": n_train}
+    Path(args.out).write_text(json.dumps({"victim": victim["key"], "task": args.task, "attack": args.attack,
+                                          "per_trigger": result}, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
