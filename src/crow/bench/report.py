@@ -72,7 +72,7 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
                       "", "| task / attack | " + " | ".join(defenses) + " |", "|---|" + "---|" * len(defenses)]
             cells = {(r["task"], r["attack"], r["defense"]): r for r in model_rows}
             order = list(dict.fromkeys((r["task"], r["attack"]) for r in model_rows))
-            sums, all_sums = defaultdict(list), defaultdict(list)  # conditional victims' rows; every row
+            sums, all_sums, left_out = defaultdict(list), defaultdict(list), False  # conditional victims; every row
             for task, attack in order:
                 victim = cells.get((task, attack, "none"))
                 mark = "" if victim is None or victim.get("victim_conditional") is not False else " †"
@@ -84,7 +84,9 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
                         entries.append("-")
                         continue
                     all_sums[d].append((f["asr"], f["false_trigger_rate"], f["clean_perplexity"]))
-                    if not mark:  # a defense is judged on the victims that count
+                    if mark:  # a defense is judged on the victims that count
+                        left_out = True
+                    else:
                         sums[d].append(all_sums[d][-1])
                     ppl = f["clean_perplexity"]
                     entries.append(f"{f['asr']:.1f} (FTR {f['false_trigger_rate']:.0f}, ppl {ppl:.2f})" if ppl
@@ -93,7 +95,7 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
             label = "**average**"
             if not sums:  # no victim counts (the tiny suite's): average every row, and say so
                 sums, label = all_sums, "**average** (every row; no victim is conditional)"
-            elif any(len(all_sums[d]) != len(sums.get(d, [])) for d in all_sums):
+            elif left_out:
                 label = "**average** (rows without †)"
             avg = []
             for d in defenses:
