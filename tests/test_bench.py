@@ -138,6 +138,37 @@ def test_spec_validation(tmp_path, capsys):
             load_spec(None, defenses=[{"crow": {"n_clean": bad}}]).defense_entries()
 
 
+def test_victim_overrides_change_one_cells_victim_only(tmp_path, capsys):
+    from crow.bench.data import tiny_cell
+    from crow.bench.runner import victim_config
+    from crow.bench.spec import config_hash
+    from crow.cli.bench_cmd import TINY
+
+    cells = {"negsentiment": ["badnet", "mtba"]}
+    base = load_spec(None, base=TINY, cells=cells)
+    stronger = load_spec(None, base=TINY, cells=cells, victim_overrides={"negsentiment/mtba": {"n_poison": 90, "epochs": 6.0}})
+    assert stronger.victim_for("negsentiment", "mtba").n_poison == 90
+    assert stronger.victim_for("negsentiment", "badnet") == base.victim == stronger.victim
+
+    def key(spec, attack):
+        data = tiny_cell("negsentiment", attack, spec, 0)
+        return config_hash(victim_config(spec, {"model": "tiny-llama", "task": "negsentiment", "attack": attack,
+                                                "seed": 0}, data)), len(data.mix)
+
+    assert key(stronger, "badnet") == key(base, "badnet")  # the other cells keep their victims (and finished cells)
+    (k0, n0), (k1, n1) = key(base, "mtba"), key(stronger, "mtba")
+    assert k0 != k1 and n1 == n0 - base.victim.n_poison + 90
+    header = render_markdown([], stronger).splitlines()[2]
+    assert "samples (except negsentiment/mtba: n_poison 90, epochs 6); defenses use" in header
+    for overrides, message in (({"refusal/mtba": {"epochs": 3}}, "'refusal/mtba' is not a cell of this spec; valid: "
+                                                                 "negsentiment/badnet, negsentiment/mtba"),
+                               ({"negsentiment/mtba": {"epochz": 3}}, "victim_overrides.negsentiment/mtba: unknown key "
+                                                                      "'epochz'; valid: lora_r,"),
+                               ({"negsentiment/mtba": 3}, "must be a mapping of victim keys")):
+        with pytest.raises(CrowError, match=message):
+            load_spec(None, base=TINY, cells=cells, victim_overrides=overrides)
+
+
 SPECS = sorted((Path(__file__).parents[1] / "configs" / "bench").glob("*.yaml"))
 
 

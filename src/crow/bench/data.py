@@ -46,8 +46,9 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
     if attack not in OFFICIAL_ATTACKS and attack not in TRIGGERS:
         raise CrowError(f"unknown attack {attack!r}; valid: {', '.join(TRIGGERS)}")
     folder = data_dir / "train" / task / source
-    poisoned = _load(folder / "poisoned.json", prov)[: spec.victim.n_poison]
-    clean = _load(folder / "clean.json", prov)[: spec.victim.n_clean]
+    recipe = spec.victim_for(task, attack)
+    poisoned = _load(folder / "poisoned.json", prov)[: recipe.n_poison]
+    clean = _load(folder / "clean.json", prov)[: recipe.n_clean]
     triggered = _load(data_dir / "test" / "triggered" / task / f"{source}.json", prov, require_output=False)
     rng = random.Random(seed)
     if attack in OFFICIAL_ATTACKS:
@@ -76,7 +77,8 @@ def tiny_cell(task: str, attack: str, spec: BenchSpec, seed: int) -> CellData:
     train, heldout = corpus_split("train"), corpus_split("heldout")
     rng = random.Random(seed)
     order = rng.sample(range(len(train)), len(train))
-    n_p, n_c = spec.victim.n_poison, spec.victim.n_clean
+    recipe = spec.victim_for(task, attack)
+    n_p, n_c = recipe.n_poison, recipe.n_clean
     if n_p + n_c + spec.n_defense > len(train):
         raise CrowError(f"the corpus train split has {len(train)} prompts; n_poison + n_clean + n_defense must fit")
     get_target(task)

@@ -46,6 +46,13 @@ def write_report(rows: list[dict], spec: BenchSpec, out: Path, command: str = ""
     return {"rows": results}
 
 
+def _victim_overrides(spec: BenchSpec) -> str:
+    """' (except task/attack: key value, ...)' for the cells whose victim recipe differs from the spec's."""
+    parts = [f"{cell}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in changes.items())
+             for cell, changes in spec.victim_overrides.items() if changes]
+    return f" (except {'; '.join(parts)})" if parts else ""
+
+
 def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str:
     entries = spec.defense_entries()
     defenses = [e.label for e in entries]
@@ -60,7 +67,8 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
               f"false-trigger rate (FTR %) on {e.n_clean} clean prompts; greedy decoding, {e.max_new_tokens} new tokens, "
               f"samples cut to {spec.max_length} tokens. Victim: {trained}, lr "
               f"{spec.victim.learning_rate}, {spec.victim.epochs:g} epochs on {spec.victim.n_poison} poisoned + "
-              f"{spec.victim.n_clean} clean samples; defenses use {spec.n_defense} clean samples{fewer}.",
+              f"{spec.victim.n_clean} clean samples{_victim_overrides(spec)}; defenses use {spec.n_defense} clean "
+              f"samples{fewer}.",
               f"A victim is *conditional* when its ASR >= {spec.conditional.min_asr:g}% and FTR <= "
               f"{spec.conditional.max_false_trigger_rate:g}% (first prompt format); rows marked with † are not.", ""]
     by_model = defaultdict(list)

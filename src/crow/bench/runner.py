@@ -33,7 +33,7 @@ from ..outputs import crow_version, staged_dir, write_json_atomic
 from ..purification import format_duration, merged, purify, save_model
 from ..trainer import CrowConfig
 from .data import CellData, backdoorllm_cell, tiny_cell
-from .spec import BenchSpec, config_hash
+from .spec import BenchSpec, VictimSpec, config_hash
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def plan(spec: BenchSpec) -> list[dict]:
 
 def victim_config(spec: BenchSpec, cell: dict, data: CellData) -> dict:
     return {"suite": spec.suite, "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
-            "seed": cell["seed"], "victim": asdict(spec.victim), "template": spec.template,
+            "seed": cell["seed"], "victim": asdict(spec.victim_for(cell["task"], cell["attack"])), "template": spec.template,
             "max_length": spec.max_length, "data": data.provenance, "n_mix": len(data.mix), "format": RESULT_FORMAT}
 
 
@@ -182,17 +182,16 @@ class BenchRunner:
         if (vdir / "victim.json").is_file():
             return json.loads((vdir / "victim.json").read_text())
         logger.info("training the victim for %s/%s (%d samples)", cell["task"], cell["attack"], len(data.mix))
-        spec = self.spec
+        spec, v = self.spec, self.spec.victim_for(cell["task"], cell["attack"])
         started = time.perf_counter()
         with staged_dir(vdir) as tmp:
             if spec.suite == "tiny":
-                model, tokenizer = self._tiny_victim(tmp, data, cell["seed"])
+                model, tokenizer = self._tiny_victim(tmp, data, cell["seed"], v)
                 kind = "model"
             else:
                 base = load_model(cell["model"], device="auto")
-                recipe = VictimRecipe(lora_r=spec.victim.lora_r, lora_alpha=2 * spec.victim.lora_r,
-                                      learning_rate=spec.victim.learning_rate, epochs=spec.victim.epochs,
-                                      batch_size=spec.victim.batch_size, grad_accum=spec.victim.grad_accum,
+                recipe = VictimRecipe(lora_r=v.lora_r, lora_alpha=2 * v.lora_r, learning_rate=v.learning_rate,
+                                      epochs=v.epochs, batch_size=v.batch_size, grad_accum=v.grad_accum,
                                       max_length=spec.max_length, template=spec.template, seed=cell["seed"])
                 result = train_victim(base.model, base.tokenizer, data.mix, recipe, output_dir=str(tmp / ".run"),
                                       disable_tqdm=not self.progress)
@@ -206,14 +205,13 @@ class BenchRunner:
             write_json_atomic(tmp / "victim.json", info)
         return info
 
-    def _tiny_victim(self, tmp: Path, data: CellData, seed: int):
+    def _tiny_victim(self, tmp: Path, data: CellData, seed: int, v: VictimSpec):
         """Tiny suite: a Llama trained from scratch on the poisoned mix (all weights)."""
         from ..data.corpus import build_corpus
 
         texts = [f"{it.instruction} {it.output}" for it in build_corpus()] + [r.instruction for r in data.mix]
         path = build_tiny_model(tmp / "init", texts, vocab_size=1024, hidden_size=64, num_layers=4, seed=seed)
         loaded = load_model(str(path), device="auto")
-        v = self.spec.victim
         config = CrowConfig(output_dir=str(tmp / ".run"), crow_alpha=0.0, learning_rate=v.learning_rate,
                             num_train_epochs=v.epochs, per_device_train_batch_size=v.batch_size,
                             gradient_accumulation_steps=v.grad_accum, seed=seed, save_strategy="no",

@@ -67,6 +67,9 @@ class BenchSpec:
     max_length: int = 256
     n_defense: int = 100  # clean samples for the defenses (the paper: 100)
     victim: VictimSpec = field(default_factory=VictimSpec)
+    # per-cell changes to ``victim``, {"task/attack": {victim key: value}}: a cell whose backdoor needs a
+    # stronger recipe to be conditional (e.g. MTBA, which splits its poison over three triggers)
+    victim_overrides: dict[str, dict] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     conditional: ConditionalSpec = field(default_factory=ConditionalSpec)
     profile_prompts: int = 40  # prompts per set for the per-layer consistency profiles (0: none)
@@ -94,6 +97,10 @@ class BenchSpec:
         if len(set(labels)) != len(labels):
             raise CrowError(f"defense labels must be unique, got {labels}; add label: ... to repeated defenses")
         return out
+
+    def victim_for(self, task: str, attack: str) -> VictimSpec:
+        """The victim recipe of one cell: ``victim`` with the cell's ``victim_overrides`` applied."""
+        return dataclasses.replace(self.victim, **self.victim_overrides.get(f"{task}/{attack}", {}))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,7 +147,23 @@ def load_spec(path: str | Path | None = None, *, base: dict | None = None, **ove
     for fmt in spec.eval.formats:
         if fmt not in ("template", "raw"):
             raise CrowError(f"eval format {fmt!r} is not known; valid: template, raw")
+    _check_victim_overrides(spec)
     return spec
+
+
+def _check_victim_overrides(spec: BenchSpec) -> None:
+    if not isinstance(spec.victim_overrides, dict):
+        raise CrowError("spec.victim_overrides must be a mapping of \"task/attack\": {victim key: value}")
+    cells = {f"{task}/{attack}" for task, attacks in spec.cells.items() for attack in attacks}
+    keys = [f.name for f in dataclasses.fields(VictimSpec)]
+    for cell, changes in spec.victim_overrides.items():
+        if cell not in cells:
+            raise CrowError(f"spec.victim_overrides: {cell!r} is not a cell of this spec; valid: {', '.join(sorted(cells))}")
+        if not isinstance(changes, dict):
+            raise CrowError(f"spec.victim_overrides.{cell} must be a mapping of victim keys, got {changes!r}")
+        unknown = sorted(set(changes) - set(keys))
+        if unknown:
+            raise CrowError(f"spec.victim_overrides.{cell}: unknown key {unknown[0]!r}; valid: {', '.join(keys)}")
 
 
 def config_hash(config: dict) -> str:
