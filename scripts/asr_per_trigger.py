@@ -4,6 +4,9 @@
     python scripts/asr_per_trigger.py --victim results/backdoorllm-cpu/victims/<key> \
         --out results/backdoorllm-cpu/mtba_per_trigger.json
 
+``--spec`` must be the spec that trained the victim (the first, weaker MTBA victim:
+``configs/bench/mtba_weak_victim_cpu.yaml``, whose result is ``results/mtba-weak-victim-cpu/per_trigger.json``).
+
 Uses the bench's own cell data (the same 50 triggered test prompts, template prompts, 32 new tokens) and
 counts, per trigger, the poisoned training samples that carry it.
 """
