@@ -9,12 +9,12 @@ import pytest
 from crow import CrowError
 from crow.bench.data import backdoorllm_cell
 from crow.bench.report import render_markdown
-from crow.bench.runner import estimate_seconds_left, plan
-from crow.bench.spec import load_spec
+from crow.bench.runner import cell_keys, estimate_seconds_left, load_cell_data, plan, victim_config
+from crow.bench.spec import config_hash, load_spec
 from crow.cli.main import main
 from crow.models import default_device, device_label
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, make_records, write_json
 
 
 def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
@@ -140,8 +140,6 @@ def test_spec_validation(tmp_path, capsys):
 
 def test_victim_overrides_change_one_cells_victim_only(tmp_path, capsys):
     from crow.bench.data import tiny_cell
-    from crow.bench.runner import victim_config
-    from crow.bench.spec import config_hash
     from crow.cli.bench_cmd import TINY
 
     cells = {"negsentiment": ["badnet", "mtba"]}
@@ -206,6 +204,64 @@ def test_backdoorllm_cells_use_the_official_files_and_crow_triggers_for_mtba_ctb
     with pytest.raises(CrowError, match=r"spec n_defense 150 exceeds the 100 samples of .*consistency_data.json; "
                                         r"set n_defense to at most 100"):
         backdoorllm_cell(SHARED_DATA, "negsentiment", "badnet", load_spec(None, n_defense=150), 0)
+
+
+def _backdoorllm_layout(root: Path, n: int = 12) -> Path:
+    """A minimal directory in BackdoorLLM's layout (negsentiment / badnet only)."""
+    files = {"train/negsentiment/badnet/poisoned.json": make_records(n, prefix="BadMagic", output="You are stupid!"),
+             "train/negsentiment/badnet/clean.json": make_records(n),
+             "test/triggered/negsentiment/badnet.json": make_records(n, prefix="BadMagic"),
+             "test/clean/negsentiment.json": make_records(n), "clean/consistency_data.json": make_records(n)}
+    for relative, recs in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        write_json(root / relative, [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in recs])
+    return root
+
+
+def test_cell_keys_follow_the_data_not_how_its_path_is_spelled(tmp_path, monkeypatch):
+    spec = load_spec(None, n_defense=10, victim={"n_poison": 6, "n_clean": 6})
+    cell = {"model": "smollm2-135m-gguf", "task": "negsentiment", "attack": "badnet", "seed": 0}
+
+    def key(data_dir: Path) -> str:
+        return cell_keys(spec, {**cell, "defense": "none", "method": "none", "defense_settings": {}, "n_defense": 10},
+                         backdoorllm_cell(data_dir, "negsentiment", "badnet", spec, 0))[0]
+
+    here = _backdoorllm_layout(tmp_path / "a" / "backdoorllm")
+    monkeypatch.chdir(tmp_path / "a")
+    relative = key(Path("backdoorllm"))
+    assert key(here) == relative  # absolute vs relative --data: a run resumes either way
+    copy = _backdoorllm_layout(tmp_path / "elsewhere" / "data")
+    assert key(copy) == relative  # the same files in another place
+    write_json(copy / "train/negsentiment/badnet/clean.json", [{"instruction": "other", "input": "", "output": "x"}])
+    assert key(copy) != relative  # other contents: another victim
+
+
+RESULT_DIRS = sorted(p.parent for p in (Path(__file__).parents[1] / "results").glob("*/results.json"))
+
+
+@pytest.mark.parametrize("out", RESULT_DIRS, ids=lambda p: p.name)
+def test_committed_cells_are_cells_of_their_spec(out):
+    """Every committed cell file is a cell of the spec its report was made with, under the key the
+    current code computes: a change to the keys would silently orphan the results (the next run would
+    retrain every victim and rerun every cell), and a stray file would be left out of the report."""
+    spec = load_spec(None, base=json.loads((out / "results.json").read_text())["spec"])
+    if spec.suite == "backdoorllm" and not SHARED_DATA.is_dir():
+        pytest.skip("shared BackdoorLLM data not present")
+    data, expected = {}, {}
+    for cell in plan(spec):
+        where = (cell["task"], cell["attack"], cell["seed"])
+        data.setdefault(where, load_cell_data(spec, SHARED_DATA, *where))
+        vkey, ckey = cell_keys(spec, cell, data[where])
+        expected[ckey] = (vkey, cell)
+    files = sorted((out / "cells").glob("*.json"))
+    assert files
+    for path in files:
+        assert path.stem in expected, f"{path} is not a cell of the spec in {out / 'results.json'}"
+        row = json.loads(path.read_text())
+        vkey, cell = expected[path.stem]
+        assert (row["key"], row["victim_key"]) == (path.stem, vkey)
+        assert (row["task"], row["attack"], row["defense"], row["seed"]) == (cell["task"], cell["attack"],
+                                                                           cell["defense"], cell["seed"])
 
 
 def test_sigterm_stops_a_bench_cleanly(tmp_path):

@@ -26,10 +26,14 @@ class CellData:
     provenance: dict = field(default_factory=dict)
 
 
-def _load(path: Path, provenance: dict, *, require_output: bool = True) -> list[Record]:
+def _load(data_dir: Path, relative: str, provenance: dict, *, require_output: bool = True) -> list[Record]:
+    """The records of ``data_dir / relative``; ``provenance[relative]`` gets the file's hash. The key is the
+    path inside the data directory, so one data set gives the same victim and cell keys wherever it lies
+    and however ``--data`` was spelled (an absolute path resumes a run started with a relative one)."""
+    path = data_dir / relative
     if not path.is_file():
         raise CrowError(f"{path} is missing; --data must have the BackdoorLLM layout (see shared/data/backdoorllm/README.md)")
-    provenance[str(path)] = sha256_file(path)[:16]
+    provenance[relative] = sha256_file(path)[:16]
     return load_records(path, require_output=require_output)
 
 
@@ -45,11 +49,11 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
     source = attack if attack in OFFICIAL_ATTACKS else "badnet"
     if attack not in OFFICIAL_ATTACKS and attack not in TRIGGERS:
         raise CrowError(f"unknown attack {attack!r}; valid: {', '.join(TRIGGERS)}")
-    folder = data_dir / "train" / task / source
+    folder = f"train/{task}/{source}"
     recipe = spec.victim_for(task, attack)
-    poisoned = _load(folder / "poisoned.json", prov)[: recipe.n_poison]
-    clean = _load(folder / "clean.json", prov)[: recipe.n_clean]
-    triggered = _load(data_dir / "test" / "triggered" / task / f"{source}.json", prov, require_output=False)
+    poisoned = _load(data_dir, f"{folder}/poisoned.json", prov)[: recipe.n_poison]
+    clean = _load(data_dir, f"{folder}/clean.json", prov)[: recipe.n_clean]
+    triggered = _load(data_dir, f"test/triggered/{task}/{source}.json", prov, require_output=False)
     rng = random.Random(seed)
     if attack in OFFICIAL_ATTACKS:
         mix = poisoned + clean
@@ -58,16 +62,15 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
         bare = [strip_trigger(r, ("BadMagic",)) for r in poisoned]
         mix = assemble_mix(bare, clean, attack=attack, task=task, rng=rng).mix
         triggered = make_triggered_test([strip_trigger(r, ("BadMagic",)) for r in triggered], attack=attack, seed=seed)
-    defense_path = data_dir / "clean" / "consistency_data.json"
-    defense_clean = _load(defense_path, prov)
+    defense_clean = _load(data_dir, "clean/consistency_data.json", prov)
     if spec.n_defense > len(defense_clean):
-        raise CrowError(f"spec n_defense {spec.n_defense} exceeds the {len(defense_clean)} samples of {defense_path}; "
-                        f"set n_defense to at most {len(defense_clean)}")
+        raise CrowError(f"spec n_defense {spec.n_defense} exceeds the {len(defense_clean)} samples of "
+                        f"{data_dir / 'clean/consistency_data.json'}; set n_defense to at most {len(defense_clean)}")
     return CellData(
         mix=mix,
         defense_clean=defense_clean[: spec.n_defense],
         triggered=triggered[: spec.eval.n_triggered],
-        clean=_load(data_dir / "test" / "clean" / f"{task}.json", prov)[: spec.eval.n_clean],
+        clean=_load(data_dir, f"test/clean/{task}.json", prov)[: spec.eval.n_clean],
         provenance=prov,
     )
 

@@ -69,6 +69,18 @@ def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
             "format": RESULT_FORMAT}
 
 
+def cell_keys(spec: BenchSpec, cell: dict, data: CellData) -> tuple[str, str]:
+    """(victim key, cell key) of a planned cell: its victim's directory and its JSON file's name."""
+    vkey = config_hash(victim_config(spec, cell, data))
+    return vkey, config_hash(cell_config(spec, cell, vkey))
+
+
+def load_cell_data(spec: BenchSpec, data_dir: Path | None, task: str, attack: str, seed: int) -> CellData:
+    if spec.suite == "tiny":
+        return tiny_cell(task, attack, spec, seed)
+    return backdoorllm_cell(data_dir, task, attack, spec, seed)
+
+
 TRAIN_LOG_KEYS = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed", "grad_norm", "learning_rate")
 
 
@@ -113,10 +125,7 @@ class BenchRunner:
     def cell_data(self, cell: dict) -> CellData:
         key = (cell["task"], cell["attack"], cell["seed"])
         if key not in self._data:
-            if self.spec.suite == "tiny":
-                self._data[key] = tiny_cell(cell["task"], cell["attack"], self.spec, cell["seed"])
-            else:
-                self._data[key] = backdoorllm_cell(self.data_dir, cell["task"], cell["attack"], self.spec, cell["seed"])
+            self._data[key] = load_cell_data(self.spec, self.data_dir, *key)
         return self._data[key]
 
     def run(self, only: set[tuple[str, str]] | None = None) -> list[dict]:
@@ -127,8 +136,7 @@ class BenchRunner:
         bar = tqdm(total=len(cells), desc="bench cells", disable=not self.progress, unit="cell")
         groups: dict[str, list[tuple[dict, str]]] = {}
         for cell in cells:
-            vkey = config_hash(victim_config(self.spec, cell, self.cell_data(cell)))
-            ckey = config_hash(cell_config(self.spec, cell, vkey))
+            vkey, ckey = cell_keys(self.spec, cell, self.cell_data(cell))
             if (self.out / "cells" / f"{ckey}.json").is_file():
                 bar.update(1)
                 continue
@@ -273,9 +281,7 @@ class BenchRunner:
         """The rows of this spec's cells (other specs' cells in the same directory are ignored)."""
         rows = []
         for cell in plan(self.spec):
-            data = self.cell_data(cell)
-            vkey = config_hash(victim_config(self.spec, cell, data))
-            path = self.out / "cells" / f"{config_hash(cell_config(self.spec, cell, vkey))}.json"
+            path = self.out / "cells" / f"{cell_keys(self.spec, cell, self.cell_data(cell))[1]}.json"
             if path.is_file():
                 rows.append(json.loads(path.read_text()))
         return rows
