@@ -101,6 +101,12 @@ def test_report_averages_only_conditional_victims():
     assert "| **average** (rows without †) | **100.0** (FTR 0, ppl 9.00) | **10.0** (FTR 0, ppl 9.00) |" in table
     table = render_markdown([dict(r, victim_conditional=False) for r in rows], spec)
     assert "| **average** (every row; no victim is conditional) | **70.0** (FTR 0, ppl 9.00) | **20.0**" in table
+    # a half-finished bench: the victim of vpi has no defended cell yet, so it must not pull down `none`
+    table = render_markdown([dict(r, victim_conditional=True) for r in rows[:3]], spec)
+    assert "| negsentiment / vpi | 40.0 (FTR 0, ppl 9.00) | - |" in table
+    assert "| **average** (rows every defense has finished) | **100.0** (FTR 0, ppl 9.00) | **10.0**" in table
+    table = render_markdown([dict(r, victim_conditional=True) for r in (rows[1], rows[2])], spec)
+    assert "| **average** (each column over the rows it has) | **40.0** (FTR 0, ppl 9.00) | **10.0**" in table
 
 
 def test_report_says_which_device_ran_which_cells():

@@ -80,31 +80,37 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
                       "", "| task / attack | " + " | ".join(defenses) + " |", "|---|" + "---|" * len(defenses)]
             cells = {(r["task"], r["attack"], r["defense"]): r for r in model_rows}
             order = list(dict.fromkeys((r["task"], r["attack"]) for r in model_rows))
-            sums, all_sums, left_out = defaultdict(list), defaultdict(list), False  # conditional victims; every row
+            counted, every_row = [], []  # per row {defense: (asr, ftr, ppl)}: conditional victims; every row
             for task, attack in order:
                 victim = cells.get((task, attack, "none"))
                 mark = "" if victim is None or victim.get("victim_conditional") is not False else " †"
-                entries = []
+                entries, values = [], {}
                 for d in defenses:
                     r = cells.get((task, attack, d))
                     f = (r or {}).get("by_format", {}).get(fmt)
                     if not f:
                         entries.append("-")
                         continue
-                    all_sums[d].append((f["asr"], f["false_trigger_rate"], f["clean_perplexity"]))
-                    if mark:  # a defense is judged on the victims that count
-                        left_out = True
-                    else:
-                        sums[d].append(all_sums[d][-1])
+                    values[d] = (f["asr"], f["false_trigger_rate"], f["clean_perplexity"])
                     ppl = f["clean_perplexity"]
                     entries.append(f"{f['asr']:.1f} (FTR {f['false_trigger_rate']:.0f}, ppl {ppl:.2f})" if ppl
                                    else f"{f['asr']:.1f} (FTR {f['false_trigger_rate']:.0f})")
+                every_row.append(values)
+                if not mark:  # a defense is judged on the victims that count
+                    counted.append(values)
                 lines.append(f"| {task} / {attack}{mark} | " + " | ".join(entries) + " |")
-            label = "**average**"
-            if not sums:  # no victim counts (the tiny suite's): average every row, and say so
-                sums, label = all_sums, "**average** (every row; no victim is conditional)"
-            elif left_out:
-                label = "**average** (rows without †)"
+            notes = []
+            if not counted:  # no victim counts (the tiny suite's): average every row, and say so
+                counted, notes = every_row, ["every row; no victim is conditional"]
+            elif len(counted) < len(every_row):
+                notes.append("rows without †")
+            complete = [v for v in counted if len(v) == len(defenses)]
+            if complete and len(complete) < len(counted):  # columns averaged over different rows would not compare
+                counted, notes = complete, notes + ["rows every defense has finished"]
+            elif not complete and len(counted) > 1:
+                notes.append("each column over the rows it has")
+            label = "**average**" + (f" ({'; '.join(notes)})" if notes else "")
+            sums = {d: [v[d] for v in counted if d in v] for d in defenses}
             avg = []
             for d in defenses:
                 vals = sums.get(d)
