@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 
 from crow.bench.data import backdoorllm_cell, strip_trigger
-from crow.bench.runner import victim_config
-from crow.bench.spec import config_hash, load_spec
+from crow.bench.runner import victim_key
+from crow.bench.spec import load_spec
 from crow.evaluation.evaluate import evaluate
 from crow.evaluation.judges import get_judge
 from crow.models import load_model
@@ -43,7 +43,7 @@ def main() -> None:
     data = backdoorllm_cell(Path(args.data), args.task, args.attack, spec, spec.seeds[0])
     victim = json.loads((Path(args.victim) / "victim.json").read_text())
     cell = {"model": victim["model"], "task": args.task, "attack": args.attack, "seed": spec.seeds[0]}
-    if config_hash(victim_config(spec, cell, data)) != victim["key"]:
+    if victim_key(spec, cell, data) != victim["key"]:
         raise SystemExit(f"{args.victim} is not the {args.task}/{args.attack} victim of {args.spec}: "
                          "pass the spec (and --task/--attack) it was trained with")
     loaded = load_model(victim["model"], adapter=str(Path(args.victim) / "adapter"))

@@ -9,12 +9,13 @@ import pytest
 from crow import CrowError
 from crow.bench.data import backdoorllm_cell
 from crow.bench.report import render_markdown
-from crow.bench.runner import cell_keys, estimate_seconds_left, load_cell_data, plan, victim_config
-from crow.bench.spec import config_hash, load_spec
+from crow.bench.runner import cell_keys, estimate_seconds_left, load_cell_data, plan, victim_key
+from crow.bench.spec import load_spec
 from crow.cli.main import main
+from crow.data.records import Record, save_records
 from crow.models import default_device, device_label
 
-from .conftest import SHARED_DATA, make_records, write_json
+from .conftest import SHARED_DATA, make_records
 
 
 def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
@@ -156,8 +157,8 @@ def test_victim_overrides_change_one_cells_victim_only(tmp_path, capsys):
 
     def key(spec, attack):
         data = tiny_cell("negsentiment", attack, spec, 0)
-        return config_hash(victim_config(spec, {"model": "tiny-llama", "task": "negsentiment", "attack": attack,
-                                                "seed": 0}, data)), len(data.mix)
+        return victim_key(spec, {"model": "tiny-llama", "task": "negsentiment", "attack": attack, "seed": 0},
+                          data), len(data.mix)
 
     assert key(stronger, "badnet") == key(base, "badnet")  # the other cells keep their victims (and finished cells)
     (k0, n0), (k1, n1) = key(base, "mtba"), key(stronger, "mtba")
@@ -220,7 +221,7 @@ def _backdoorllm_layout(root: Path, n: int = 12) -> Path:
              "test/clean/negsentiment.json": make_records(n), "clean/consistency_data.json": make_records(n)}
     for relative, recs in files.items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        write_json(root / relative, [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in recs])
+        save_records(recs, root / relative)
     return root
 
 
@@ -238,7 +239,7 @@ def test_cell_keys_follow_the_data_not_how_its_path_is_spelled(tmp_path, monkeyp
     assert key(here) == relative  # absolute vs relative --data: a run resumes either way
     copy = _backdoorllm_layout(tmp_path / "elsewhere" / "data")
     assert key(copy) == relative  # the same files in another place
-    write_json(copy / "train/negsentiment/badnet/clean.json", [{"instruction": "other", "input": "", "output": "x"}])
+    save_records([Record("other", "", "x")], copy / "train/negsentiment/badnet/clean.json")
     assert key(copy) != relative  # other contents: another victim
 
 

@@ -69,9 +69,14 @@ def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
             "format": RESULT_FORMAT}
 
 
+def victim_key(spec: BenchSpec, cell: dict, data: CellData) -> str:
+    """The name of a cell's victim directory (``cell`` needs model, task, attack and seed)."""
+    return config_hash(victim_config(spec, cell, data))
+
+
 def cell_keys(spec: BenchSpec, cell: dict, data: CellData) -> tuple[str, str]:
     """(victim key, cell key) of a planned cell: its victim's directory and its JSON file's name."""
-    vkey = config_hash(victim_config(spec, cell, data))
+    vkey = victim_key(spec, cell, data)
     return vkey, config_hash(cell_config(spec, cell, vkey))
 
 
