@@ -288,3 +288,33 @@ def test_sigterm_stops_a_bench_cleanly(tmp_path):
     assert rest.strip().splitlines()[-1] == "crow bench: interrupted"
     leftovers = [p.name for d in (out / "victims", out / "cells") for p in d.iterdir()]
     assert leftovers == []  # neither a half-trained victim nor a half-written cell
+
+
+def test_compact_adapter_keeps_the_victim_and_drops_machine_paths(tiny, tmp_path):
+    """Committed victims: fp16 LoRA weights, the model named as the spec names it, no tokenizer copy;
+    the adapter loads back on its base model and gives (nearly) the same logits."""
+    import torch
+
+    from crow.bench.runner import compact_adapter
+    from crow.models import load_model
+    from crow.purification import LoraSettings, make_trainable, save_model
+
+    model = make_trainable(tiny.model, lora=LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # PEFT starts B at zero: give the adapter an effect to keep
+    out = tmp_path / "adapter"
+    save_model(model, tiny.tokenizer, out)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    before = model(ids).logits
+    compact_adapter(out, "some-alias")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "some-alias"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.float16}
+    reloaded = load_model(str(tiny.source), adapter=str(out)).model
+    after = reloaded(ids).logits
+    assert next(reloaded.parameters()).dtype == torch.float32
+    assert torch.allclose(before, after, atol=1e-3) and not torch.equal(before, reloaded.get_base_model()(ids).logits)

@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..analysis.profile import layer_profile
@@ -118,6 +120,29 @@ def estimate_seconds_left(pending: list[str], measured: dict[str, list[float]], 
     return cells + (statistics.median(victim_seconds) * victims_left if victim_seconds else 0.0)
 
 
+VICTIM_DTYPE = torch.float16  # LoRA factors are small and well inside fp16's range: half the bytes, ~1e-3 relative error
+
+
+def compact_adapter(adapter_dir: Path, model_name: str, dtype: torch.dtype = VICTIM_DTYPE) -> None:
+    """Make a saved victim adapter small and portable, so results directories can carry their victims:
+    its weights stored in ``dtype`` (PEFT casts them back to the model's dtype when it loads them), no
+    tokenizer files (a bench victim is always loaded on its base model, whose tokenizer is used), and
+    ``base_model_name_or_path`` set to the model as the spec names it (an alias or hub id) instead of
+    the cache directory it was loaded from."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, weights,
+              metadata={"format": "pt"})
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = model_name
+    write_json_atomic(config_path, config)
+    for path in adapter_dir.iterdir():
+        if path.name not in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+            path.unlink()
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub, with a cache path in it
+
+
 class BenchRunner:
     def __init__(self, spec: BenchSpec, out: Path, data_dir: Path | None = None, progress: bool = True,
                  victims: Path | None = None):
@@ -210,6 +235,7 @@ class BenchRunner:
                                       disable_tqdm=not self.progress)
                 model, tokenizer, kind = result.model, base.tokenizer, "adapter"
                 save_model(model, tokenizer, tmp / "adapter")
+                compact_adapter(tmp / "adapter", cell["model"])
             shutil.rmtree(tmp / ".run", ignore_errors=True)
             info = {"key": vkey, "kind": kind, "task": cell["task"], "attack": cell["attack"], "model": cell["model"],
                     "seed": cell["seed"], "seconds": round(time.perf_counter() - started, 1),
