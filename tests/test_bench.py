@@ -1,5 +1,6 @@
 import json
 import signal
+from dataclasses import asdict
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 
 from crow import CrowError
 from crow.bench.data import backdoorllm_cell
-from crow.bench.report import render_markdown
+from crow.bench.report import render_markdown, write_report
 from crow.bench.runner import cell_keys, estimate_seconds_left, load_cell_data, plan, victim_key
 from crow.bench.spec import load_spec
 from crow.cli.main import main
@@ -318,3 +319,124 @@ def test_compact_adapter_keeps_the_victim_and_drops_machine_paths(tiny, tmp_path
     after = reloaded(ids).logits
     assert next(reloaded.parameters()).dtype == torch.float32
     assert torch.allclose(before, after, atol=1e-3) and not torch.equal(before, reloaded.get_base_model()(ids).logits)
+
+
+def _small_backdoorllm_spec(model: Path, **changes):
+    base = {"models": [str(model)], "cells": {"negsentiment": ["badnet"]}, "n_defense": 8, "max_length": 64,
+            "victim": {"n_poison": 8, "n_clean": 8, "epochs": 1.0}, "profile_prompts": 0,
+            "eval": {"n_triggered": 6, "n_clean": 6, "max_new_tokens": 4, "formats": ["template"], "batch_size": 6}}
+    return load_spec(None, base={**base, **changes})
+
+
+def test_base_reference_and_merged_victims(tmp_path, tiny_dir):
+    """references: [base] evaluates the un-poisoned model on the cell's prompts, once for every spec with
+    those prompts; victim_form: merged hands the defenses the merged weights of the same stored victim."""
+    from crow.bench.runner import BenchRunner
+    from crow.evaluation.generate import generate
+    from crow.models import load_model
+    from crow.purification import is_peft_model
+
+    data_dir, out = _backdoorllm_layout(tmp_path / "data"), tmp_path / "bench"
+    spec = _small_backdoorllm_spec(tiny_dir, references=["base"],
+                                   defenses=["none", {"reinit-adapter": {"epochs": 1.0}}])
+    rows = {r["defense"]: r for r in BenchRunner(spec, out, data_dir, progress=False).run()}
+    write_report(list(rows.values()), spec, out)
+    assert set(rows) == {"base", "none", "reinit-adapter"}
+    base = rows["base"]
+    assert base["reference"] is True and base["victim_key"] is None and base["seconds"] == 0.0
+    data = load_cell_data(spec, data_dir, "negsentiment", "badnet", 0)
+    clean_model = load_model(str(tiny_dir))
+    expected = generate(clean_model.model, clean_model.tokenizer, data.triggered, template="alpaca", max_new_tokens=4)
+    fmt = base["by_format"]["template"]
+    assert fmt["outputs"]["triggered"] == expected and len(fmt["outputs"]["clean"]) == 6  # the un-poisoned model
+    for r in rows.values():  # every cell keeps its answers and their quality
+        f = r["by_format"]["template"]
+        assert len(f["outputs"]["triggered"]) == 6 and f["quality"]["n_clean_scored"] == 6
+    results = json.loads((out / "results.json").read_text())
+    assert all("outputs" not in r["by_format"]["template"] for r in results["rows"])  # the answers stay in the cells
+    table = (out / "results.md").read_text()
+    assert "| task / attack | base (ref.) | none | reinit-adapter (ref.) |" in table
+    assert "Columns marked (ref.) are references, not defenses (base: the un-poisoned model" in table
+    assert "Victim: LoRA r 8 kept as an adapter" in table and "Answer quality, prompts `template`" in table
+
+    # another victim recipe: the base cell is the same file, not recomputed
+    other = _small_backdoorllm_spec(tiny_dir, references=["base"], defenses=["none"],
+                                    victim={"n_poison": 8, "n_clean": 8, "epochs": 2.0})
+    cell = next(c for c in plan(other) if c["defense"] == "base")
+    assert cell_keys(other, cell, data)[1] == base["key"]
+    longer = _small_backdoorllm_spec(tiny_dir, references=["base"], eval={**asdict(spec.eval), "max_new_tokens": 5})
+    assert cell_keys(longer, cell, data)[1] != base["key"]  # other eval settings: another cell
+
+    # merged: the same stored victim, new cells, the defenses get plain weights
+    merged_spec = _small_backdoorllm_spec(tiny_dir, defenses=["none", {"crow": {"epochs": 1.0}}], victim_form="merged")
+    runner = BenchRunner(merged_spec, out, data_dir, progress=False)
+    merged_rows = {r["defense"]: r for r in runner.run()}
+    assert len(list((out / "victims").iterdir())) == 1  # stored once, as the adapter
+    assert merged_rows["none"]["victim_key"] == rows["none"]["victim_key"]
+    assert merged_rows["none"]["key"] != rows["none"]["key"] and merged_rows["none"]["victim_form"] == "merged"
+    victim = json.loads((out / "victims" / rows["none"]["victim_key"] / "victim.json").read_text())
+    assert not is_peft_model(runner.load_victim(victim).model)
+    assert is_peft_model(BenchRunner(spec, out, data_dir, progress=False).load_victim(victim).model)
+    assert "merged into the base weights" in render_markdown(list(merged_rows.values()), merged_spec)
+
+
+def test_impossible_defense_victim_pairs_fail_when_planned(tiny_dir):
+    from crow.cli.bench_cmd import TINY
+
+    with pytest.raises(CrowError, match="'reinit-adapter' needs an adapter victim .* victims are 'merged'"):
+        plan(_small_backdoorllm_spec(tiny_dir, defenses=["none", "reinit-adapter"], victim_form="merged"))
+    with pytest.raises(CrowError, match="victims are 'full'"):  # the tiny suite's victims have no adapter
+        plan(load_spec(None, base=TINY, defenses=["none", "reinit-adapter"]))
+    with pytest.raises(CrowError, match="full_finetune: true needs a victim without an adapter"):
+        plan(_small_backdoorllm_spec(tiny_dir, defenses=[{"crow": {"full_finetune": True, "label": "crow-full"}}]))
+    assert len(plan(_small_backdoorllm_spec(tiny_dir, victim_form="merged",
+                                            defenses=[{"crow": {"full_finetune": True, "label": "crow-full"}}]))) == 1
+    with pytest.raises(CrowError, match="base is for model aliases/paths .* the tiny suite"):
+        load_spec(None, base=TINY, references=["base"])
+    with pytest.raises(CrowError, match="tiny suite's victims are full models"):
+        load_spec(None, base=TINY, victim_form="merged")
+    with pytest.raises(CrowError, match="victim_form must be one of adapter, merged, got 'lora'"):
+        load_spec(None, victim_form="lora")
+    with pytest.raises(CrowError, match=r"references must be a list of base, got \['victim'\]"):
+        load_spec(None, references=["victim"])
+    with pytest.raises(CrowError, match="defense label 'base' is also a reference"):
+        plan(load_spec(None, references=["base"], defenses=["none", {"crow": {"label": "base"}}]))
+
+
+def test_adapter_specs_keep_their_cell_keys():
+    """victim_form enters a cell's hashed config only when it is not the default."""
+    from crow.bench.runner import cell_config
+
+    cell = {"method": "crow", "defense_settings": {}, "n_defense": 100}
+    assert "victim_form" not in cell_config(load_spec(None), cell, "v")
+    assert cell_config(load_spec(None, victim_form="merged"), cell, "v")["victim_form"] == "merged"
+
+
+def test_report_marks_references_and_shows_answer_quality():
+    spec = load_spec(base={"models": ["m"], "cells": {"negsentiment": ["badnet", "vpi"]}, "references": ["base"],
+                           "defenses": ["none", "crow", "reinit-adapter"], "eval": {"formats": ["template"]}})
+
+    def row(attack, defense, asr, quality=None):
+        fmt = {"asr": asr, "false_trigger_rate": 0.0, "clean_perplexity": 9.0}
+        if quality:
+            fmt["quality"] = dict(zip(("clean_rougeL", "triggered_rougeL", "empty_clean_pct", "empty_triggered_pct"),
+                                      quality))
+        return {"model": "m", "task": "negsentiment", "attack": attack, "defense": defense, "seconds": 1,
+                "by_format": {"template": fmt}, "device": "cpu", "victim_conditional": True}
+
+    rows = [row("badnet", "base", 0.0, (0.5, 0.4, 0.0, 0.0)), row("badnet", "none", 100.0, (0.3, 0.0, 0.0, 10.0)),
+            row("badnet", "crow", 10.0, (0.4, 0.2, 5.0, 0.0)), row("badnet", "reinit-adapter", 2.0, (0.6, 0.5, 0, 0)),
+            row("vpi", "none", 90.0), row("vpi", "crow", 30.0)]  # vpi: old cells, no base, no reinit-adapter
+    table = render_markdown(rows, spec)
+    assert "| task / attack | base (ref.) | none | crow | reinit-adapter (ref.) |" in table
+    # the references do not decide the rows: vpi, which has every defense, is averaged
+    assert ("| **average** | *0.0* (FTR 0, ppl 9.00) over 1 of 2 rows | **95.0** (FTR 0, ppl 9.00) | "
+            "**20.0** (FTR 0, ppl 9.00) | *2.0* (FTR 0, ppl 9.00) over 1 of 2 rows |") in table
+    assert "| negsentiment / badnet | 0.500 / 0.400 (empty 0 / 0) | 0.300 / 0.000 (empty 0 / 10) |" in table
+    assert "| negsentiment / vpi | - | — | — | - |" in table  # finished without quality: —; not run: -
+    assert ("| **average** | *0.500 / 0.400* (empty 0 / 0) over 1 of 2 rows | **0.300 / 0.000** (empty 0 / 10) over 1 "
+            "of 2 rows | **0.400 / 0.200** (empty 5 / 0) over 1 of 2 rows |") in table
+    assert "reinit-adapter: the suspect adapter dropped" in table
+    old = render_markdown([dict(r, by_format={"template": {k: v for k, v in r["by_format"]["template"].items()
+                                                           if k != "quality"}}) for r in rows], spec)
+    assert "Answer quality" not in old  # no cell has it: no quality table

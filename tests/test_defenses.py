@@ -114,3 +114,51 @@ def test_training_defenses_continue_the_suspect_adapter(victim, tmp_path):
     after = dict(repaired.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert set(before) == {n for n in after if "lora_" in n}  # the same adapter, no new one
+
+
+def test_reinit_adapter_drops_the_suspect_adapter_and_trains_a_fresh_one(victim, tiny_dir, tmp_path):
+    model, tok = victim
+    clean = load_model(str(tiny_dir)).model  # the base weights, without any adapter
+    suspect = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    defense = get_defense("reinit-adapter", epochs=1.0)
+    assert defense.reference and defense.learning_rate == 1e-3 and defense.alpha == 0.0
+    repaired = defense.repair(model, tok, ctx(tmp_path, n=16))
+    assert is_peft_model(repaired) and list(repaired.peft_config) == ["default"]  # one adapter: the new one
+    assert repaired.peft_config["default"].r == 8 and repaired.peft_config["default"].lora_alpha == 16
+    new = {n: p for n, p in repaired.named_parameters() if "lora_B" in n}
+    assert set(new) == set(suspect)  # every linear layer has the new adapter
+    assert all(p.requires_grad for p in new.values())
+    # trained from zero for two steps at lr 1e-3 (|B| ~ 2e-3), not continued from the suspect's B (std 0.05)
+    assert max(p.abs().max().item() for p in new.values()) < 0.01
+    assert any(p.abs().max().item() > 0 for p in new.values())
+    ids = torch.tensor([[5, 17, 42, 8, 99]])
+    with torch.no_grad(), repaired.disable_adapter():  # the base weights are the clean ones: nothing was merged
+        assert torch.equal(repaired(input_ids=ids).logits, clean(input_ids=ids).logits)
+    with pytest.raises(CrowError, match="'reinit-adapter' needs an adapter victim .* got a LlamaForCausalLM"):
+        defense.repair(clean, tok, ctx(tmp_path))
+    with pytest.raises(CrowError, match="'reinit-adapter' needs an adapter victim .* victims are 'merged'"):
+        defense.check_victim("merged")
+    with pytest.raises(CrowError, match="full_finetune: true contradicts it"):
+        get_defense("reinit-adapter", full_finetune=True)
+
+
+def test_crow_on_a_merged_victim_trains_a_new_lora_or_every_weight(victim, tiny_dir, tmp_path):
+    model, tok = victim
+    weights = model.merge_and_unload()  # a merged victim: the suspect adapter is in the weights, no adapter
+    before = {n: p.detach().clone() for n, p in weights.named_parameters()}
+    repaired = get_defense("crow", epochs=1.0).repair(weights, tok, ctx(tmp_path, n=16))
+    assert is_peft_model(repaired) and repaired.peft_config["default"].r == 8  # a new LoRA (purify adds it)
+    after = {n.replace(".base_layer", ""): p for n, p in repaired.get_base_model().named_parameters() if "lora_" not in n}
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert any(p.abs().max() > 0 for n, p in repaired.named_parameters() if "lora_B" in n)
+
+    defense = get_defense("crow", epochs=1.0, full_finetune=True)
+    with pytest.raises(CrowError, match="full_finetune: true needs a victim without an adapter"):
+        defense.check_victim("adapter")
+    defense.check_victim("merged")
+    plain = load_model(str(tiny_dir)).model
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    repaired = defense.repair(plain, tok, ctx(tmp_path, n=16))
+    assert not is_peft_model(repaired)
+    changed = [n for n, p in repaired.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.layers.0.mlp.down_proj.weight" in changed and "model.layers.3.self_attn.q_proj.weight" in changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..outputs import write_json_atomic, write_text_atomic
@@ -10,6 +11,26 @@ from .spec import BenchSpec
 
 ROW_KEYS = ("model", "task", "attack", "defense", "method", "seed", "asr", "false_trigger_rate", "clean_perplexity", "seconds",
             "eval_seconds", "format", "by_format", "defense_settings", "n_defense", "n_triggered", "n_clean", "victim_key", "device")
+#: what a reference column is, for the note under the table header
+REFERENCE_NOTES = {"base": "the un-poisoned model on the same prompts",
+                   "reinit-adapter": "the suspect adapter dropped and a fresh LoRA trained (it presumes the backdoor "
+                                     "lives in the adapter)"}
+MISSING_QUALITY = "—"  # a finished cell made before answer quality was recorded
+
+
+def columns(spec: BenchSpec) -> list[str]:
+    """The table's columns: the spec's references (e.g. base), then its defenses' labels."""
+    return [*spec.references, *(e.label for e in spec.defense_entries())]
+
+
+def reference_columns(spec: BenchSpec) -> dict[str, str]:
+    """The columns that are references, not defenses, {label: name}: the spec's references and defenses such
+    as reinit-adapter that know more than a defender does."""
+    from ..defenses.base import get_defense
+
+    refs = {r: r for r in spec.references}
+    refs.update({e.label: e.name for e in spec.defense_entries() if get_defense(e.name, **e.settings).reference})
+    return refs
 
 
 def is_conditional(victim_row: dict | None, spec: BenchSpec) -> bool | None:
@@ -30,6 +51,10 @@ def write_report(rows: list[dict], spec: BenchSpec, out: Path, command: str = ""
     results = []
     for r in rows:
         row = {k: r.get(k) for k in ROW_KEYS}
+        if r.get("reference"):
+            row["reference"] = True  # a reference cell (base): no victim, not a defense
+        row["by_format"] = {fmt: {k: v for k, v in f.items() if k != "outputs"}  # the answers stay in the cells
+                            for fmt, f in (row["by_format"] or {}).items()}
         if row["n_defense"] is None:  # cells made before per-defense n_clean existed used the spec's n_defense
             row["n_defense"] = spec.n_defense
         row["victim_conditional"] = is_conditional(victims.get((r["model"], r["task"], r["attack"], r["seed"])), spec)
@@ -53,75 +78,154 @@ def _victim_overrides(spec: BenchSpec) -> str:
     return f" (except {'; '.join(parts)})" if parts else ""
 
 
+def _victim_line(spec: BenchSpec) -> str:
+    if spec.suite == "tiny":
+        return "a 4-layer Llama trained from scratch (all weights)"
+    if spec.victim_form == "merged":
+        return (f"LoRA r {spec.victim.lora_r} merged into the base weights (the defenses start from the merged "
+                "weights, no adapter)")
+    return f"LoRA r {spec.victim.lora_r} kept as an adapter (the defenses get the base model + the suspect adapter)"
+
+
+@dataclass
+class TableRow:
+    """One task / attack row of a table: its finished columns' (asr, ftr, ppl) and answer quality
+    ((clean ROUGE-L, triggered ROUGE-L, empty clean %, empty triggered %), None for a cell without it)."""
+
+    task: str
+    attack: str
+    mark: str  # " †" when the victim is not conditional
+    values: dict[str, tuple] = field(default_factory=dict)
+    quality: dict[str, tuple | None] = field(default_factory=dict)
+
+
+def _select_rows(every_row: list[TableRow], counted: list[TableRow],
+                 defenses: list[str]) -> tuple[list[TableRow], list[str]]:
+    """The rows the average row averages (conditional victims, those every defense has finished) and notes
+    saying which; reference columns do not take part in the choice."""
+    notes = []
+    if not counted:  # no victim counts (the tiny suite's): average every row, and say so
+        counted, notes = every_row, ["every row; no victim is conditional"]
+    elif len(counted) < len(every_row):
+        notes.append("rows without †")
+    complete = [r for r in counted if all(d in r.values for d in defenses)]
+    if complete and len(complete) < len(counted):  # columns averaged over different rows would not compare
+        counted, notes = complete, notes + ["rows every defense has finished"]
+    elif not complete and len(counted) > 1:
+        notes.append("each column over the rows it has")
+    return counted, notes
+
+
+def _average(values: list[tuple], fmt, reference: bool, n_rows: int, say_fewer: bool = False) -> str:
+    """One average cell, the column means of ``values`` written by ``fmt(*means, mark)``: bold for a defense,
+    italics for a reference. A reference (or any column with ``say_fewer``) over fewer than ``n_rows`` rows
+    says so."""
+    if not values:
+        return "-"
+    means = tuple(_mean([v[i] for v in values]) for i in range(len(values[0])))
+    text = fmt(*means, mark="*" if reference else "**")
+    fewer = (reference or say_fewer) and len(values) < n_rows
+    return text + (f" over {len(values)} of {n_rows} rows" if fewer else "")
+
+
+def _main_cell(asr, ftr, ppl, mark: str = "") -> str:
+    return f"{mark}{asr:.1f}{mark} (FTR {ftr:.0f}" + (f", ppl {ppl:.2f})" if ppl else ")")
+
+
+def _num(value, spec: str) -> str:
+    return MISSING_QUALITY if value is None else format(value, spec)
+
+
+def _quality_cell(clean_rl, trig_rl, empty_c, empty_t, mark: str = "") -> str:
+    return (f"{mark}{_num(clean_rl, '.3f')} / {_num(trig_rl, '.3f')}{mark} "
+            f"(empty {_num(empty_c, '.0f')} / {_num(empty_t, '.0f')})")
+
+
+def _quality_values(f: dict) -> tuple | None:
+    q = f.get("quality")
+    if not q:
+        return None
+    return (q.get("clean_rougeL"), q.get("triggered_rougeL"), q.get("empty_clean_pct"), q.get("empty_triggered_pct"))
+
+
 def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str:
     entries = spec.defense_entries()
-    defenses = [e.label for e in entries]
+    labels = columns(spec)
+    ref_names = reference_columns(spec)
+    refs = set(ref_names)
+    defenses = [d for d in labels if d not in refs]
+    headers = [f"{d} (ref.)" if d in refs else d for d in labels]
     lines = [f"# Bench: {spec.name} ({spec.suite})", ""]
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]
     e = spec.eval
     fewer = "; ".join(f"{x.label}: {x.n_clean}" for x in entries if x.n_clean != spec.n_defense)
     fewer = f" (except {fewer})" if fewer else ""
-    trained = "a 4-layer Llama trained from scratch (all weights)" if spec.suite == "tiny" else f"LoRA r {spec.victim.lora_r}"
     lines += [f"Each cell: ASR % on {e.n_triggered} triggered prompts, with clean perplexity (ppl) and the "
               f"false-trigger rate (FTR %) on {e.n_clean} clean prompts; greedy decoding, {e.max_new_tokens} new tokens, "
-              f"samples cut to {spec.max_length} tokens. Victim: {trained}, lr "
+              f"samples cut to {spec.max_length} tokens. Victim: {_victim_line(spec)}, lr "
               f"{spec.victim.learning_rate}, {spec.victim.epochs:g} epochs on {spec.victim.n_poison} poisoned + "
               f"{spec.victim.n_clean} clean samples{_victim_overrides(spec)}; defenses use {spec.n_defense} clean "
               f"samples{fewer}.",
               f"A victim is *conditional* when its ASR >= {spec.conditional.min_asr:g}% and FTR <= "
               f"{spec.conditional.max_false_trigger_rate:g}% (first prompt format); rows marked with † are not.", ""]
+    if refs:
+        what = "; ".join(f"{d}: {REFERENCE_NOTES.get(ref_names[d], 'a reference')}" for d in labels if d in refs)
+        lines += [f"Columns marked (ref.) are references, not defenses ({what}); they do not decide which rows are "
+                  "averaged, and their averages are in italics.", ""]
     by_model = defaultdict(list)
     for r in rows:
         by_model[r["model"]].append(r)
     for model, model_rows in by_model.items():
+        cells = {(r["task"], r["attack"], r["defense"]): r for r in model_rows}
+        order = list(dict.fromkeys((r["task"], r["attack"]) for r in model_rows))
         for fmt in spec.eval.formats:
             lines += [f"## {model}: prompts `{fmt}`" + (" (as trained)" if fmt == "template" else " (official evaluation)"),
-                      "", "| task / attack | " + " | ".join(defenses) + " |", "|---|" + "---|" * len(defenses)]
-            cells = {(r["task"], r["attack"], r["defense"]): r for r in model_rows}
-            order = list(dict.fromkeys((r["task"], r["attack"]) for r in model_rows))
-            counted, every_row = [], []  # per row {defense: (asr, ftr, ppl)}: conditional victims; every row
+                      "", "| task / attack | " + " | ".join(headers) + " |", "|---|" + "---|" * len(labels)]
+            counted, every_row = [], []
             for task, attack in order:
                 victim = cells.get((task, attack, "none"))
-                mark = "" if victim is None or victim.get("victim_conditional") is not False else " †"
-                entries, values = [], {}
-                for d in defenses:
-                    r = cells.get((task, attack, d))
-                    f = (r or {}).get("by_format", {}).get(fmt)
-                    if not f:
-                        entries.append("-")
-                        continue
-                    values[d] = (f["asr"], f["false_trigger_rate"], f["clean_perplexity"])
-                    ppl = f["clean_perplexity"]
-                    entries.append(f"{f['asr']:.1f} (FTR {f['false_trigger_rate']:.0f}, ppl {ppl:.2f})" if ppl
-                                   else f"{f['asr']:.1f} (FTR {f['false_trigger_rate']:.0f})")
-                every_row.append(values)
-                if not mark:  # a defense is judged on the victims that count
-                    counted.append(values)
-                lines.append(f"| {task} / {attack}{mark} | " + " | ".join(entries) + " |")
-            notes = []
-            if not counted:  # no victim counts (the tiny suite's): average every row, and say so
-                counted, notes = every_row, ["every row; no victim is conditional"]
-            elif len(counted) < len(every_row):
-                notes.append("rows without †")
-            complete = [v for v in counted if len(v) == len(defenses)]
-            if complete and len(complete) < len(counted):  # columns averaged over different rows would not compare
-                counted, notes = complete, notes + ["rows every defense has finished"]
-            elif not complete and len(counted) > 1:
-                notes.append("each column over the rows it has")
+                row = TableRow(task, attack, "" if victim is None or victim.get("victim_conditional") is not False else " †")
+                for d in labels:
+                    f = (cells.get((task, attack, d)) or {}).get("by_format", {}).get(fmt)
+                    if f:
+                        row.values[d] = (f["asr"], f["false_trigger_rate"], f["clean_perplexity"])
+                        row.quality[d] = _quality_values(f)
+                every_row.append(row)
+                if not row.mark:  # a defense is judged on the victims that count
+                    counted.append(row)
+                texts = [_main_cell(*row.values[d]) if d in row.values else "-" for d in labels]
+                lines.append(f"| {task} / {attack}{row.mark} | " + " | ".join(texts) + " |")
+            counted, notes = _select_rows(every_row, counted, defenses)
             label = "**average**" + (f" ({'; '.join(notes)})" if notes else "")
-            sums = {d: [v[d] for v in counted if d in v] for d in defenses}
-            avg = []
-            for d in defenses:
-                vals = sums.get(d)
-                if not vals:
-                    avg.append("-")
-                    continue
-                asr, ftr, ppl = (_mean([v[i] for v in vals]) for i in range(3))
-                avg.append(f"**{asr:.1f}** (FTR {ftr:.0f}" + (f", ppl {ppl:.2f})" if ppl else ")"))
+            avg = [_average([r.values[d] for r in counted if d in r.values], _main_cell, d in refs, len(counted))
+                   for d in labels]
             lines += [f"| {label} | " + " | ".join(avg) + " |", ""]
-        lines += _device_lines(model_rows, defenses)
+            if any(q for row in every_row for q in row.quality.values()):
+                lines += _quality_table(every_row, counted, labels, headers, refs, fmt, label)
+        lines += _device_lines(model_rows, labels)
     return "\n".join(lines)
+
+
+def _quality_table(every_row: list[TableRow], counted: list[TableRow], labels: list[str], headers: list[str],
+                   refs: set[str], fmt: str, average_label: str) -> list[str]:
+    """Answer quality of the same cells: ROUGE-L F1 of the clean / triggered answers and empty answers %,
+    averaged over the main table's rows."""
+    lines = [f"Answer quality, prompts `{fmt}`: ROUGE-L F1 of the answers to the clean prompts / to the triggered "
+             "prompts (against the answer of their trigger-free original), and empty answers % (clean / triggered); "
+             f"{MISSING_QUALITY}: a cell made before answer quality was recorded.", "",
+             "| task / attack | " + " | ".join(headers) + " |", "|---|" + "---|" * len(labels)]
+    for row in every_row:
+        texts = ["-" if d not in row.values else MISSING_QUALITY if row.quality[d] is None else _quality_cell(*row.quality[d])
+                 for d in labels]
+        lines.append(f"| {row.task} / {row.attack}{row.mark} | " + " | ".join(texts) + " |")
+    avg = []
+    for d in labels:
+        finished = [r for r in counted if d in r.values]
+        scored = [r.quality[d] for r in finished if r.quality[d] is not None]
+        avg.append("-" if not finished else _average(scored, _quality_cell, d in refs, len(counted), say_fewer=True) if scored
+                   else MISSING_QUALITY)
+    return lines + [f"| {average_label} | " + " | ".join(avg) + " |", ""]
 
 
 def _device_lines(rows: list[dict], defenses: list[str]) -> list[str]:
@@ -150,7 +254,7 @@ def plot_asr(rows: list[dict], spec: BenchSpec, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    defenses = [e.label for e in spec.defense_entries()]
+    defenses = columns(spec)
     groups = list(dict.fromkeys(f"{r['task']}/{r['attack']}" for r in rows))
     if not groups:
         return

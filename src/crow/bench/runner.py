@@ -4,7 +4,9 @@ Layout of an output directory::
 
     victims/<victim-key>/      the victim (LoRA adapter, or a full tiny model) + victim.json
                                (``--victims DIR`` shares them between specs)
-    cells/<cell-key>.json      one (model, task, attack, defense, seed) result
+    cells/<cell-key>.json      one (model, task, attack, defense, seed) result, with every generated answer;
+                               a reference cell (``references: [base]``) has no victim and is keyed by the
+                               model, the prompts and the eval settings only
     results.json, results.md, asr_by_defense.png, consistency_<task>_<attack>.png
 
 Finished cells are skipped; a victim is trained only when one of its cells is missing, and then
@@ -13,6 +15,8 @@ shared by all its defenses. Interrupt at any time and run the same command again
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 from ..analysis.profile import layer_profile
 from ..attacks.victim import VictimRecipe, train_victim
 from ..defenses.base import DefenseContext, get_defense
+from ..errors import CrowError
 from ..evaluation.evaluate import evaluate
 from ..evaluation.judges import get_judge
 from ..models import build_tiny_model, default_device, device_label, load_model
@@ -43,15 +48,21 @@ RESULT_FORMAT = 2  # bump when a cell's meaning changes: old cells are then reco
 
 
 def plan(spec: BenchSpec) -> list[dict]:
-    """Every cell of the spec, in run order (grouped by victim)."""
+    """Every cell of the spec, in run order (grouped by victim; a cell's reference rows first)."""
     entries = spec.defense_entries()
-    for entry in entries:
-        get_defense(entry.name, **entry.settings)  # validate names and settings before any work
+    for entry in entries:  # validate names, settings and the victim form before any work
+        get_defense(entry.name, **entry.settings).check_victim(spec.defended_form())
+    clash = sorted(set(spec.references) & {e.label for e in entries})
+    if clash:
+        raise CrowError(f"defense label {clash[0]!r} is also a reference of this spec; give the defense another label")
     cells = []
     for model in spec.models:
         for task, attacks in spec.cells.items():
             for attack in attacks:
                 for seed in spec.seeds:
+                    for ref in spec.references:
+                        cells.append({"model": model, "task": task, "attack": attack, "seed": seed, "defense": ref,
+                                      "method": ref, "reference": True, "defense_settings": {}, "n_defense": 0})
                     for entry in entries:
                         cells.append({"model": model, "task": task, "attack": attack, "seed": seed,
                                       "defense": entry.label, "method": entry.name,
@@ -66,9 +77,26 @@ def victim_config(spec: BenchSpec, cell: dict, data: CellData) -> dict:
 
 
 def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
-    return {"victim": victim_key, "defense": cell["method"], "defense_settings": cell["defense_settings"],
-            "eval": asdict(spec.eval), "n_defense": cell["n_defense"], "profile_prompts": spec.profile_prompts,
-            "format": RESULT_FORMAT}
+    config = {"victim": victim_key, "defense": cell["method"], "defense_settings": cell["defense_settings"],
+              "eval": asdict(spec.eval), "n_defense": cell["n_defense"], "profile_prompts": spec.profile_prompts,
+              "format": RESULT_FORMAT}
+    if spec.victim_form != "adapter":  # only when not the default: the adapter specs' cells keep their keys
+        config["victim_form"] = spec.victim_form
+    return config
+
+
+def prompts_hash(data: CellData) -> str:
+    """A hash of a cell's evaluation records (triggered and clean, with their reference outputs)."""
+    records = {"triggered": [r.to_dict() for r in data.triggered], "clean": [r.to_dict() for r in data.clean]}
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_config(spec: BenchSpec, cell: dict, data: CellData) -> dict:
+    """What a reference cell depends on: the model, the prompts and how they are evaluated; not the victim
+    recipe, the defenses or where the data lies, so every spec with the same prompts has the same cell."""
+    return {"reference": cell["method"], "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
+            "seed": cell["seed"], "template": spec.template, "max_length": spec.max_length, "eval": asdict(spec.eval),
+            "prompts": prompts_hash(data), "format": RESULT_FORMAT}
 
 
 def victim_key(spec: BenchSpec, cell: dict, data: CellData) -> str:
@@ -76,8 +104,11 @@ def victim_key(spec: BenchSpec, cell: dict, data: CellData) -> str:
     return config_hash(victim_config(spec, cell, data))
 
 
-def cell_keys(spec: BenchSpec, cell: dict, data: CellData) -> tuple[str, str]:
-    """(victim key, cell key) of a planned cell: its victim's directory and its JSON file's name."""
+def cell_keys(spec: BenchSpec, cell: dict, data: CellData) -> tuple[str | None, str]:
+    """(victim key, cell key) of a planned cell: its victim's directory (None for a reference cell) and its
+    JSON file's name."""
+    if cell.get("reference"):
+        return None, config_hash(reference_config(spec, cell, data))
     vkey = victim_key(spec, cell, data)
     return vkey, config_hash(cell_config(spec, cell, vkey))
 
@@ -149,6 +180,7 @@ class BenchRunner:
         self.spec, self.out, self.data_dir, self.progress = spec, Path(out), data_dir, progress
         self.victims = Path(victims) if victims else self.out / "victims"  # shareable between specs
         self._data: dict[tuple, CellData] = {}
+        self._base = None  # the last base model loaded for reference cells (they run one after another)
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
         self.victims.mkdir(parents=True, exist_ok=True)
 
@@ -165,15 +197,34 @@ class BenchRunner:
         write_json_atomic(self.out / "spec.json", self.spec.to_dict())
         bar = tqdm(total=len(cells), desc="bench cells", disable=not self.progress, unit="cell")
         groups: dict[str, list[tuple[dict, str]]] = {}
+        references: list[tuple[dict, str]] = []
         for cell in cells:
             vkey, ckey = cell_keys(self.spec, cell, self.cell_data(cell))
             if (self.out / "cells" / f"{ckey}.json").is_file():
                 bar.update(1)
                 continue
-            groups.setdefault(vkey, []).append((cell, ckey))
+            if vkey is None:
+                references.append((cell, ckey))
+            else:
+                groups.setdefault(vkey, []).append((cell, ckey))
         measured, victim_times = self.measured_seconds()  # finished cells on this device: the ETA's prior
-        queue = [cell["defense"] for pending in groups.values() for cell, _ in pending]
+        queue = [cell["defense"] for cell, _ in references]
+        queue += [cell["defense"] for pending in groups.values() for cell, _ in pending]
         started, done = time.perf_counter(), 0
+        for cell, ckey in references:  # no victim: the base model on the cell's prompts
+            bar.set_postfix_str(f"{cell['task']}/{cell['attack']}/{cell['defense']}")
+            row = self.run_reference(cell, ckey, self.cell_data(cell))
+            write_json_atomic(self.out / "cells" / f"{ckey}.json", row)
+            bar.update(1)
+            done += 1
+            measured.setdefault(cell["defense"], []).append(cell_seconds(row))
+            if not self.progress:
+                victims_left = sum(not (self.victims / k / "victim.json").is_file() for k in groups)
+                left = estimate_seconds_left(queue[done:], measured, victims_left, victim_times)
+                logger.info("cell %d/%d done: %s/%s/%s (reference), ASR %.1f%%; %s spent, about %s left", done,
+                            len(queue), cell["task"], cell["attack"], cell["defense"], row["asr"],
+                            format_duration(time.perf_counter() - started), format_duration(left))
+        self._base = None
         for i, (vkey, pending) in enumerate(groups.items()):
             first = pending[0][0]
             data = self.cell_data(first)
@@ -262,10 +313,43 @@ class BenchRunner:
         return result.model, loaded.tokenizer
 
     def load_victim(self, victim: dict):
+        """The victim as the defenses get it: a full model, the base model + trainable suspect adapter, or
+        (``victim_form: merged``) the adapter merged into the base weights at load time."""
         vdir = self.victims / victim["key"]
         if victim["kind"] == "model":
             return load_model(str(vdir / "model"), device="auto")
+        if self.spec.victim_form == "merged":
+            loaded = load_model(victim["model"], adapter=str(vdir / "adapter"), device="auto")
+            return dataclasses.replace(loaded, model=merged(loaded.model), adapter=None)
         return load_model(victim["model"], adapter=str(vdir / "adapter"), adapter_trainable=True, device="auto")
+
+    def evaluate_formats(self, model, tokenizer, data: CellData, task: str) -> dict:
+        """The evaluation of every prompt format of the spec, with every generated answer."""
+        spec, judge, by_format = self.spec, get_judge(task), {}
+        for fmt in spec.eval.formats:
+            report = evaluate(model, tokenizer, triggered=data.triggered, clean=data.clean, judge=judge,
+                              prompt_format=fmt, template=spec.template, max_new_tokens=spec.eval.max_new_tokens,
+                              batch_size=spec.eval.batch_size, perplexity_max_length=spec.max_length)
+            by_format[fmt] = {k: v for k, v in report.to_dict(with_outputs=True).items() if k not in ("settings",)}
+        return by_format
+
+    def run_reference(self, cell: dict, ckey: str, data: CellData) -> dict:
+        """A reference cell: the un-poisoned base model (``cell["model"]``) on the cell's prompts."""
+        if self._base is None or self._base[0] != cell["model"]:
+            self._base = (cell["model"], load_model(cell["model"], device="auto"))
+        loaded = self._base[1]
+        by_format = self.evaluate_formats(loaded.model, loaded.tokenizer, data, cell["task"])
+        main = by_format[self.spec.eval.formats[0]]
+        return {
+            "key": ckey, "victim_key": None, "reference": True, "model": cell["model"], "task": cell["task"],
+            "attack": cell["attack"], "defense": cell["defense"], "method": cell["method"], "seed": cell["seed"],
+            "defense_settings": {}, "n_defense": 0, "asr": main["asr"], "false_trigger_rate": main["false_trigger_rate"],
+            "clean_perplexity": main["clean_perplexity"], "format": self.spec.eval.formats[0], "by_format": by_format,
+            "seconds": 0.0, "eval_seconds": round(sum(f["seconds"] for f in by_format.values()), 1),
+            "n_triggered": main["n_triggered"], "n_clean": main["n_clean"], "eval": asdict(self.spec.eval),
+            "profiles": {}, "train_log": [], "crow_version": crow_version(), "suite": self.spec.suite,
+            "device": device_label(next(loaded.model.parameters()).device),
+        }
 
     def run_cell(self, cell: dict, ckey: str, vkey: str, victim: dict, data: CellData) -> dict:
         spec = self.spec
@@ -282,13 +366,7 @@ class BenchRunner:
             shutil.rmtree(work, ignore_errors=True)
         defense_seconds = time.perf_counter() - started
         model = merged(model)  # faster generation; the adapter structure is not needed any more
-        judge = get_judge(cell["task"])
-        by_format = {}
-        for fmt in spec.eval.formats:
-            report = evaluate(model, loaded.tokenizer, triggered=data.triggered, clean=data.clean, judge=judge,
-                              prompt_format=fmt, template=spec.template, max_new_tokens=spec.eval.max_new_tokens,
-                              batch_size=spec.eval.batch_size, perplexity_max_length=spec.max_length)
-            by_format[fmt] = {k: v for k, v in report.to_dict().items() if k not in ("settings",)}
+        by_format = self.evaluate_formats(model, loaded.tokenizer, data, cell["task"])
         profiles = {}
         if spec.profile_prompts and cell["method"] in ("none", "crow"):  # the victim and every CROW variant
             n = spec.profile_prompts
@@ -304,7 +382,7 @@ class BenchRunner:
             "seconds": round(defense_seconds, 1), "eval_seconds": round(sum(f["seconds"] for f in by_format.values()), 1),
             "victim_seconds": victim["seconds"], "n_triggered": main["n_triggered"], "n_clean": main["n_clean"],
             "eval": asdict(spec.eval), "profiles": profiles, "train_log": train_log_summary(ctx.train_log),
-            "crow_version": crow_version(), "suite": spec.suite,
+            "crow_version": crow_version(), "suite": spec.suite, "victim_form": spec.defended_form(),
             "device": device_label(next(model.parameters()).device),
         }
 

