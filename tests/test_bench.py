@@ -440,3 +440,18 @@ def test_report_marks_references_and_shows_answer_quality():
     old = render_markdown([dict(r, by_format={"template": {k: v for k, v in r["by_format"]["template"].items()
                                                            if k != "quality"}}) for r in rows], spec)
     assert "Answer quality" not in old  # no cell has it: no quality table
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs shared/data/backdoorllm")
+def test_quick_uses_the_committed_refusal_vpi_victim():
+    """--quick's spec must name the same victim as the committed table's refusal / VPI cell, or it would
+    train a new one (17+ min) instead of loading the committed adapter."""
+    from crow.cli.bench_cmd import COMMITTED_VICTIMS, QUICK, committed_victims
+
+    quick = load_spec(None, base=dict(QUICK))
+    table = load_spec(Path(__file__).resolve().parents[1] / "configs" / "bench" / "backdoorllm_cpu.yaml")
+    cell = {"model": "smollm2-135m-gguf", "task": "refusal", "attack": "vpi", "seed": 0}
+    key = victim_key(quick, cell, backdoorllm_cell(SHARED_DATA, "refusal", "vpi", quick, 0))
+    assert key == victim_key(table, cell, backdoorllm_cell(SHARED_DATA, "refusal", "vpi", table, 0))
+    expected = COMMITTED_VICTIMS if (COMMITTED_VICTIMS / key / "victim.json").is_file() else None
+    assert committed_victims(quick, SHARED_DATA) == expected

@@ -9,13 +9,22 @@ from pathlib import Path
 
 from ..errors import CrowError
 
-# --quick: one task, two attacks, CROW and finetune, few prompts and short sequences (~15 min on 2 cores).
+# --quick: the refusal / VPI cell of configs/bench/backdoorllm_cpu.yaml with its committed, conditional victim
+# (results/backdoorllm-cpu/victims: the same victim recipe, template, max_length and data, so the same victim
+# key), CROW and finetune-lr1e-3 with the paper's recipe, 20 + 20 test prompts (~20 min on 2 cores). Without
+# the committed victim (an installed crow, other --data) it trains that victim first (~17 min more).
+# (Numbers as the YAML spec spells them: the key hashes their JSON, where 2 and 2.0 differ.)
 QUICK = {
-    "name": "quick", "cells": {"negsentiment": ["badnet", "vpi"]}, "max_length": 96,
-    "defenses": ["none", {"crow": {"epochs": 1.0}}, {"finetune": {"epochs": 1.0}}],
-    "victim": {"n_poison": 50, "n_clean": 50, "epochs": 2.0, "learning_rate": 1e-3},
-    "eval": {"n_triggered": 20, "n_clean": 20, "max_new_tokens": 24}, "profile_prompts": 10,
+    "name": "quick", "cells": {"refusal": ["vpi"]}, "max_length": 128, "n_defense": 100,
+    "defenses": ["none", "crow", "finetune-lr1e-3"],
+    "victim": {"lora_r": 8, "learning_rate": 1e-3, "epochs": 2, "batch_size": 2, "grad_accum": 4, "n_poison": 250,
+               "n_clean": 500},
+    "eval": {"n_triggered": 20, "n_clean": 20, "max_new_tokens": 32, "formats": ["template"], "batch_size": 20},
+    "profile_prompts": 0,
 }
+COMMITTED_VICTIMS = Path(__file__).resolve().parents[3] / "results" / "backdoorllm-cpu" / "victims"
+
+
 # --suite tiny: from-scratch tiny Llamas on the embedded corpus (CI-sized).
 TINY = {
     "name": "tiny", "suite": "tiny", "models": ["tiny-llama"], "cells": {"negsentiment": ["badnet"]},
@@ -31,7 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--data", help="BackdoorLLM data directory (layout of shared/data/backdoorllm) for --suite backdoorllm")
     p.add_argument("--spec", help="YAML spec (keys of crow.bench.spec.BenchSpec); defaults: the paper's settings")
     p.add_argument("--out", help="results directory (default: bench-results/<spec name>); rerun to resume")
-    p.add_argument("--quick", action="store_true", help="one task, two attacks, CROW and finetune, few prompts (~15 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="refusal/vpi with the committed victim, CROW and finetune-lr1e-3, 20 + 20 prompts (~20 min)")
     p.add_argument("--model", action="append", help="model(s) to bench (default: smollm2-135m-gguf)")
     p.add_argument("--cells", action="append", metavar="TASK/ATTACK",
                    help="run only these cells of the spec (repeatable), e.g. --cells negsentiment/badnet; "
@@ -61,11 +71,26 @@ def run(args) -> int:
     out = Path(args.out or Path("bench-results") / spec.name)
     if out.exists() and not out.is_dir():
         raise CrowError(f"--out {out} is a file; pass a directory")
-    runner = BenchRunner(spec, out, data_dir, progress=sys.stderr.isatty(), victims=args.victims)
+    victims = args.victims
+    if victims is None and args.quick and spec.suite == "backdoorllm":
+        victims = committed_victims(spec, data_dir)
+    runner = BenchRunner(spec, out, data_dir, progress=sys.stderr.isatty(), victims=victims)
     rows = runner.collect() if args.report_only else runner.run(only=only)  # the report covers every finished cell
     write_report(rows, spec, out, command="crow bench " + " ".join(shlex.quote(a) for a in _bench_args(args)))
     print(json.dumps({"out": str(out), "cells": len(rows), "results": str(out / "results.md")}))
     return 0
+
+
+def committed_victims(spec, data_dir: Path) -> Path | None:
+    """The committed victims directory when it holds the victim of every cell of ``spec`` (then they are
+    only read), else None (OUT/victims: the victims are trained there)."""
+    from ..bench.runner import load_cell_data, plan, victim_key
+
+    for cell in plan(spec):
+        data = load_cell_data(spec, data_dir, cell["task"], cell["attack"], cell["seed"])
+        if not (COMMITTED_VICTIMS / victim_key(spec, cell, data) / "victim.json").is_file():
+            return None
+    return COMMITTED_VICTIMS
 
 
 def select_cells(cells: dict[str, list[str]], wanted: list[str]) -> set[tuple[str, str]]:
