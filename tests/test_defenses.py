@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from crow import CrowError
-from crow.defenses.base import DefenseContext, get_defense
+from crow.defenses import DefenseContext, get_defense
 from crow.defenses.registry import (
     NF4_CODE,
     input_feature_norms,
@@ -114,3 +114,19 @@ def test_training_defenses_continue_the_suspect_adapter(victim, tmp_path):
     after = dict(repaired.named_parameters())
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert set(before) == {n for n in after if "lora_" in n}  # the same adapter, no new one
+
+
+def test_the_interface_does_not_import_the_registry():
+    """base.py is the interface and registry.py imports it: no import runs the other way (no circle)."""
+    import ast
+    from pathlib import Path
+
+    import crow.defenses.base as base
+
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {f"{node.module or ''}.{alias.name}" if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not any("registry" in name for name in imported), imported
+    from crow.defenses import DEFENSES, get_defense
+
+    assert "crow" in DEFENSES and get_defense("none").name == "none"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.profile import layer_profile
 from ..attacks.victim import VictimRecipe, train_victim
-from ..defenses.base import DefenseContext, get_defense
+from ..defenses import DefenseContext, get_defense
 from ..evaluation.evaluate import evaluate
 from ..evaluation.judges import get_judge
 from ..models import build_tiny_model, default_device, device_label, load_model
