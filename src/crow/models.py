@@ -220,6 +220,16 @@ class LoadedModel:
     adapter: str | None = None
 
 
+def describe_source(source: str) -> str:
+    """``source`` for files that others read (crow_config.json, reports): a directory in crow's cache is
+    named without this machine's path."""
+    path = Path(source).expanduser()
+    cache = cache_dir().expanduser()
+    if path.is_absolute() and cache in path.parents:
+        return f"{path.relative_to(cache)} (in crow's cache)"
+    return source
+
+
 def _is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))

@@ -209,7 +209,7 @@ class BenchRunner:
                 result = train_victim(base.model, base.tokenizer, data.mix, recipe, output_dir=str(tmp / ".run"),
                                       disable_tqdm=not self.progress)
                 model, tokenizer, kind = result.model, base.tokenizer, "adapter"
-                save_model(model, tokenizer, tmp / "adapter")
+                save_model(model, tokenizer, tmp / "adapter", base_model=cell["model"])
             shutil.rmtree(tmp / ".run", ignore_errors=True)
             info = {"key": vkey, "kind": kind, "task": cell["task"], "attack": cell["attack"], "model": cell["model"],
                     "seed": cell["seed"], "seconds": round(time.perf_counter() - started, 1),

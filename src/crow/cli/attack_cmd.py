@@ -88,7 +88,7 @@ def _train_victim(args, mix, tmp: Path) -> dict:
                           seed=args.seed)
     loaded = load_from_args(args)
     result = train_victim(loaded.model, loaded.tokenizer, mix, recipe, output_dir=str(tmp / ".victim-run"))
-    save_model(result.model, loaded.tokenizer, tmp / "victim")
+    save_model(result.model, loaded.tokenizer, tmp / "victim", base_model=args.model)
     shutil.rmtree(tmp / ".victim-run", ignore_errors=True)
     return {"model": args.model, "recipe": recipe.to_dict(), "seconds": result.seconds,
             "optimizer_steps": result.global_step}
