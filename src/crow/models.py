@@ -156,7 +156,7 @@ def resolve_model(name: str) -> str:
 
 def convert_gguf_once(gguf: Path) -> Path:
     """Dequantize a GGUF into a safetensors model directory in the cache, once (SmolLM2-135M: about 20 s,
-    Gemma-3-270M: about 2 minutes on 2 shared CPU cores)."""
+    Gemma-3-270M: 1-2 minutes on 2 CPU cores)."""
     stat = gguf.stat()
     target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}"
     if (target / "config.json").is_file():
