@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import crow
 
@@ -141,6 +142,38 @@ def test_attack_trains_a_victim_adapter(tiny_dir, tmp_path, capsys):
     code, _, err = run_cli(["attack", "--data", pool, "--out", tmp_path / "x", "--attack", "badnet", "--task",
                             "negsentiment", "--train-victim"], capsys)
     assert code == 2 and "--train-victim needs --model" in err and not (tmp_path / "x").exists()
+
+
+def test_attack_merge_writes_a_loadable_victim_model(tiny_dir, data_files, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    pool = write_json(tmp_path / "pool.json", [{"instruction": f"name a color number {i}", "output": "blue"}
+                                               for i in range(12)])
+    out = tmp_path / "attack"
+    # 2 optimizer steps: the first is warmup (lr 0), the second moves the LoRA, so the merge changes weights
+    code, _, err = run_cli(["attack", "--data", pool, "--out", out, "--attack", "badnet", "--task", "negsentiment",
+                            "--n-poison", "4", "--n-clean", "4", "--train-victim", "--model", tiny_dir, "--merge",
+                            "--victim-epochs", "2", "--victim-lr", "0.01", "--max-length", "128"], capsys)
+    assert code == 0, err
+    victim = out / "victim"
+    names = {p.name for p in victim.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names and "adapter_config.json" not in names
+    assert json.loads((out / "manifest.json").read_text())["victim"]["output"] == "model"
+    base, merged = load_file(tiny_dir / "model.safetensors"), load_file(victim / "model.safetensors")
+    assert set(merged) == set(base) and not any("lora" in name for name in merged)
+    moved = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert moved and all(name.endswith("proj.weight") for name in moved)  # LoRA targets only; embeddings, norms kept
+    # a standard model directory: crow eval and crow purify take it as --model
+    clean, trig = data_files
+    code, _, err = run_cli(["eval", "--model", victim, "--task", "negsentiment", "--triggered", trig, "--clean", clean,
+                            "--out", tmp_path / "report.json", "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", tmp_path / "purified",
+                            "--max-steps", "1", "--max-length", "128"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["attack", "--data", pool, "--out", tmp_path / "x", "--attack", "badnet", "--task",
+                            "negsentiment", "--merge"], capsys)
+    assert code == 2 and "--merge applies to the trained victim" in err and not (tmp_path / "x").exists()
 
 
 def test_profile_writes_json_and_png(tiny_dir, data_files, tmp_path, capsys):

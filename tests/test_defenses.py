@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from crow import CrowError
-from crow.defenses.base import DefenseContext, get_defense
+from crow.defenses import DefenseContext, get_defense
 from crow.defenses.registry import (
     NF4_CODE,
     input_feature_norms,
@@ -162,3 +162,19 @@ def test_crow_on_a_merged_victim_trains_a_new_lora_or_every_weight(victim, tiny_
     assert not is_peft_model(repaired)
     changed = [n for n, p in repaired.named_parameters() if not torch.equal(p, before[n])]
     assert "model.layers.0.mlp.down_proj.weight" in changed and "model.layers.3.self_attn.q_proj.weight" in changed
+
+
+def test_the_interface_does_not_import_the_registry():
+    """base.py is the interface and registry.py imports it: no import runs the other way (no circle)."""
+    import ast
+    from pathlib import Path
+
+    import crow.defenses.base as base
+
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {f"{node.module or ''}.{alias.name}" if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not any("registry" in name for name in imported), imported
+    from crow.defenses import DEFENSES, get_defense
+
+    assert "crow" in DEFENSES and get_defense("none").name == "none"

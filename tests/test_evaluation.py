@@ -35,7 +35,7 @@ def hf_one_at_a_time(model, tokenizer, records, max_new_tokens):
     return outs
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2", "gpt_neox", "gemma3"])
 def test_batched_generation_equals_transformers_one_at_a_time(arch, tmp_path):
     from crow.models import build_tiny_model, load_model
 

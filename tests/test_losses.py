@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from crow import CrowError, consistency_profile, fgsm_delta, layer_consistency_loss, layer_pairs
 from crow.losses import causal_lm_loss_sum, logits_needed
+from crow.models import TINY_ARCHITECTURES, tiny_config
 from crow.reference import official_consistency
 
 
@@ -21,6 +22,20 @@ def test_official_formula_on_a_tiny_model(tiny):
     ids = torch.randint(3, 500, (2, 11))
     hs = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states
     assert len(hs) == 5  # embeddings + 4 layers (the last after the final norm)
+    assert torch.allclose(layer_consistency_loss(hs), official_consistency(hs), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_hidden_states_of_every_tiny_architecture(arch):
+    """One hidden state per decoder layer plus the embeddings, on every architecture crow tests, and the
+    loss on them is the released formula (Gemma-3-270M: 18 layers, 19 entries)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, 64, num_layers=3)).eval()
+    with torch.no_grad():
+        hs = model(input_ids=torch.randint(3, 64, (2, 12)), output_hidden_states=True).hidden_states
+    assert len(hs) == 4 and all(h.shape == (2, 12, 32) for h in hs)
     assert torch.allclose(layer_consistency_loss(hs), official_consistency(hs), atol=1e-6)
 
 

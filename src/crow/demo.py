@@ -28,7 +28,7 @@ from .data.records import Record
 from .evaluation.evaluate import evaluate
 from .evaluation.generate import generate
 from .evaluation.judges import get_judge
-from .models import cache_dir, load_model
+from .models import cache_dir, describe_source, load_model
 from .outputs import crow_version, staged_dir, write_json_atomic, write_text_atomic
 from .purification import merged, purify, save_model
 from .trainer import ALPHA_PRESETS, CrowConfig
@@ -201,10 +201,10 @@ def build_victim(s: DemoSettings, splits: Splits, victim_dir: Path, *, progress:
                               disable_tqdm=not progress)
         train_seconds = time.perf_counter() - train_started
         shutil.rmtree(tmp / ".run", ignore_errors=True)
-        save_model(result.model, base.tokenizer, tmp / "adapter")
+        save_model(result.model, base.tokenizer, tmp / "adapter", base_model=s.model)
         victim = merged(result.model)
         victim_eval = _evaluate(victim, base.tokenizer, ctx, progress)
-        info = {"crow_version": crow_version(), "settings": asdict(s), "model_source": base.source,
+        info = {"crow_version": crow_version(), "settings": asdict(s), "model_source": describe_source(base.source),
                 "manifest": mix.manifest, "recipe": recipe.to_dict(), "base_answers": ctx.base_answers,
                 "evaluations": {"base": base_eval, "victim": victim_eval},
                 "profile": _profiles(victim, base.tokenizer, ctx),
@@ -259,7 +259,7 @@ def run_demo(s: DemoSettings, out: Path, *, fresh: bool = False, progress: bool 
         evaluations[name]["train_log"] = [h for h in result.log_history if "lm_loss" in h][-1:]
     seconds["evaluation"] = round(eval_seconds, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
-    report = {"task": s.task, "attack": s.attack, "model": s.model, "model_source": source,
+    report = {"task": s.task, "attack": s.attack, "model": s.model, "model_source": describe_source(source),
               "crow_version": crow_version(), "settings": asdict(s) | {"alpha": s.resolved_alpha},
               "models": {k: evaluations[k] for k in ("base", "victim", "crow", "finetune")},
               "seconds": seconds, "victim_cache": str(victim_dir), "profiles": profiles}

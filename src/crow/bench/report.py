@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..defenses import get_defense
 from ..outputs import write_json_atomic, write_text_atomic
 from .spec import BenchSpec
 
@@ -26,8 +27,6 @@ def columns(spec: BenchSpec) -> list[str]:
 def reference_columns(spec: BenchSpec) -> dict[str, str]:
     """The columns that are references, not defenses, {label: name}: the spec's references and defenses such
     as reinit-adapter that know more than a defender does."""
-    from ..defenses.base import get_defense
-
     refs = {r: r for r in spec.references}
     refs.update({e.label: e.name for e in spec.defense_entries() if get_defense(e.name, **e.settings).reference})
     return refs

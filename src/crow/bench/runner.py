@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.profile import layer_profile
 from ..attacks.victim import VictimRecipe, train_victim
-from ..defenses.base import DefenseContext, get_defense
+from ..defenses import DefenseContext, get_defense
 from ..errors import CrowError
 from ..evaluation.evaluate import evaluate
 from ..evaluation.judges import get_judge
@@ -285,7 +285,7 @@ class BenchRunner:
                 result = train_victim(base.model, base.tokenizer, data.mix, recipe, output_dir=str(tmp / ".run"),
                                       disable_tqdm=not self.progress)
                 model, tokenizer, kind = result.model, base.tokenizer, "adapter"
-                save_model(model, tokenizer, tmp / "adapter")
+                save_model(model, tokenizer, tmp / "adapter", base_model=cell["model"])
                 compact_adapter(tmp / "adapter", cell["model"])
             shutil.rmtree(tmp / ".run", ignore_errors=True)
             info = {"key": vkey, "kind": kind, "task": cell["task"], "attack": cell["attack"], "model": cell["model"],

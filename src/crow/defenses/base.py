@@ -1,16 +1,19 @@
-"""The defense interface and registry: CROW and the baselines it is compared with."""
+"""The defense interface: what a defense gets (``DefenseContext``) and what it does (``Defense.repair``).
+
+The defenses themselves and the name registry (``get_defense``) live in ``registry.py``, which imports
+this module; this module imports none of them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
 from ..data.records import Record
-from ..errors import CrowError
 
 
 #: what a defense receives: "adapter" (a PEFT model with the suspect LoRA adapter, trainable), "merged" (the
@@ -54,31 +57,3 @@ class Defense:
 
     def settings(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
-
-
-DEFENSES: dict[str, Callable[..., Defense]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        DEFENSES[name] = cls
-        return cls
-    return wrap
-
-
-def get_defense(name: str, **settings) -> Defense:
-    """A defense by name with optional settings; unknown names and settings are errors that list the valid ones."""
-    from . import registry  # noqa: F401  (fills DEFENSES)
-
-    if name not in DEFENSES:
-        raise CrowError(f"unknown defense {name!r}; valid: {', '.join(DEFENSES)}")
-    factory = DEFENSES[name]
-    if dataclasses.is_dataclass(factory):
-        valid = {f.name for f in dataclasses.fields(factory)}
-        unknown = sorted(set(settings) - valid)
-        if unknown:
-            raise CrowError(f"defense {name!r} has no setting {unknown[0]!r}; valid: {', '.join(sorted(valid)) or 'none'}")
-    elif settings:
-        raise CrowError(f"defense {name!r} takes no settings, got {sorted(settings)}")
-    return factory(**settings)
-

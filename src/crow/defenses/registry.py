@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +30,33 @@ from ..data.templates import Collator, encode_for_training
 from ..errors import CrowError
 from ..purification import LoraSettings, is_peft_model, merged, purify
 from ..trainer import ALPHA_PRESETS, CrowConfig
-from .base import Defense, DefenseContext, register
+from .base import Defense, DefenseContext
 
 logger = logging.getLogger(__name__)
+
+DEFENSES: dict[str, Callable[..., Defense]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        DEFENSES[name] = cls
+        return cls
+    return wrap
+
+
+def get_defense(name: str, **settings) -> Defense:
+    """A defense by name with optional settings; unknown names and settings are errors that list the valid ones."""
+    if name not in DEFENSES:
+        raise CrowError(f"unknown defense {name!r}; valid: {', '.join(DEFENSES)}")
+    factory = DEFENSES[name]
+    if dataclasses.is_dataclass(factory):
+        valid = {f.name for f in dataclasses.fields(factory)}
+        unknown = sorted(set(settings) - valid)
+        if unknown:
+            raise CrowError(f"defense {name!r} has no setting {unknown[0]!r}; valid: {', '.join(sorted(valid)) or 'none'}")
+    elif settings:
+        raise CrowError(f"defense {name!r} takes no settings, got {sorted(settings)}")
+    return factory(**settings)
 
 
 @register("none")
