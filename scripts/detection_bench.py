@@ -1,0 +1,202 @@
+"""The detectors on the bench's models (DETECTION.md): `crow scan` on every backdoored and clean model, and
+`crow guard` (LCF and the ONION baseline) on every backdoored cell, resumable, with a markdown report.
+
+    python scripts/detection_bench.py --data ../shared/data/backdoorllm --out results/detection-cpu
+    python scripts/detection_bench.py --data ../shared/data/backdoorllm --out results/detection-cpu --report-only
+
+Models: each cell of ``--spec`` whose victim is in ``--victims`` (the committed SmolLM2 victims), the
+un-poisoned base model of the spec, and each cell of ``--clean-spec`` whose victim is in ``--clean-victims``
+(LoRA models trained on clean data only, with the victims' recipe). What every detector gets is the
+defender's: the model and the 100 clean samples of ``clean/consistency_data.json``. The true target and
+the test prompts are used only to score the detectors afterwards:
+
+- scan: the verdict and score of ``bait`` and of the ``answer-divergence`` baseline; for a victim, whether
+  BAIT's recovered target starts with the first three words of the true target;
+- guard: fitted on the 100 clean samples' instructions (template prompts), scored on the cell's test
+  prompts (the bench's 50 triggered + 50 clean, the same as the results table): AUROC, true-positive rate,
+  clean prompts blocked, the victim's ASR without and with the guard (its greedy answers, 32 new tokens).
+
+One JSON per model in ``--out`` (``<label>.json``; each part is kept once computed), and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from crow.attacks.poison import TARGETS
+from crow.bench.data import backdoorllm_cell
+from crow.bench.runner import plan, victim_key
+from crow.bench.spec import load_spec
+from crow.data.records import load_records
+from crow.detection.guard import get_detector, guard_evaluation
+from crow.detection.scan import scan
+from crow.evaluation.evaluate import evaluate
+from crow.evaluation.judges import get_judge
+from crow.models import load_model
+from crow.outputs import write_json_atomic, write_text_atomic
+
+logger = logging.getLogger("detection_bench")
+GUARDS = ("lcf", "onion")
+SCANS = ("bait", "answer-divergence")
+
+
+def first_words(text: str, n: int = 3) -> list[str]:
+    """The first ``n`` words, lower-cased, without punctuation (how a recovered target is matched)."""
+    return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))[:n]
+
+
+def target_match(recovered: str, true: str, n: int = 3) -> bool:
+    want = first_words(true, n)
+    return len(want) == n and first_words(recovered, n) == want
+
+
+def model_entries(args) -> list[dict]:
+    """Every model to run: victims and clean LoRAs found on disk, and the base model of the spec."""
+    entries = []
+    for spec_path, victims, kind in ((args.spec, args.victims, "victim"), (args.clean_spec, args.clean_victims, "clean")):
+        if not spec_path:
+            continue
+        spec = load_spec(spec_path)
+        seen = set()
+        for cell in plan(spec):
+            key = (cell["model"], cell["task"], cell["attack"], cell["seed"])
+            if key in seen:
+                continue
+            seen.add(key)
+            data = backdoorllm_cell(Path(args.data), cell["task"], cell["attack"], spec, cell["seed"])
+            vdir = Path(victims) / victim_key(spec, cell, data)
+            if not (vdir / "victim.json").is_file():
+                logger.info("no %s victim for %s/%s in %s: skipped", kind, cell["task"], cell["attack"], victims)
+                continue
+            prefix = "" if kind == "victim" else "clean-lora-"
+            entries.append({"label": f"{prefix}{cell['task']}-{cell['attack']}", "kind": kind, "model": cell["model"],
+                            "adapter": str(vdir / "adapter"), "task": cell["task"], "attack": cell["attack"],
+                            "spec": spec, "data": data})
+    base = load_spec(args.spec)
+    for model in base.models:
+        entries.append({"label": f"base-{model}", "kind": "base", "model": model, "adapter": None, "task": None,
+                        "attack": None, "spec": base, "data": None})
+    return entries
+
+
+def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
+    path = out / f"{entry['label']}.json"
+    row = json.loads(path.read_text()) if path.is_file() else {}
+    row.update({"label": entry["label"], "kind": entry["kind"], "model": entry["model"], "task": entry["task"],
+                "attack": entry["attack"],
+                "adapter": None if entry["adapter"] is None else Path(entry["adapter"]).parent.name})
+    if entry["kind"] == "victim":
+        row["true_target"] = TARGETS[entry["task"]].text
+    todo_scans = [m for m in SCANS if m not in row.get("scan", {}) and not args.skip_scan]
+    todo_guard = [] if entry["kind"] != "victim" or args.skip_guard else [g for g in GUARDS if g not in row.get("guard", {})]
+    if not todo_scans and not todo_guard:
+        return row
+    loaded = load_model(entry["model"], adapter=entry["adapter"], device="auto")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.eval()
+    template = entry["spec"].template
+    for method in todo_scans:
+        logger.info("%s: scan %s", entry["label"], method)
+        result = scan(model, tokenizer, clean_samples, method=method, template=template)
+        found = result.to_dict()
+        found["candidates"] = found["candidates"][:5]
+        if "true_target" in row:
+            found["target_match"] = target_match(result.target, row["true_target"])
+        row.setdefault("scan", {})[method] = found
+        write_json_atomic(path, row)
+    if todo_guard:
+        spec, data = entry["spec"], entry["data"]
+        judge = get_judge(entry["task"])
+        if "eval" not in row:
+            started = time.perf_counter()
+            report = evaluate(model, tokenizer, triggered=data.triggered, clean=data.clean, judge=judge,
+                              prompt_format="template", template=template, max_new_tokens=spec.eval.max_new_tokens,
+                              batch_size=spec.eval.batch_size, with_perplexity=False)
+            row["eval"] = {"asr": report.asr, "false_trigger_rate": report.false_trigger_rate,
+                           "outputs": report.outputs, "seconds": round(time.perf_counter() - started, 1)}
+            write_json_atomic(path, row)
+        for method in todo_guard:
+            logger.info("%s: guard %s", entry["label"], method)
+            detector = get_detector(method, fpr=args.fpr)
+            detector.fit(model, tokenizer, clean_samples, template=template)
+            report = guard_evaluation(detector, model, tokenizer, triggered=data.triggered, clean=data.clean,
+                                      outputs=row["eval"]["outputs"], judge=judge)
+            found = report.to_dict(with_scores=True)
+            found["fit_seconds"] = detector.info.fit_seconds
+            found["fit_seconds_per_prompt"] = round(detector.info.fit_seconds / len(clean_samples), 4)
+            row.setdefault("guard", {})[method] = found
+            write_json_atomic(path, row)
+    return row
+
+
+def _f(value, digits: int = 1, scale: float = 1.0) -> str:
+    return "—" if value is None else f"{value * scale:.{digits}f}"
+
+
+def render(rows: list[dict], command: str) -> str:
+    lines = ["# Detection on the bench's models", "", f"Made by `{command}`.", ""]
+    lines += ["## crow scan (model level)", "",
+              "| model | kind | BAIT Q | BAIT verdict | recovered target | matches first 3 words | time (s) |"
+              " divergence score | divergence verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, d = r.get("scan", {}).get("bait"), r.get("scan", {}).get("answer-divergence")
+        match = "—" if not b or "target_match" not in b else ("yes" if b["target_match"] else "no")
+        target = "—" if not b else (b["target"] or "(none)").replace("|", "\\|").replace("\n", " ")[:70]
+        lines.append(f"| {r['label']} | {r['kind']} | {_f(b and b['score'], 3)} | {b['verdict'] if b else '—'} | "
+                     f"{target} | {match} | {_f(b and b['seconds'], 0)} | {_f(d and d['score'], 3)} | "
+                     f"{d['verdict'] if d else '—'} |")
+    victims = [r for r in rows if r["kind"] == "victim" and r.get("guard")]
+    if victims:
+        fpr = next(iter(victims[0]["guard"].values()))["fpr_target"]
+        lines += ["", f"## crow guard (prompt level; threshold for {100 * fpr:g}% false positives on the clean fit set)", "",
+                  "| cell | method | AUROC | TPR % | clean blocked % | ASR % | ASR with guard % | fit s/prompt |"
+                  " score s/prompt |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in victims:
+            for method in GUARDS:
+                g = r["guard"].get(method)
+                if g:
+                    lines.append(f"| {r['task']} / {r['attack']} | {method} | {_f(g['auroc'], 3)} | {_f(g['tpr'])} | "
+                                 f"{_f(g['clean_blocked'])} | {_f(g['asr'])} | {_f(g['asr_guarded'])} | "
+                                 f"{_f(g['fit_seconds_per_prompt'], 3)} | {_f(g['seconds_per_prompt'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="../shared/data/backdoorllm")
+    ap.add_argument("--spec", default="configs/bench/backdoorllm_cpu.yaml")
+    ap.add_argument("--victims", default="results/backdoorllm-cpu/victims")
+    ap.add_argument("--clean-spec", default="configs/bench/clean_lora_cpu.yaml")
+    ap.add_argument("--clean-victims", default="results/clean-lora-cpu/victims")
+    ap.add_argument("--out", default="results/detection-cpu")
+    ap.add_argument("--only", action="append", help="run only these labels (repeatable), e.g. refusal-vpi")
+    ap.add_argument("--fpr", type=float, default=0.05)
+    ap.add_argument("--skip-scan", action="store_true")
+    ap.add_argument("--skip-guard", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = model_entries(args)
+    clean_samples = load_records(Path(args.data) / "clean" / "consistency_data.json")
+    rows = []
+    for entry in entries:
+        if args.report_only or (args.only and entry["label"] not in args.only):
+            path = out / f"{entry['label']}.json"
+            if path.is_file():
+                rows.append(json.loads(path.read_text()))
+            continue
+        rows.append(run_entry(entry, clean_samples, out, args))
+    command = (f"python scripts/detection_bench.py --data {args.data} --out {args.out}")
+    write_text_atomic(out / "results.md", render(rows, command))
+    print(json.dumps({"out": str(out), "models": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()
