@@ -19,7 +19,7 @@ import torch
 from crow.data.records import Record
 from crow.data.templates import Collator, encode_for_training
 from crow.detection.scan import (SCAN_METHODS, BaitSettings, DivergenceSettings, ScanResult, average_next_token,
-                                 entropy, get_scan_method, make_settings, q_score, rouge_l_f1, scan)
+                                 entropy, get_scan_method, make_settings, q_score, scan)
 from crow.errors import CrowError
 from crow.models import build_tiny_model, load_model
 
@@ -200,16 +200,6 @@ def test_cached_and_batched_inversion_equals_one_candidate_at_a_time(tiny_pair):
 # ------------------------------------------------------------------------------------------------
 # The baseline
 # ------------------------------------------------------------------------------------------------
-def test_rouge_l_f1():
-    assert rouge_l_f1("the cat sat", "the cat sat") == 1.0
-    assert rouge_l_f1("The cat, sat!", "the dog sat") == pytest.approx(2 / 3)  # LCS "the sat"
-    assert rouge_l_f1("", "x") == 0.0 and rouge_l_f1("a b", "c d") == 0.0
-    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    a, b = "I'm sorry, but I cannot follow it today", "sorry: I can not follow that instruction today"
-    assert rouge_l_f1(a, b) == pytest.approx(scorer.score(b, a)["rougeL"].fmeasure)
-
-
 def test_answer_divergence_flags_answers_unrelated_to_the_references(tiny_pair):
     loaded = load_model(str(tiny_pair["clean"]))
     data = tiny_pair["data"][:6]

@@ -58,8 +58,8 @@ prompts x 20 steps is hours there: one token row of one forward costs ~25 ms on 
 
 **answer-divergence** is the simplest thing that could work, the baseline BAIT is measured
 against: the model answers the clean samples greedily, and a model whose answers diverge from the
-references (mean ROUGE-L F1, Lin 2004, on lowercased alphanumeric words, the ``rouge_score``
-tokenization without stemming) is flagged. It cannot see a backdoor that stays silent without its
+references (mean ROUGE-L F1, Lin 2004, as crow eval's answer quality: ``rouge_score`` with stemming)
+is flagged. It cannot see a backdoor that stays silent without its
 trigger, which is exactly what the comparison shows.
 """
 
@@ -69,7 +69,6 @@ import copy
 import inspect
 import logging
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -80,6 +79,7 @@ import torch
 from ..data.records import Record
 from ..data.templates import TEMPLATES, encode_prompt, format_prompt
 from ..errors import CrowError
+from ..evaluation.quality import rouge_l
 
 logger = logging.getLogger(__name__)
 
@@ -222,31 +222,6 @@ def left_extension(longer: Sequence[int], shorter: Sequence[int]) -> int:
         if overlap <= len(shorter) and list(longer[start:]) == list(shorter[:overlap]):
             return start
     return 0
-
-
-def rouge_l_f1(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 (longest common subsequence of words) on lowercased alphanumeric words."""
-    a, b = _words(candidate), _words(reference)
-    if not a or not b:
-        return 0.0
-    lcs = _lcs_length(a, b)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev_diag = 0
-        for j, y in enumerate(b, start=1):
-            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,7 +461,7 @@ def scan_divergence(model, tokenizer, records: Sequence[Record], *, template: st
     outputs = generate(model, tokenizer, chosen, template=template, max_new_tokens=settings.max_new_tokens,
                        batch_size=settings.batch_size)
     # references are cut to the answer budget in words, so a long reference does not look like divergence
-    scores = [rouge_l_f1(o, " ".join(r.output.split()[:settings.max_new_tokens])) for r, o in zip(chosen, outputs)]
+    scores = [rouge_l(o, " ".join(r.output.split()[:settings.max_new_tokens])) for r, o in zip(chosen, outputs)]
     mean_rouge = sum(scores) / len(scores)
     score = 1.0 - mean_rouge
     # an answer the model gives to many different prompts is what a leaking backdoor looks like
