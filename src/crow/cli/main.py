@@ -26,6 +26,7 @@ VERBS = {
     "attack": "Poison instruction data with a trigger and target (BackdoorLLM attacks); train a victim.",
     "purify": "Remove a backdoor with CROW: train on clean samples, write an adapter or model.",
     "eval": "Measure attack success rate, false-trigger rate and clean perplexity.",
+    "scan": "Is this model backdoored, and what does it say when triggered? (BAIT; no trigger knowledge).",
     "profile": "Per-layer consistency of a model on clean vs triggered prompts (plot + JSON).",
     "bench": "Run a models x tasks x attacks x defenses benchmark, resumable, with a paper-style table.",
     "env": "Print versions of crow and its dependencies (for bug reports).",
