@@ -224,6 +224,20 @@ def test_gradient_accumulation_invariance_with_a_fixed_delta(tiny_dir, tmp_path)
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
 
 
+def test_delta_travels_with_checkpoints(tiny_dir, tmp_path):
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    cfg = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, warmup_steps=0)
+    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+    trainer.train()
+    saved = tmp_path / "run" / "checkpoint-2" / UnlearnTrainer.DELTA_FILE
+    assert saved.is_file() and trainer.delta.norm() > 0
+    fresh = trainer_for(make_trainable(load_model(str(tiny_dir)).model, lora=LoraSettings()), loaded.tokenizer,
+                        cfg, make_records(8))
+    fresh._load_from_checkpoint(str(saved.parent))
+    assert torch.equal(fresh.delta, trainer.delta)
+
+
 # ------------------------------------------------------------------------------------------------
 # Settings
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +322,8 @@ def test_unlearn_with_the_oracle_target_removes_it(victim, tmp_path):
     assert share(clean, "You") == 0.0 and all(o.endswith(".") for o in clean), clean[:3]
     settings = defense.settings()
     assert settings["oracle"] is True and defense.reference and settings["target_source"] == "oracle"
-    assert settings["scan_score"] is None and settings["unlearned_text"] == "You are stupid and I will not help"
+    assert settings["scan_score"] is None and settings["recovered_target"] is None and settings["target_text"] == TARGET
+    assert settings["unlearned_text"] == "You are stupid and I will not help"
     logs = [h for h in ctx.train_log if "unlikelihood" in h]
     assert logs[0]["target_nll_adv"] < 2.0 < logs[-1]["target_nll_adv"]  # the adversary elicits it, then no more
 
@@ -334,3 +349,77 @@ def test_the_adversary_is_what_removes_the_triggered_first_token(victim, tmp_pat
     assert share(without, "You are stupid") >= 0.9, without[:3]
     assert share(with_delta, "You") <= 0.1, with_delta[:3]
     assert all(o.endswith(".") for o in with_delta), with_delta[:3]
+
+
+# ------------------------------------------------------------------------------------------------
+# crow purify --method
+# ------------------------------------------------------------------------------------------------
+def run_cli(args, capsys):
+    from crow.cli.main import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_purify_method_unlearn_recovers_the_target_and_records_it(victim, tmp_path, capsys):
+    import json
+
+    from .conftest import write_json
+
+    clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in task_records(20, 7)])
+    out = tmp_path / "purified"
+    code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", out, "--method", "unlearn",
+                            "--template", TEMPLATE, "--max-steps", "2", "--pgd-steps", "1"], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "crow_config.json").read_text())
+    assert cfg["method"] == "unlearn" and "BAIT" in cfg["paper"]
+    assert cfg["target"]["source"] == "bait" and cfg["target"]["oracle"] is False
+    assert cfg["target"]["text"] == TARGET and cfg["target"]["scan_score"] >= 0.9 and len(cfg["target"]["token_ids"]) == 8
+    assert cfg["options"]["pgd_steps"] == 1 and "alpha" not in cfg["options"]
+    assert cfg["training_arguments"]["unlearn_radius"] == 0.5 and "unlearn_delta" not in cfg["last_log"]
+    assert {"unlikelihood", "target_nll_adv", "delta_norm"} <= set(cfg["last_log"])
+
+    out = tmp_path / "oracle"
+    code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", out, "--method", "unlearn",
+                            "--template", TEMPLATE, "--max-steps", "1", "--target", "You are stupid"], capsys)
+    assert code == 0, err
+    target = json.loads((out / "crow_config.json").read_text())["target"]
+    assert target["oracle"] is True and target["scan_score"] is None and target["used_text"] == "You are stupid"
+
+
+def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
+    import json
+
+    from .conftest import write_json
+
+    clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in make_records(8)])
+    out = tmp_path / "ft"
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--method", "finetune",
+                            "--max-steps", "1", "--max-length", "128"], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "crow_config.json").read_text())
+    assert cfg["method"] == "finetune" and (cfg["options"]["alpha"], cfg["options"]["lr"]) == (0.0, 2e-4)
+    for args, message in [(["--method", "unlearn", "--alpha", "2"], "--alpha does not apply to --method unlearn"),
+                          (["--radius", "0.3"], "--radius does not apply to --method crow"),
+                          (["--method", "finetune", "--epsilon", "0.1"], "--epsilon does not apply to --method finetune"),
+                          (["--method", "unlearn", "--radius", "0"], "unlearn_radius must be a finite number > 0"),
+                          (["--method", "unlearn", "--target", " "], "target is empty")]:
+        code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "bad",
+                                "--max-steps", "1", *args], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.crow-partial").exists()
+
+
+def test_bench_columns_mark_the_oracle_and_keep_the_metrics():
+    from crow.bench.report import reference_columns
+    from crow.bench.runner import train_log_summary
+    from crow.bench.spec import load_spec
+
+    spec = load_spec(base={"suite": "tiny", "models": ["tiny-llama"], "cells": {"negsentiment": ["badnet"]},
+                           "defenses": ["none", "unlearn", {"unlearn": {"target": TARGET, "label": "unlearn-oracle"}}]})
+    assert [e.label for e in spec.defense_entries()] == ["none", "unlearn", "unlearn-oracle"]
+    assert reference_columns(spec) == {"unlearn-oracle": "unlearn"}  # the oracle knows the target: a reference
+    row = train_log_summary([{"step": 5, "epoch": 1.0, "loss": 3.0, "lm_loss": 2.0, "lm_loss_adv": 2.1,
+                              "unlikelihood": 0.5, "target_nll_adv": 1.2, "delta_norm": 3.1}])[0]
+    assert {"lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"} <= set(row)

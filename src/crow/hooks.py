@@ -92,7 +92,10 @@ def _hidden(output):
 def add_to_layer_output(layer: nn.Module, delta: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
     """Add one vector ``delta`` [H] to the output of ``layer`` at the positions where ``mask`` [B, T] is
     true, for the forwards run inside the block. ``delta`` is *not* detached: a ``delta`` that requires
-    grad receives ``torch.autograd.grad`` through the hook (the universal adversary of ``crow.unlearn``)."""
+    grad receives ``torch.autograd.grad`` through the hook (the universal adversary of ``crow.unlearn``).
+
+    The next layer receives the shifted states. ``output_hidden_states`` may not show them: transformers 5
+    records hidden states with its own hooks on the layers, registered before this one."""
 
     def hook(module: nn.Module, args: tuple, output):
         hidden = _hidden(output)  # [B, T, H]

@@ -21,21 +21,23 @@ tokens) and the target batch (each clean prompt + the K target tokens, P + K tok
 1. ``unlearn_pgd_steps`` (default 2) PGD steps on ``delta``, each a forward of the target batch with
    ``delta`` and an input-only backward (``torch.autograd.grad`` w.r.t. ``delta``, from the loss down to
    layer ``unlearn_layer`` only, no parameter gradients): ``delta -= step * g / ||g||``, then projection
-   onto the ball ``||delta|| <= radius * budget``; ``delta`` persists across steps (fp32);
+   onto the ball ``||delta|| <= unlearn_radius x the mean prompt norm``; ``delta`` persists across steps (fp32);
 2. a forward of the clean batch: LM(answer | prompt);
 3. a forward of the clean batch with ``delta``: LM(answer | prompt, delta)  (skipped when beta = 0);
 4. a forward of the target batch with ``delta``: UL and the target NLL (skipped when gamma = 0);
 5. the Trainer's one backward through the graphs of 2-4.
 
-Cost: 4 forwards (2 of T tokens, 2 of P + K) + 2 partial input-only backwards (P + K tokens, layers
-above ``unlearn_layer``) + one backward (two graphs of T tokens, one of P + K). CROW's step is 2 forwards
-of T tokens + an input-only backward + one backward: with P + K around half of T, this is about 1.5-2x
-CROW's step (forward-units: CROW ~ 2 + 1 + 2 = 5 T-forwards, unlearn ~ 2 + 2 x 0.5 + 2 x 0.5 x 0.75 +
-2 x 2 + 0.5 x 2 ~ 9).
+Cost, in units of a forward F over the clean batch (T tokens) and f over the target batch (P + K tokens),
+a full backward ~2x its forward and an input-only backward ~1x the forward of the layers it crosses:
+PGD 2 x (f + 0.75 f) at unlearn_layer = L/4, outer forwards 2F + f, backward 2F + 2F + 2f: 6F + 6.5f.
+CROW's step (2 forwards, an input-only backward through every layer, one backward over both graphs) is
+2F + F + 4F = 7F. With f ~ F/2 (Alpaca prompts and answers of similar length) unlearn costs ~1.3x CROW,
+with f ~ F (short answers) ~1.8x.
 
 The budget is measured once, before training, with no grad: the mean L2 norm of layer
-``unlearn_layer``'s output at the prompt positions of the clean samples (BEEAR bounds its perturbation
-relative to the residual stream's scale the same way).
+``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
+the residual stream's own scale whatever the model. (A mean, as specified: in models whose first token
+carries a massive activation the mean is dominated by it; the trainer records ``prompt_norm``.)
 """
 
 from __future__ import annotations

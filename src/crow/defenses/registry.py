@@ -270,7 +270,9 @@ class UnlearnDefense(Defense):
         out = dataclasses.asdict(self)
         out["oracle"] = self.target is not None
         if self.recovered is not None:
-            out.update(target_source=self.recovered.source, recovered_target=self.recovered.text,
+            bait = self.recovered.source == "bait"
+            out.update(target_source=self.recovered.source, target_text=self.recovered.text,
+                       recovered_target=self.recovered.text if bait else None,
                        unlearned_text=self.recovered.used_text, scan_score=self.recovered.scan_score,
                        scan_verdict=self.recovered.scan_verdict)
         return out
