@@ -101,7 +101,8 @@ class _StopOnSignal(TrainerCallback):
 class MetricsProgress(ProgressCallback):
     """The Trainer's progress bar, with CROW's metrics as its postfix instead of dicts on stdout."""
 
-    SHOWN = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed")
+    SHOWN = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed", "lm_loss_adv", "unlikelihood",
+             "target_nll_adv")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -181,12 +182,16 @@ def purify(
     resume_from_checkpoint: str | bool | None = None,
     handle_signals: bool = False,
     callbacks: Sequence[TrainerCallback] = (),
+    trainer_cls: type | None = None,
+    trainer_kwargs: dict | None = None,
 ) -> PurifyResult:
     """Run CROW on ``records`` (clean samples; the paper uses 100) and return the trained model.
 
     ``config`` defaults to the paper's recipe (``CrowConfig()``). With ``handle_signals`` a SIGTERM or
     SIGINT saves a checkpoint under ``config.output_dir`` and raises ``Interrupted``; pass
-    ``resume_from_checkpoint`` to continue from it.
+    ``resume_from_checkpoint`` to continue from it. ``trainer_cls`` (default ``CrowTrainer``) and
+    ``trainer_kwargs`` run another crow trainer the same way (``crow.unlearn.UnlearnTrainer`` with its
+    ``UnlearnConfig`` and ``target_ids``).
     """
     from transformers import set_seed
 
@@ -199,8 +204,9 @@ def purify(
             model.enable_input_require_grads()
     dataset = build_dataset(records, tokenizer, template=template, max_length=max_length)
     stopper = _StopOnSignal()
-    trainer = CrowTrainer(model=model, args=config, train_dataset=dataset,
-                          data_collator=Collator(tokenizer.pad_token_id), callbacks=[stopper, *callbacks])
+    trainer = (trainer_cls or CrowTrainer)(model=model, args=config, train_dataset=dataset,
+                                           data_collator=Collator(tokenizer.pad_token_id),
+                                           callbacks=[stopper, *callbacks], **(trainer_kwargs or {}))
     quiet_trainer_output(trainer)
     started = time.perf_counter()
     previous = {}
@@ -258,12 +264,13 @@ def name_base_model(adapter_dir: Path, name: str) -> None:
 
 
 def settings_dict(config: CrowConfig) -> dict:
-    """The settings worth recording from a CrowConfig (crow_* and the recipe's Trainer fields)."""
+    """The settings worth recording from a CrowConfig or another method's config (its crow_* / unlearn_*
+    fields and the recipe's Trainer fields)."""
     keep = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
             "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed",
             "bf16", "fp16", "gradient_checkpointing", "max_grad_norm", "optim")
     d = asdict(config)
-    out = {k: v for k, v in d.items() if k.startswith("crow_")}
+    out = {k: v for k, v in d.items() if k.startswith(("crow_", "unlearn_"))}
     out.update({k: d[k] for k in keep if k in d})
     return {k: (getattr(v, "value", None) or str(v) if not isinstance(v, (int, float, str, bool, type(None), list, dict))
                 else v) for k, v in out.items()}

@@ -45,7 +45,53 @@ ALPHA_PRESETS: dict[str, float] = {"negsentiment": 5.5, "refusal": 11.0, "codein
 
 
 @dataclass
-class CrowConfig(TrainingArguments):
+class RecipeConfig(TrainingArguments):
+    """The Trainer defaults of the official CROW recipe (Min et al., ICML 2025, Sec. 5 / the released
+    scripts), shared by every crow trainer (``CrowConfig``, ``crow.unlearn.UnlearnConfig``): a method's
+    config subclasses it and adds only its own prefixed fields."""
+
+    # --- the official recipe, as Trainer defaults ---
+    learning_rate: float = field(default=1e-3, metadata={"help": "Paper: 1e-3 (LoRA)."})
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Paper: 5 epochs over 100 clean samples."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Paper: 2."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Paper: 4 (effective batch 8)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Paper: warmup ratio 0.1 (a float < 1 is a ratio)."})
+    logging_steps: float = field(default=5, metadata={"help": "Log the method's metrics every N optimizer steps."})
+    save_strategy: str = field(default="no", metadata={"help": "crow purify saves the final adapter itself."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "No tracker unless asked."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep crow's tokenized columns."})
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = "crow_output"
+        if not self.use_cpu and not _has_accelerator():
+            # On a machine with no accelerator, say so: under torchrun / accelerate launch the Trainer
+            # then starts gloo DDP over the CPU processes instead of training each process alone.
+            self.use_cpu = True
+        super().__post_init__()
+        self.validate()
+        if self.gradient_checkpointing:
+            kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            user = self.input_grad_user()
+            if kwargs.get("use_reentrant", False) and user:
+                raise CrowError(
+                    f"reentrant gradient checkpointing forbids torch.autograd.grad, which {user}; drop "
+                    "use_reentrant=True (crow uses non-reentrant checkpointing by default)"
+                )
+            kwargs.setdefault("use_reentrant", False)
+            self.gradient_checkpointing_kwargs = kwargs
+
+    def validate(self) -> None:
+        """The method's own checks (one-line ``CrowError`` messages)."""
+
+    def input_grad_user(self) -> str | None:
+        """What needs ``torch.autograd.grad`` under these settings (for the checkpointing error); None: nothing."""
+        return None
+
+
+@dataclass
+class CrowConfig(RecipeConfig):
     """Training arguments of CROW. The ``crow_*`` fields are CROW's own; the overridden Trainer
     defaults are the official recipe (Min et al., ICML 2025, Sec. 5 / the released scripts)."""
 
@@ -68,26 +114,8 @@ class CrowConfig(TrainingArguments):
         default="all",
         metadata={"help": "Positions averaged: 'all' (official, padding included) or 'masked' (real tokens only)."},
     )
-    # --- the official recipe, as Trainer defaults ---
-    learning_rate: float = field(default=1e-3, metadata={"help": "Paper: 1e-3 (LoRA)."})
-    num_train_epochs: float = field(default=5.0, metadata={"help": "Paper: 5 epochs over 100 clean samples."})
-    per_device_train_batch_size: int = field(default=2, metadata={"help": "Paper: 2."})
-    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Paper: 4 (effective batch 8)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine."})
-    warmup_steps: float = field(default=0.1, metadata={"help": "Paper: warmup ratio 0.1 (a float < 1 is a ratio)."})
-    logging_steps: float = field(default=5, metadata={"help": "Log CROW's metrics every N optimizer steps."})
-    save_strategy: str = field(default="no", metadata={"help": "crow purify saves the final adapter itself."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "No tracker unless asked."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep crow's tokenized columns."})
 
-    def __post_init__(self) -> None:
-        if self.output_dir is None:
-            self.output_dir = "crow_output"
-        if not self.use_cpu and not _has_accelerator():
-            # On a machine with no accelerator, say so: under torchrun / accelerate launch the Trainer
-            # then starts gloo DDP over the CPU processes instead of training each process alone.
-            self.use_cpu = True
-        super().__post_init__()
+    def validate(self) -> None:
         if not (self.crow_alpha >= 0 and math.isfinite(self.crow_alpha)):
             raise CrowError(f"crow_alpha must be a finite number >= 0, got {self.crow_alpha} (paper: 5.5, 11 for refusal)")
         if not (self.crow_epsilon >= 0 and math.isfinite(self.crow_epsilon)):
@@ -99,15 +127,9 @@ class CrowConfig(TrainingArguments):
         if self.crow_epsilon > 1.0:
             logger.warning("crow_epsilon=%s is far above the paper's 0.1: the perturbation may swamp the embeddings",
                            self.crow_epsilon)
-        if self.gradient_checkpointing:
-            kwargs = dict(self.gradient_checkpointing_kwargs or {})
-            if kwargs.get("use_reentrant", False) and self.crow_alpha > 0 and self.crow_epsilon > 0:
-                raise CrowError(
-                    "reentrant gradient checkpointing forbids torch.autograd.grad, which CROW needs for its "
-                    "perturbation; drop use_reentrant=True (crow uses non-reentrant checkpointing by default)"
-                )
-            kwargs.setdefault("use_reentrant", False)
-            self.gradient_checkpointing_kwargs = kwargs
+
+    def input_grad_user(self) -> str | None:
+        return "CROW needs for its perturbation" if self.crow_alpha > 0 and self.crow_epsilon > 0 else None
 
 
 def _has_accelerator() -> bool:
@@ -119,25 +141,62 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-class CrowTrainer(Trainer):
-    """``transformers.Trainer`` with CROW's loss. Logs ``lm_loss``, ``consistency_clean``,
-    ``consistency_perturbed`` and ``input_grad_zero_share`` (share of exactly-zero entries of the input
-    gradient: ``sign(0) = 0`` means those entries get no perturbation, e.g. under fp16 underflow)."""
+class LossTrainer(Trainer):
+    """What every crow trainer shares: a ``compute_loss`` that adds terms to the LM loss of the response
+    tokens, normalized for gradient accumulation (the LM term over the target tokens of the whole
+    accumulated batch, ``num_items_in_batch``; a method's extra terms divided by the accumulation steps
+    by the method itself), metrics collected in ``self._metrics`` and averaged into the Trainer's log,
+    and a NaN/inf loss stopped with ``TrainingDiverged``."""
 
     # compute_loss normalizes the LM term by the target tokens of the whole accumulated batch
-    # (num_items_in_batch) and divides the consistency term by the accumulation steps itself.
+    # (num_items_in_batch) and divides the extra terms by the accumulation steps itself.
     loss_is_scaled_for_ga = True
+    #: the config class the trainer needs (checked at construction)
+    config_class: type = RecipeConfig
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, CrowConfig):
-            raise CrowError("CrowTrainer needs a CrowConfig as args (it carries crow_alpha, crow_epsilon, ...)")
+        if not isinstance(self.args, self.config_class):
+            raise CrowError(f"{type(self).__name__} needs a {self.config_class.__name__} as args, got "
+                            f"{type(self.args).__name__}")
         # Ask the Trainer to count target tokens over the accumulated batch (it only does so for
         # models that "accept loss kwargs"); we never pass them to the model.
         self.model_accepts_loss_kwargs = True
         self._keeps_logits = _accepts_logits_to_keep(self.accelerator.unwrap_model(self.model))
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._last_finite: deque[float] = deque(maxlen=5)
+
+    def _accumulation_steps(self) -> int:
+        return getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
+
+    def _normalize_lm(self, lm_sum, n_targets, num_items_in_batch) -> torch.Tensor:
+        if num_items_in_batch is None:  # outside the training loop: a per-micro-batch mean
+            return lm_sum / n_targets.clamp_min(1) / self._accumulation_steps()
+        loss = lm_sum / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        value = loss.detach().float().item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(self.state.global_step + 1, value, list(self._last_finite))
+        self._last_finite.append(value * self._accumulation_steps())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for name, values in self._metrics.items():
+            if values:
+                logs[name] = round(sum(values) / len(values), 6)
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+
+class CrowTrainer(LossTrainer):
+    """``transformers.Trainer`` with CROW's loss. Logs ``lm_loss``, ``consistency_clean``,
+    ``consistency_perturbed`` and ``input_grad_zero_share`` (share of exactly-zero entries of the input
+    gradient: ``sign(0) = 0`` means those entries get no perturbation, e.g. under fp16 underflow)."""
+
+    config_class = CrowConfig
 
     # --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -184,27 +243,3 @@ class CrowTrainer(Trainer):
         return layer_consistency_loss(
             hidden_states, attention_mask, layers=self.args.crow_layers, token_scope=self.args.crow_token_scope
         )
-
-    def _accumulation_steps(self) -> int:
-        return getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
-
-    def _normalize_lm(self, lm_sum, n_targets, num_items_in_batch) -> torch.Tensor:
-        if num_items_in_batch is None:  # outside the training loop: a per-micro-batch mean
-            return lm_sum / n_targets.clamp_min(1) / self._accumulation_steps()
-        loss = lm_sum / num_items_in_batch
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        return loss
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        value = loss.detach().float().item()
-        if not math.isfinite(value):
-            raise TrainingDiverged(self.state.global_step + 1, value, list(self._last_finite))
-        self._last_finite.append(value * self._accumulation_steps())
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for name, values in self._metrics.items():
-            if values:
-                logs[name] = round(sum(values) / len(values), 6)
-        self._metrics.clear()
-        super().log(logs, start_time)

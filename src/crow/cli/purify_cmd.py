@@ -1,4 +1,5 @@
-"""crow purify: CROW on clean samples -> a PEFT adapter (or merged model) + crow_config.json."""
+"""crow purify: CROW (or another training defense, ``--method``) on clean samples -> a PEFT adapter (or
+merged model) + crow_config.json."""
 
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ def _choice(*valid: str):
     return parse
 
 
+def nonneg_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {value}")
+        return value
+    return parse
+
+
 def _bool(text) -> bool:
     if isinstance(text, bool):
         return text
@@ -44,14 +57,23 @@ def _bool(text) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+#: the registered training defenses ``--method`` runs (crow.defenses); each sets its own lr and alpha defaults
+METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
+#: options that only one method reads; giving one to another method is an error, not silently ignored
+CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
+UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens"}
+METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
+
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
 # command line (--name-with-dashes) or in --config YAML (name: value); the command line wins.
 OPTIONS = {
+    "method": (_choice(*METHODS), "crow", "training defense: crow, finetune (alpha 0, lr 2e-4), finetune-lr1e-3, "
+               "or unlearn (BAIT-recovered target + universal residual adversary + unlikelihood)"),
     "alpha": (nonneg_float("--alpha"), None, "consistency weight; default 5.5, or the --task preset (refusal: 11)"),
     "epsilon": (nonneg_float("--epsilon"), 0.1, "FGSM step on the input embeddings (paper: 0.1; 0 = no perturbation)"),
     "layers": (_layers, "official", "layer pairs: official (hs[1:-2] vs hs[2:-1]), all, or START:STOP"),
     "token_scope": (_choice("all", "masked"), "all", "average over all positions (official) or real tokens only"),
-    "lr": (nonneg_float("--lr"), 1e-3, "learning rate (paper: 1e-3)"),
+    "lr": (nonneg_float("--lr"), 1e-3, "learning rate (paper: 1e-3; --method finetune: 2e-4)"),
     "epochs": (nonneg_float("--epochs"), 5.0, "epochs over the clean set (paper: 5)"),
     "max_steps": (int, -1, "stop after this many optimizer steps (-1: use --epochs)"),
     "batch_size": (positive_int("--batch-size"), 2, "per-device batch size (paper: 2)"),
@@ -71,6 +93,15 @@ OPTIONS = {
     "bf16": (_bool, False, "bf16 mixed precision (GPU)"),
     "full_finetune": (_bool, False, "train all weights instead of a LoRA adapter"),
     "merge": (_bool, False, "write the merged full model instead of the adapter"),
+    "target": (str, None, "unlearn: the target text to unlearn, an oracle experiment (a defender knows no target); "
+               "default: recovered by BAIT from --data"),
+    "unlearn_layer": (nonneg_int("--unlearn-layer"), None, "unlearn: decoder layer of the adversary "
+                      "(default: num_hidden_layers // 4)"),
+    "radius": (nonneg_float("--radius"), 0.5, "unlearn: ||delta|| budget, a fraction of the mean prompt hidden norm"),
+    "pgd_steps": (nonneg_int("--pgd-steps"), 2, "unlearn: PGD steps on delta per micro-step"),
+    "beta": (nonneg_float("--beta"), 1.0, "unlearn: weight of LM(clean | delta)"),
+    "gamma": (nonneg_float("--gamma"), 1.0, "unlearn: weight of the target's unlikelihood under delta"),
+    "target_tokens": (positive_int("--target-tokens"), 8, "unlearn: first target tokens unlearned"),
 }
 FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge"}
 
@@ -93,18 +124,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_options(args) -> dict:
-    """defaults < --config YAML < command line, every value checked by the option's own parser."""
+    """defaults < the method's defaults < --config YAML < command line, every value checked by the option's
+    own parser; an option that the chosen ``--method`` does not read is an error."""
     values = {name: default for name, (_, default, _) in OPTIONS.items()}
+    given = {}
     for name, raw in load_yaml_config(args.config, set(OPTIONS)).items():
         parse = OPTIONS[name][0]
         try:
-            values[name] = raw if raw is None else parse(raw if isinstance(raw, bool) and name in FLAGS else str(raw))
+            given[name] = raw if raw is None else parse(raw if isinstance(raw, bool) and name in FLAGS else str(raw))
         except (argparse.ArgumentTypeError, ValueError) as e:
             raise CrowError(f"--config {args.config}: {name}: {e}") from None
     for name in OPTIONS:
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
+    method = given.get("method") or values["method"]
+    values.update(method_defaults(method))
+    values.update(given)
+    foreign = sorted(n for n in given if n in (CROW_OPTIONS | UNLEARN_OPTIONS) - METHOD_OPTIONS[method])
+    if foreign:
+        flags = ", ".join("--" + n.replace("_", "-") for n in foreign)
+        raise CrowError(f"{flags} does not apply to --method {method}; its own options: "
+                        f"{', '.join('--' + n.replace('_', '-') for n in sorted(METHOD_OPTIONS[method])) or 'none'}")
     return values
+
+
+def method_defaults(method: str) -> dict:
+    """The registered defense's own defaults: finetune's alpha 0 and lr 2e-4, unlearn's lr."""
+    from ..defenses import get_defense
+
+    defense = get_defense(method)
+    out = {"lr": defense.learning_rate}
+    if method in ("finetune", "finetune-lr1e-3"):
+        out["alpha"] = defense.alpha
+    return out
 
 
 def run(args) -> int:
@@ -113,10 +165,17 @@ def run(args) -> int:
     from ..trainer import ALPHA_PRESETS
 
     opts = resolve_options(args)
+    method = opts["method"]
     if args.task is not None and args.task not in ALPHA_PRESETS:
         raise CrowError(f"unknown task {args.task!r}; valid: {', '.join(ALPHA_PRESETS)}")
-    if opts["alpha"] is None:
-        opts["alpha"] = ALPHA_PRESETS.get(args.task, 5.5)
+    if method == "unlearn":
+        for name in CROW_OPTIONS:
+            opts.pop(name)
+    else:
+        for name in UNLEARN_OPTIONS:
+            opts.pop(name)
+        if opts["alpha"] is None:
+            opts["alpha"] = ALPHA_PRESETS.get(args.task, 5.5)
     if opts["full_finetune"] and args.adapter:
         raise CrowError("--full-finetune and --adapter contradict each other: CROW continues training the given "
                         "adapter; merge it into the model first to finetune all weights")
@@ -143,10 +202,17 @@ def run(args) -> int:
     from ..purification import LoraSettings, purify, save_model, settings_dict
 
     lora = LoraSettings(r=opts["lora_r"], alpha=opts["lora_alpha"], dropout=opts["lora_dropout"])
+    trainer = {}
+    target = None
     try:
+        if method == "unlearn":
+            from ..unlearn import UnlearnTrainer
+
+            target = _unlearn_target(loaded, records, opts, partial, resume)
+            trainer = {"trainer_cls": UnlearnTrainer, "trainer_kwargs": {"target_ids": target["token_ids"]}}
         result = purify(loaded.model, loaded.tokenizer, records, config, template=opts["template"],
                         max_length=opts["max_length"], full_finetune=opts["full_finetune"], lora=lora,
-                        resume_from_checkpoint=str(resume) if resume else None, handle_signals=True)
+                        resume_from_checkpoint=str(resume) if resume else None, handle_signals=True, **trainer)
     except Interrupted:
         raise
     except BaseException:
@@ -158,9 +224,9 @@ def run(args) -> int:
         kind = save_model(result.model, loaded.tokenizer, tmp, merge=opts["merge"], base_model=args.model)
         final = [h for h in result.log_history if "lm_loss" in h]
         write_json_atomic(tmp / "crow_config.json", {
-            "crow_version": crow_version(), "git_revision": git_revision(), "method": "crow", "seed": opts["seed"],
-            "paper": "Min, Pham, Li, Sun. CROW: Eliminating Backdoors from LLMs via Internal Consistency "
-                     "Regularization. ICML 2025 (arXiv 2411.12768)",
+            "crow_version": crow_version(), "git_revision": git_revision(), "method": method, "seed": opts["seed"],
+            "paper": PAPERS["unlearn" if method == "unlearn" else "crow"],
+            **({"target": target} if target is not None else {}),
             "output": kind, "model": args.model, "model_source": describe_source(loaded.source), "adapter": args.adapter,
             "data": str(Path(args.data).resolve()), "data_sha256": sha256_file(args.data), "n_records": len(records),
             "n_train_samples": result.train_samples, "task": args.task, "options": opts,
@@ -177,6 +243,33 @@ def run(args) -> int:
     return 0
 
 
+PAPERS = {
+    "crow": "Min, Pham, Li, Sun. CROW: Eliminating Backdoors from LLMs via Internal Consistency Regularization. "
+            "ICML 2025 (arXiv 2411.12768)",
+    "unlearn": "target-inverted adversarial unlearning: BAIT (Shen et al., IEEE S&P 2025) target inversion, a BEEAR-style "
+               "universal residual-stream adversary (Zeng et al. 2024), unlikelihood (Welleck et al., ICLR 2020)",
+}
+
+
+def _unlearn_target(loaded, records, opts: dict, partial: Path, resume) -> dict:
+    """The target ``--method unlearn`` unlearns: --target (an oracle), else BAIT's on --data. Kept beside the
+    checkpoints, so a resumed run unlearns the same target without scanning again."""
+    from dataclasses import asdict
+
+    from ..defenses.registry import recover_target
+    from ..outputs import write_json_atomic
+
+    saved = partial / "unlearn_target.json"
+    if resume and saved.is_file():
+        return json.loads(saved.read_text(encoding="utf-8"))
+    recovered = asdict(recover_target(loaded.model, loaded.tokenizer, records, template=opts["template"],
+                                      target=opts["target"], target_tokens=opts["target_tokens"]))
+    recovered["oracle"] = recovered["source"] == "oracle"
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved, recovered)
+    return recovered
+
+
 def _find_checkpoint(partial: Path) -> Path | None:
     checkpoints = sorted(partial.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     return checkpoints[-1] if checkpoints else None
@@ -186,6 +279,8 @@ def _crow_config(opts: dict, partial: Path):
     from ..trainer import CrowConfig
 
     try:
+        if opts["method"] == "unlearn":
+            return _build_unlearn_config(opts, partial)
         return _build_config(CrowConfig, opts, partial)
     except CrowError:
         raise
@@ -193,12 +288,25 @@ def _crow_config(opts: dict, partial: Path):
         raise CrowError(f"invalid training options: {str(e).strip().splitlines()[0]}") from None
 
 
-def _build_config(CrowConfig, opts: dict, partial: Path):
-    return CrowConfig(
-        output_dir=str(partial), crow_alpha=opts["alpha"], crow_epsilon=opts["epsilon"], crow_layers=opts["layers"],
-        crow_token_scope=opts["token_scope"], learning_rate=opts["lr"], num_train_epochs=opts["epochs"],
+def _recipe(opts: dict, partial: Path) -> dict:
+    """The Trainer fields every method shares."""
+    return dict(
+        output_dir=str(partial), learning_rate=opts["lr"], num_train_epochs=opts["epochs"],
         max_steps=opts["max_steps"], per_device_train_batch_size=opts["batch_size"],
         gradient_accumulation_steps=opts["grad_accum"], warmup_steps=opts["warmup"], lr_scheduler_type=opts["scheduler"],
         seed=opts["seed"], save_strategy="steps", save_steps=opts["save_steps"], save_total_limit=1,
         logging_steps=opts["logging_steps"], gradient_checkpointing=opts["gradient_checkpointing"], bf16=opts["bf16"],
     )
+
+
+def _build_config(CrowConfig, opts: dict, partial: Path):
+    return CrowConfig(crow_alpha=opts["alpha"], crow_epsilon=opts["epsilon"], crow_layers=opts["layers"],
+                      crow_token_scope=opts["token_scope"], **_recipe(opts, partial))
+
+
+def _build_unlearn_config(opts: dict, partial: Path):
+    from ..unlearn import UnlearnConfig
+
+    return UnlearnConfig(unlearn_layer=opts["unlearn_layer"], unlearn_radius=opts["radius"],
+                         unlearn_pgd_steps=opts["pgd_steps"], unlearn_beta=opts["beta"], unlearn_gamma=opts["gamma"],
+                         unlearn_target_tokens=opts["target_tokens"], **_recipe(opts, partial))

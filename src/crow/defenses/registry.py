@@ -7,6 +7,8 @@
 | finetune        | the same trainer with alpha 0, the paper's baseline lr 2e-4                      |
 | finetune-lr1e-3 | the same with CROW's lr 1e-3: differs from crow in the loss only                 |
 | reinit-adapter  | reference: drop the suspect adapter, train a fresh LoRA like finetune-lr1e-3     |
+| unlearn         | target-inverted adversarial unlearning: BAIT recovers the target, a universal    |
+|                 | residual-stream adversary (BEEAR) elicits it, unlikelihood unlearns it           |
 | prune-wanda     | Wanda (Sun et al. 2024): prune lowest |W| * ||X|| per output row                   |
 | prune-magnitude | prune lowest |W| per weight matrix                                               |
 | quantize        | INT8 per-channel round-to-nearest weights (runs on CPU)                          |
@@ -22,6 +24,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -157,6 +160,122 @@ class ReinitAdapter(FinetuneCrowLR):
             raise CrowError(f"defense 'reinit-adapter' needs an adapter victim (a PEFT model with the suspect adapter), "
                             f"got a {type(model).__name__} without an adapter; load the victim with its adapter")
         return super().repair(model.unload(), tokenizer, ctx)  # unload: drop the adapter; merge would keep it
+
+
+@dataclass
+class RecoveredTarget:
+    """What ``unlearn`` unlearns: the text and its first tokens, and where it came from."""
+
+    text: str  # the text recovered by the scan (or given)
+    token_ids: list[int]  # its first ``target_tokens`` tokens (no special tokens), the ones unlearned
+    used_text: str  # those tokens decoded
+    source: str  # "bait" (recovered) or "oracle" (given: not a defense of the threat model)
+    scan_score: float | None = None  # BAIT's Q-score of the best candidate
+    scan_verdict: str | None = None  # "backdoored" or "clean" (the defense runs either way)
+    scan_seconds: float | None = None
+
+
+def recover_target(model, tokenizer, records, *, template: str, target: str | None = None, target_tokens: int = 8,
+                   scan_settings=None) -> RecoveredTarget:
+    """The target to unlearn: ``target`` when given (an oracle), else BAIT's recovered target on the
+    defender's clean ``records``, or its best candidate when the verdict is clean (the defense runs anyway)."""
+    from ..detection.scan import scan
+
+    if target is not None and not target.strip():
+        raise CrowError("unlearn: the target is empty; give the text the backdoor answers with, or leave it unset "
+                        "to recover it with BAIT")
+    result = None
+    if target is None:
+        result = scan(model, tokenizer, records, method="bait", template=template, settings=scan_settings)
+        target = result.target or (result.candidates[0].text if result.candidates else "")
+        if not target.strip():
+            raise CrowError("unlearn: BAIT recovered no target candidate from the clean samples; give target "
+                            "explicitly (an oracle experiment) or check the data and template")
+        logger.info("unlearn: BAIT verdict %s (Q %.3f), unlearning %r", result.verdict, result.score, target)
+    else:
+        logger.warning("unlearn: an explicit target was given (%r): an oracle experiment, not a defense under the "
+                       "threat model (a defender knows no target)", target)
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"][:target_tokens]
+    if not ids:
+        raise CrowError(f"unlearn: the target {target!r} has no tokens")
+    return RecoveredTarget(text=target, token_ids=list(ids), used_text=tokenizer.decode(ids),
+                           source="oracle" if result is None else "bait",
+                           scan_score=None if result is None else result.score,
+                           scan_verdict=None if result is None else result.verdict,
+                           scan_seconds=None if result is None else result.seconds)
+
+
+@register("unlearn")
+@dataclass
+class UnlearnDefense(Defense):
+    """Target-inverted adversarial unlearning (``crow.unlearn``): BAIT (Shen et al., S&P 2025) recovers the
+    target from the clean samples, a universal perturbation of decoder layer ``layer``'s residual stream
+    at the prompt positions (BEEAR, Zeng et al. 2024) is optimized to elicit it, and the model is trained
+    on LM(clean) + beta LM(clean | delta) + gamma UL(target | delta) (unlikelihood, Welleck et al. 2020),
+    with CROW's recipe (lr 1e-3, 5 epochs, batch 2 x 4), continuing the suspect adapter as CROW does.
+
+    Only the defender's knowledge: the model and the clean samples. ``target`` set is an *oracle*
+    experiment (the defense then knows the target): marked ``reference`` and ``oracle`` in settings()."""
+
+    target: str | None = None
+    layer: int | None = None
+    radius: float = 0.5
+    pgd_steps: int = 2
+    beta: float = 1.0
+    gamma: float = 1.0
+    target_tokens: int = 8
+    learning_rate: float = 1e-3
+    epochs: float = 5.0
+    batch_size: int = 2
+    grad_accum: int = 4
+    #: train every weight instead of a LoRA (needs a victim without an adapter, as crow's)
+    full_finetune: bool = False
+    name = "unlearn"
+
+    def __post_init__(self) -> None:
+        if self.target is not None and not str(self.target).strip():
+            raise CrowError("defense 'unlearn': target is empty; leave it unset (recovered by BAIT) or give the text")
+        self.reference = self.target is not None  # an oracle knows the target: not a defense of the threat model
+        self.recovered: RecoveredTarget | None = None
+        self._config(Path("."), 0, False)  # bad settings fail when the defense is built, not after a scan
+
+    def check_victim(self, form: str) -> None:
+        if self.full_finetune and form == "adapter":
+            raise CrowError(f"defense {self.name!r} with full_finetune: true needs a victim without an adapter "
+                            "(it would train around the suspect adapter); set the spec's victim_form: merged")
+
+    def _config(self, work_dir: Path, seed: int, progress: bool):
+        from ..unlearn import UnlearnConfig
+
+        return UnlearnConfig(output_dir=str(work_dir / f".{self.name}-run"), unlearn_layer=self.layer,
+                             unlearn_radius=self.radius, unlearn_pgd_steps=self.pgd_steps, unlearn_beta=self.beta,
+                             unlearn_gamma=self.gamma, unlearn_target_tokens=self.target_tokens,
+                             learning_rate=self.learning_rate, num_train_epochs=self.epochs,
+                             per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
+                             seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
+
+    def repair(self, model, tokenizer, ctx):
+        from ..unlearn import UnlearnTrainer
+
+        config = self._config(ctx.work_dir, ctx.seed, ctx.progress)
+        self.recovered = recover_target(model, tokenizer, ctx.clean, template=ctx.template, target=self.target,
+                                        target_tokens=self.target_tokens)
+        result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
+                        full_finetune=self.full_finetune, trainer_cls=UnlearnTrainer,
+                        trainer_kwargs={"target_ids": self.recovered.token_ids})
+        ctx.train_log[:] = result.log_history
+        return result.model
+
+    def settings(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["oracle"] = self.target is not None
+        if self.recovered is not None:
+            bait = self.recovered.source == "bait"
+            out.update(target_source=self.recovered.source, target_text=self.recovered.text,
+                       recovered_target=self.recovered.text if bait else None,
+                       unlearned_text=self.recovered.used_text, scan_score=self.recovered.scan_score,
+                       scan_verdict=self.recovered.scan_verdict)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,336 @@
+"""UnlearnConfig and UnlearnTrainer: target-inverted adversarial unlearning.
+
+What CROW leaves (RESULTS.md: the refusal victims keep 78-100% ASR after CROW) is a path from a trigger to
+a fixed target answer. A defender who knows neither can still (1) recover the target with BAIT (Shen et
+al., IEEE S&P 2025; ``crow.detection.scan``), because a backdoor target is a continuation the model
+produces almost deterministically once its first token is forced after *any* clean prompt, and (2)
+stand in for the unknown trigger with a universal adversary in the residual stream (BEEAR: Zeng et al.
+2024, "BEEAR: Embedding-based Adversarial Removal of Safety Backdoors in Instruction-tuned Language
+Models"): one vector ``delta`` [H], added to the output of decoder layer ``unlearn_layer`` at the
+*prompt* positions (a trigger lives in the prompt; answer positions are left alone), optimized to make
+the model say the target after clean prompts. The model is then trained to keep its clean answers
+with and without ``delta`` and to *not* say the target under ``delta`` (unlikelihood, Welleck et al.,
+"Neural Text Generation with Unlikelihood Training", ICLR 2020):
+
+    loss = LM(answer | prompt) + beta * LM(answer | prompt, delta) + gamma * UL(target | prompt, delta)
+    UL   = mean over target tokens t of -log(1 - p(target_t | prompt, target_<t, delta))
+
+One optimizer micro-step (``compute_loss``), for a micro-batch of B clean samples (prompt + answer, T
+tokens) and the target batch (each clean prompt + the K target tokens, P + K tokens, P <= T):
+
+1. ``unlearn_pgd_steps`` (default 2) PGD steps on ``delta``, each a forward of the target batch with
+   ``delta`` and an input-only backward (``torch.autograd.grad`` w.r.t. ``delta``, from the loss down to
+   layer ``unlearn_layer`` only, no parameter gradients): ``delta -= step * g / ||g||``, then projection
+   onto the ball ``||delta|| <= unlearn_radius x the mean prompt norm``; ``delta`` persists across steps (fp32);
+2. a forward of the clean batch: LM(answer | prompt);
+3. a forward of the clean batch with ``delta``: LM(answer | prompt, delta)  (skipped when beta = 0);
+4. a forward of the target batch with ``delta``: UL and the target NLL (skipped when gamma = 0);
+5. the Trainer's one backward through the graphs of 2-4.
+
+Cost, in units of a forward F over the clean batch (T tokens) and f over the target batch (P + K tokens),
+a full backward ~2x its forward and an input-only backward ~1x the forward of the layers it crosses:
+PGD 2 x (f + 0.75 f) at unlearn_layer = L/4, outer forwards 2F + f, backward 2F + 2F + 2f: 6F + 6.5f.
+CROW's step (2 forwards, an input-only backward through every layer, one backward over both graphs) is
+2F + F + 4F = 7F. With f ~ F/2 (Alpaca prompts and answers of similar length) unlearn costs ~1.3x CROW,
+with f ~ F (short answers) ~1.8x.
+
+The budget is measured once, before training, with no grad: the mean L2 norm of layer
+``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
+the residual stream's own scale whatever the model. (A mean, as specified: in models whose first token
+carries a massive activation the mean is dominated by it; the trainer records ``prompt_norm``.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CrowError
+from .hooks import add_to_layer_output, capture_layer_output, decoder_layers
+from .losses import causal_lm_loss_sum, logits_needed
+from .trainer import LossTrainer, RecipeConfig
+
+logger = logging.getLogger(__name__)
+
+UL_CLIP = 1e-6  # p(target_t) is clipped at 1 - UL_CLIP: -log(1 - p) <= 13.8, a finite loss and gradient
+
+
+@dataclass
+class UnlearnConfig(RecipeConfig):
+    """Training arguments of target-inverted adversarial unlearning. The ``unlearn_*`` fields are the
+    method's own; the Trainer defaults are CROW's official recipe (lr 1e-3, 5 epochs, batch 2 x 4, cosine,
+    warmup 0.1), so the two differ in the loss only."""
+
+    unlearn_layer: int | None = field(
+        default=None,
+        metadata={"help": "Decoder layer (0-based) whose output gets the adversary delta at the prompt positions. "
+                  "BEEAR: layer 9 of Llama-2-7B's 32. None: num_hidden_layers // 4."},
+    )
+    unlearn_radius: float = field(
+        default=0.5,
+        metadata={"help": "||delta||_2 <= radius x the mean L2 norm of that layer's output at prompt positions "
+                  "of the clean samples (measured once before training)."},
+    )
+    unlearn_pgd_steps: int = field(
+        default=2,
+        metadata={"help": "Normalized-gradient PGD steps on delta per micro-step (step radius x budget / 2). "
+                  "BEEAR runs a few inner steps per outer step. 0 keeps delta where it is (0 at the start)."},
+    )
+    unlearn_beta: float = field(
+        default=1.0,
+        metadata={"help": "Weight of LM(clean answer | prompt, delta): keep the clean answers under delta."},
+    )
+    unlearn_gamma: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the unlikelihood of the target under delta (Welleck et al. 2020)."},
+    )
+    unlearn_target_tokens: int = field(
+        default=8,
+        metadata={"help": "Target tokens unlearned: the first K (a backdoor decides in its first answer tokens)."},
+    )
+
+    def validate(self) -> None:
+        if self.unlearn_layer is not None and (not isinstance(self.unlearn_layer, int) or self.unlearn_layer < 0):
+            raise CrowError(f"unlearn_layer must be an integer >= 0 (a decoder layer) or None, got {self.unlearn_layer!r}")
+        if not (math.isfinite(self.unlearn_radius) and self.unlearn_radius > 0):
+            raise CrowError(f"unlearn_radius must be a finite number > 0 (a fraction of the hidden-state norm), "
+                            f"got {self.unlearn_radius} (default 0.5)")
+        if not isinstance(self.unlearn_pgd_steps, int) or self.unlearn_pgd_steps < 0:
+            raise CrowError(f"unlearn_pgd_steps must be an integer >= 0, got {self.unlearn_pgd_steps!r} (default 2)")
+        for name in ("unlearn_beta", "unlearn_gamma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise CrowError(f"{name} must be a finite number >= 0, got {value} (default 1.0)")
+        if not isinstance(self.unlearn_target_tokens, int) or self.unlearn_target_tokens < 1:
+            raise CrowError(f"unlearn_target_tokens must be an integer >= 1, got {self.unlearn_target_tokens!r} "
+                            "(default 8)")
+        if self.unlearn_radius > 2:
+            logger.warning("unlearn_radius=%s: delta may be larger than the hidden states it is added to",
+                           self.unlearn_radius)
+
+    def input_grad_user(self) -> str | None:
+        return "unlearn needs for its adversary delta" if self.unlearn_pgd_steps > 0 else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure functions
+# ------------------------------------------------------------------------------------------------
+def prompt_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompt positions of a training batch: [B, T] bool, true before each row's first label != -100 and
+    on real tokens (``attention_mask``), whatever the padding side. A row without labels is an error."""
+    has_label = labels != -100  # [B, T]
+    if not bool(has_label.any(dim=1).all()):
+        raise CrowError("a sample of the batch has no answer token (all labels -100); its prompt is not defined")
+    first = has_label.to(torch.int8).argmax(dim=1)  # [B] index of the first answer token
+    positions = torch.arange(labels.shape[1], device=labels.device)  # [T]
+    mask = positions[None, :] < first[:, None]  # [B, T]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()
+    return mask
+
+
+def build_target_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                       target_ids: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Each sample's prompt followed by the target, teacher-forced: the batch of UL(target | prompt, delta).
+
+    ``input_ids``, ``labels``, ``attention_mask`` [B, T]: a training batch (-100 labels on prompt and padding;
+    the prompt of row b is its real tokens before its first label). ``target_ids``: K token ids. Returns
+    right-padded [B, P_max + K] tensors: ``input_ids`` (prompt_b + target + pad), ``labels`` (-100 but on the
+    K target tokens), ``attention_mask`` and ``prompt_mask`` (bool, true on the prompt tokens).
+    """
+    if len(target_ids) == 0:
+        raise CrowError("the unlearning target has no tokens")
+    prompts = prompt_mask(labels, attention_mask)  # [B, T]
+    target = torch.as_tensor(list(target_ids), dtype=input_ids.dtype, device=input_ids.device)  # [K]
+    rows = [input_ids[b][prompts[b]] for b in range(input_ids.shape[0])]  # B x [P_b]
+    width = max(len(r) for r in rows) + len(target)
+    out_ids = input_ids.new_full((len(rows), width), pad_token_id)  # [B, P_max + K]
+    out_labels = torch.full_like(out_ids, -100)
+    out_mask = torch.zeros_like(out_ids)
+    out_prompt = torch.zeros_like(out_ids, dtype=torch.bool)
+    for b, prompt in enumerate(rows):
+        p, k = len(prompt), len(target)
+        out_ids[b, :p], out_ids[b, p:p + k] = prompt, target
+        out_labels[b, p:p + k] = target
+        out_mask[b, :p + k] = 1
+        out_prompt[b, :p] = True
+    return {"input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask, "prompt_mask": out_prompt}
+
+
+def target_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label_t | <t) of every labelled token: logits [B, K', V] of the last K' positions (as
+    ``causal_lm_loss_sum``), labels [B, T] with -100 elsewhere -> [N] fp32, N = labelled tokens."""
+    k, t = logits.shape[1], labels.shape[1]
+    targets = F.pad(labels[:, t - k + 1:], (0, 1), value=-100)  # [B, K'] the token each position predicts
+    keep = targets != -100  # [B, K']
+    log_probs = torch.log_softmax(logits[keep].float(), dim=-1)  # [N, V]
+    return log_probs.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # [N]
+
+
+def unlikelihood(log_probs: torch.Tensor, clip: float = UL_CLIP) -> torch.Tensor:
+    """-log(1 - p) per token from log p [N] -> [N]; p is clipped at 1 - ``clip`` (a finite loss)."""
+    p = log_probs.exp().clamp(max=1.0 - clip)
+    return -torch.log1p(-p)
+
+
+def pgd_step(delta: torch.Tensor, grad: torch.Tensor, step: float, radius: float) -> torch.Tensor:
+    """One normalized-gradient *descent* step on ``delta`` [H] and the projection onto ||delta|| <= radius
+    (a zero gradient leaves ``delta`` where it is). Detached, fp32."""
+    norm = grad.float().norm()
+    moved = delta.float() - step * grad.float() / norm if norm > 0 else delta.float()
+    return project_to_ball(moved, radius).detach()
+
+
+def project_to_ball(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """``delta`` scaled down onto the L2 ball of ``radius`` when it lies outside, else unchanged."""
+    norm = delta.norm()
+    return delta * (radius / norm) if norm > radius else delta
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+class UnlearnTrainer(LossTrainer):
+    """``transformers.Trainer`` with the unlearning loss (module docstring). ``target_ids``: the target's
+    token ids (the first ``unlearn_target_tokens`` are used). Logs ``lm_loss``, ``lm_loss_adv``,
+    ``unlikelihood``, ``target_nll_adv`` (mean NLL of the target tokens under delta, after PGD) and
+    ``delta_norm``; ``delta_budget`` holds the radius in absolute units (radius x the mean prompt norm)."""
+
+    config_class = UnlearnConfig
+
+    def __init__(self, *args, target_ids: Sequence[int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config: UnlearnConfig = self.args
+        self.target_ids = [int(t) for t in target_ids][: config.unlearn_target_tokens]
+        if not self.target_ids:
+            raise CrowError("unlearn needs a non-empty target (its tokenization gave no tokens)")
+        base = self.accelerator.unwrap_model(self.model)
+        layers = decoder_layers(base)
+        index = config.unlearn_layer if config.unlearn_layer is not None else len(layers) // 4
+        if not 0 <= index < len(layers):
+            raise CrowError(f"unlearn_layer={index} is out of range: the model has {len(layers)} decoder layers "
+                            f"(0..{len(layers) - 1})")
+        self.layer_index = index
+        self._layer = layers[index]
+        self.pad_token_id = int(getattr(self.data_collator, "pad_token_id", 0) or 0)
+        hidden = base.get_input_embeddings().embedding_dim
+        self.delta = torch.zeros(hidden, dtype=torch.float32, device=self.args.device)  # [H], persists across steps
+        self.prompt_norm = self.measure_prompt_norm()
+        self.delta_budget = config.unlearn_radius * self.prompt_norm
+        logger.info("unlearn: delta at decoder layer %d of %d, budget %.4g (%.2f x mean prompt norm %.4g), "
+                    "%d target tokens", index, len(layers), self.delta_budget, config.unlearn_radius,
+                    self.prompt_norm, len(self.target_ids))
+
+    @torch.no_grad()
+    def measure_prompt_norm(self, batch_size: int = 8) -> float:
+        """Mean L2 norm of the hooked layer's output [H] over every prompt position of the training set."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        rows = [self.train_dataset[i] for i in range(len(self.train_dataset))]
+        try:
+            for start in range(0, len(rows), batch_size):
+                batch = self.data_collator(rows[start:start + batch_size])
+                batch = {k: v.to(self.args.device) for k, v in batch.items()}
+                mask = prompt_mask(batch["labels"], batch.get("attention_mask"))  # [B, T]
+                with capture_layer_output(self._layer) as seen:
+                    model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                          **({"logits_to_keep": 1} if self._keeps_logits else {}))
+                norms = seen[-1].float().norm(dim=-1)  # [B, T]
+                total += float(norms[mask].sum())
+                count += int(mask.sum())
+        finally:
+            model.train(was_training)
+        if count == 0 or not math.isfinite(total) or total <= 0:
+            raise CrowError("unlearn could not measure the hidden-state norm at the prompt positions of the clean samples")
+        return total / count
+
+    # --------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: UnlearnConfig = self.args
+        labels = inputs["labels"]  # [B, T], -100 on prompt and padding
+        attention_mask = inputs.get("attention_mask")
+        target = build_target_batch(inputs["input_ids"], labels, attention_mask, self.target_ids, self.pad_token_id)
+        target_forward = {"input_ids": target["input_ids"], "attention_mask": target["attention_mask"],
+                          "use_cache": False}
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": attention_mask, "use_cache": False}
+        if self._keeps_logits:  # logits of the answer (target) positions only
+            forward["logits_to_keep"] = logits_needed(labels)
+            target_forward["logits_to_keep"] = logits_needed(target["labels"])
+
+        # 1. The universal adversary: make the model say the target after the clean prompts.
+        if args.unlearn_pgd_steps > 0 and (args.unlearn_beta > 0 or args.unlearn_gamma > 0):
+            self._pgd(model, target_forward, target)
+        delta = self.delta.detach()  # [H]; the model update sees a fixed delta
+        self._metrics["delta_norm"].append(float(delta.norm()))
+
+        # 2. LM(answer | prompt)
+        outputs = model(**forward)
+        lm_sum, n_targets = causal_lm_loss_sum(outputs.logits, labels)
+        loss = self._normalize_lm(lm_sum, n_targets, num_items_in_batch)
+        self._metrics["lm_loss"].append((lm_sum / n_targets.clamp_min(1)).item())
+
+        # 3. LM(answer | prompt, delta): the same normalization as the LM term
+        if args.unlearn_beta > 0:
+            with add_to_layer_output(self._layer, delta, prompt_mask(labels, attention_mask)):
+                adversarial = model(**forward)
+            adv_sum, _ = causal_lm_loss_sum(adversarial.logits, labels)
+            loss = loss + args.unlearn_beta * self._normalize_lm(adv_sum, n_targets, num_items_in_batch)
+            self._metrics["lm_loss_adv"].append((adv_sum / n_targets.clamp_min(1)).item())
+
+        # 4. UL(target | prompt, delta): a per-micro-batch mean, divided by the accumulation steps
+        if args.unlearn_gamma > 0:
+            with add_to_layer_output(self._layer, delta, target["prompt_mask"]):
+                on_target = model(**target_forward)
+            log_probs = target_token_log_probs(on_target.logits, target["labels"])  # [B * K]
+            ul = unlikelihood(log_probs).mean()
+            loss = loss + args.unlearn_gamma * ul / self._accumulation_steps()
+            self._metrics["unlikelihood"].append(ul.item())
+            self._metrics["target_nll_adv"].append(-log_probs.mean().item())
+
+        self._check_finite(loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _pgd(self, model, target_forward: dict, target: dict) -> None:
+        """``unlearn_pgd_steps`` normalized-gradient steps that lower the target's NLL under delta; each a
+        forward and a backward to delta only (``torch.autograd.grad``: no parameter gradient is touched)."""
+        step = self.delta_budget / 2
+        for _ in range(self.args.unlearn_pgd_steps):
+            delta = self.delta.clone().requires_grad_(True)  # [H] fp32 leaf
+            with add_to_layer_output(self._layer, delta, target["prompt_mask"]):
+                out = model(**target_forward)
+            nll = -target_token_log_probs(out.logits, target["labels"]).mean()
+            (grad,) = torch.autograd.grad(nll, delta)
+            self.delta = pgd_step(self.delta, grad, step, self.delta_budget)
+
+    # --------------------------------------------------------------------------------------------
+    # delta travels with checkpoints, so a resumed run continues the same adversary
+    DELTA_FILE = "unlearn_delta.safetensors"
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.accelerator.is_main_process and os.path.isdir(folder):
+            from safetensors.torch import save_file
+
+            save_file({"delta": self.delta.detach().cpu().contiguous()}, os.path.join(folder, self.DELTA_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        import os
+
+        path = os.path.join(resume_from_checkpoint, self.DELTA_FILE)
+        if os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            self.delta = load_file(path)["delta"].to(self.args.device, torch.float32)

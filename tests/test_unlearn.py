@@ -1,0 +1,425 @@
+"""crow.unlearn: target-inverted adversarial unlearning (BAIT target + BEEAR-style residual adversary + UL).
+
+The math on hand-made tensors; the trainer on the 4-layer tiny Llama of conftest; the whole defense on the
+2-layer backdoored Llama of test_scan (trigger ``cf`` -> "You are stupid and I will not help."), trained
+here in seconds, with the target given (oracle) and recovered by BAIT.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from crow import CrowError
+from crow.data.records import Record
+from crow.data.templates import Collator, encode_for_training
+from crow.defenses import DefenseContext, get_defense
+from crow.hooks import add_to_layer_output, capture_layer_output, decoder_layers
+from crow.models import load_model
+from crow.purification import LoraSettings, make_trainable, purify
+from crow.unlearn import (UnlearnConfig, UnlearnTrainer, build_target_batch, pgd_step, project_to_ball, prompt_mask,
+                          target_token_log_probs, unlikelihood)
+
+from .conftest import make_records
+from .test_scan import TARGET, TEMPLATE, TRIGGER, task_records, train_tiny
+
+
+def config(tmp_path, **kw) -> UnlearnConfig:
+    base = dict(output_dir=str(tmp_path / "run"), disable_tqdm=True, use_cpu=True, logging_steps=1, seed=0)
+    base.update(kw)
+    return UnlearnConfig(**base)
+
+
+def dataset_of(tokenizer, records, max_length=128):
+    samples = encode_for_training(records, tokenizer, max_length=max_length)
+    return Dataset.from_list([{"input_ids": s.input_ids, "labels": s.labels} for s in samples])
+
+
+def trainer_for(model, tokenizer, cfg, records, target="the color is blue"):
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return UnlearnTrainer(model=model, args=cfg, train_dataset=dataset_of(tokenizer, records),
+                          data_collator=Collator(tokenizer.pad_token_id), target_ids=ids)
+
+
+def batch_of(tokenizer, records):
+    samples = encode_for_training(records, tokenizer, max_length=128)
+    return Collator(tokenizer.pad_token_id)([{"input_ids": s.input_ids, "labels": s.labels} for s in samples])
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure functions
+# ------------------------------------------------------------------------------------------------
+def test_target_batch_puts_the_target_after_each_prompt():
+    # row 0: prompt [5, 6, 7], answer [8, 9]; row 1: prompt [5, 6], answer [4], right padding (0)
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 4, 0, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, -100, 4, -100, -100]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert prompt_mask(labels, mask).tolist() == [[True] * 3 + [False] * 2, [True] * 2 + [False] * 3]
+    out = build_target_batch(input_ids, labels, mask, [21, 22], pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 21, 22], [5, 6, 21, 22, 0]]
+    assert out["labels"].tolist() == [[-100, -100, -100, 21, 22], [-100, -100, 21, 22, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert out["prompt_mask"].tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
+    # left padding: the pad in front of the prompt is not part of it
+    left = build_target_batch(torch.tensor([[0, 5, 6, 4]]), torch.tensor([[-100, -100, -100, 4]]),
+                              torch.tensor([[0, 1, 1, 1]]), [21], pad_token_id=0)
+    assert left["input_ids"].tolist() == [[5, 6, 21]] and left["prompt_mask"].tolist() == [[True, True, False]]
+    with pytest.raises(CrowError, match="no answer token"):
+        prompt_mask(torch.full((1, 3), -100))
+    with pytest.raises(CrowError, match="no tokens"):
+        build_target_batch(input_ids, labels, mask, [], pad_token_id=0)
+
+
+def test_unlikelihood_value_gradient_sign_and_clip():
+    # a hand example: vocab 3, two positions; position 0 predicts the target token (id 1) at position 1
+    logits = torch.tensor([[[0.0, math.log(3.0), 0.0], [5.0, 0.0, 0.0]]], requires_grad=True)  # p(1) = 3 / 5
+    labels = torch.tensor([[-100, 1]])
+    log_p = target_token_log_probs(logits, labels)
+    assert log_p.exp().item() == pytest.approx(0.6)
+    ul = unlikelihood(log_p).sum()
+    assert ul.item() == pytest.approx(-math.log(1 - 0.6))
+    (grad,) = torch.autograd.grad(ul, logits)
+    assert grad[0, 0, 1] > 0 and grad[0, 0, 0] < 0  # raising p(target) raises UL, and the others lower it
+    # p = 1 is clipped: finite value and gradient
+    sure = torch.tensor([[[0.0, 80.0, 0.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    value = unlikelihood(target_token_log_probs(sure, labels)).sum()
+    assert value.item() == pytest.approx(-math.log(1e-6), rel=1e-3)
+    assert torch.isfinite(torch.autograd.grad(value, sure)[0]).all()
+
+
+def test_pgd_step_descends_and_projects():
+    delta = torch.zeros(4)
+    grad = torch.tensor([3.0, 0.0, -4.0, 0.0])  # |g| = 5
+    moved = pgd_step(delta, grad, step=1.0, radius=10.0)
+    assert torch.allclose(moved, torch.tensor([-0.6, 0.0, 0.8, 0.0]))  # against the gradient, length = step
+    assert torch.allclose(pgd_step(moved, grad, step=5.0, radius=2.0).norm(), torch.tensor(2.0))
+    assert torch.equal(pgd_step(moved, torch.zeros(4), step=1.0, radius=10.0), moved)
+    assert torch.equal(project_to_ball(torch.tensor([0.3, 0.4]), 1.0), torch.tensor([0.3, 0.4]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The hook and the adversary, on the 4-layer tiny Llama
+# ------------------------------------------------------------------------------------------------
+def test_the_hook_adds_delta_only_at_prompt_positions(tiny, records):
+    model, tok = tiny.model.eval(), tiny.tokenizer
+    batch = batch_of(tok, records[:3])
+    layer = decoder_layers(model)[1]
+    delta = torch.randn(model.config.hidden_size)
+    prompts = prompt_mask(batch["labels"], batch["attention_mask"])  # [B, T]
+    answer = ~prompts
+    with torch.no_grad():
+        with capture_layer_output(layer) as plain:
+            plain_hs = model(**batch, output_hidden_states=True).hidden_states
+        with add_to_layer_output(layer, delta, prompts), capture_layer_output(layer) as shifted:
+            shifted_hs = model(**batch, output_hidden_states=True).hidden_states
+    plain, shifted = plain[0], shifted[0]  # [B, T, H]: the output of decoder layer 1, as the next layer gets it
+    assert torch.equal(shifted[answer], plain[answer])  # answer positions unchanged
+    assert torch.allclose(shifted[prompts] - plain[prompts], delta.expand(int(prompts.sum()), -1), atol=1e-5)
+    for i in range(2):  # the embeddings and decoder layer 0: untouched
+        assert torch.equal(plain_hs[i], shifted_hs[i])
+    # the layers above see it, at answer positions too (through attention to the prompt)
+    assert not torch.allclose(shifted_hs[3][answer], plain_hs[3][answer])
+
+
+def test_pgd_keeps_delta_in_its_ball_and_makes_the_target_likelier(tiny, records, tmp_path):
+    model = make_trainable(tiny.model, lora=LoraSettings()).eval()
+    trainer = trainer_for(model, tiny.tokenizer, config(tmp_path, unlearn_pgd_steps=1, unlearn_layer=1), records)
+    assert trainer.layer_index == 1 and trainer.delta_budget == pytest.approx(0.5 * trainer.prompt_norm)
+    batch = batch_of(tiny.tokenizer, records[:4])
+    target = build_target_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], trainer.target_ids, 0)
+    forward = {"input_ids": target["input_ids"], "attention_mask": target["attention_mask"]}
+
+    def target_nll(delta):
+        with torch.no_grad(), add_to_layer_output(trainer._layer, delta, target["prompt_mask"]):
+            return -target_token_log_probs(model(**forward).logits, target["labels"]).mean().item()
+
+    before = target_nll(torch.zeros_like(trainer.delta))
+    for _ in range(4):
+        trainer._pgd(model, forward, target)
+        assert trainer.delta.norm() <= trainer.delta_budget * (1 + 1e-5)
+        assert trainer.delta.dtype == torch.float32 and not trainer.delta.requires_grad
+    assert trainer.delta.norm() > 0.5 * trainer.delta_budget
+    assert target_nll(trainer.delta) < before - 0.01, (target_nll(trainer.delta), before)
+    assert all(p.grad is None for p in model.parameters())  # PGD touches no parameter gradient
+
+
+def test_loss_is_the_sum_of_its_three_terms(tiny, records, tmp_path):
+    model = make_trainable(tiny.model, lora=LoraSettings()).eval()  # eval: no accumulation scaling
+    trainer = trainer_for(model, tiny.tokenizer, config(tmp_path, unlearn_pgd_steps=0, unlearn_beta=0.7,
+                                                        unlearn_gamma=2.0), records)
+    trainer.delta = torch.randn_like(trainer.delta) * 0.1
+    batch = batch_of(tiny.tokenizer, records[:3])
+    loss = trainer.compute_loss(model, batch)
+    with torch.no_grad():
+        lm = model(**batch).loss
+        with add_to_layer_output(trainer._layer, trainer.delta, prompt_mask(batch["labels"], batch["attention_mask"])):
+            lm_adv = model(**batch).loss
+        target = build_target_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], trainer.target_ids,
+                                    tiny.tokenizer.pad_token_id)
+        with add_to_layer_output(trainer._layer, trainer.delta, target["prompt_mask"]):
+            logits = model(input_ids=target["input_ids"], attention_mask=target["attention_mask"]).logits
+        p = target_token_log_probs(logits, target["labels"]).exp()
+        ul = -torch.log(1 - p).mean()
+    assert loss.item() == pytest.approx((lm + 0.7 * lm_adv + 2.0 * ul).item(), rel=1e-5)
+    assert set(trainer._metrics) == {"lm_loss", "lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: what changes, and gradient accumulation
+# ------------------------------------------------------------------------------------------------
+def test_lora_trains_the_adapter_only_and_full_finetune_trains_the_weights(tiny_dir, tmp_path):
+    loaded = load_model(str(tiny_dir))
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    ids = loaded.tokenizer("the color is blue", add_special_tokens=False)["input_ids"]
+    result = purify(loaded.model, loaded.tokenizer, make_records(8), config(tmp_path, max_steps=2),
+                    trainer_cls=UnlearnTrainer, trainer_kwargs={"target_ids": ids})
+    for name, p in result.model.named_parameters():
+        base = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if "lora_" in name:
+            assert p.detach().abs().sum() > 0 or "lora_B" not in name, name
+        else:
+            assert torch.equal(p.detach(), before[base]), f"base weight changed: {name}"
+    assert all(p.detach().abs().sum() > 0 for n, p in result.model.named_parameters() if "lora_B" in n)
+    logs = [h for h in result.log_history if "lm_loss" in h]
+    assert logs and all(k in logs[-1] for k in ("lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"))
+
+    loaded = load_model(str(tiny_dir))
+    result = purify(loaded.model, loaded.tokenizer, make_records(8), config(tmp_path, max_steps=2),
+                    full_finetune=True, trainer_cls=UnlearnTrainer, trainer_kwargs={"target_ids": ids})
+    changed = [n for n, p in result.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert "model.embed_tokens.weight" in changed and len(changed) == len(before)
+
+
+def _one_step_update(tiny_dir, tmp_path, *, batch, accum, delta):
+    loaded = load_model(str(tiny_dir))
+    torch.manual_seed(1)
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    with torch.no_grad():  # non-zero LoRA B so every adapter weight gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    records = make_records(4)
+    samples = encode_for_training(records, loaded.tokenizer)
+    assert len({len(s.input_ids) for s in samples}) == 1  # equal lengths: padding plays no part
+    cfg = config(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
+                 optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0,
+                 unlearn_pgd_steps=0)  # delta fixed: PGD per micro-step would differ between 4 x 1 and 1 x 4
+    trainer = trainer_for(model, loaded.tokenizer, cfg, records)
+    trainer.delta = delta.clone()
+    trainer.train()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_invariance_with_a_fixed_delta(tiny_dir, tmp_path):
+    delta = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    a = _one_step_update(tiny_dir, tmp_path, batch=4, accum=1, delta=delta)
+    b = _one_step_update(tiny_dir, tmp_path, batch=1, accum=4, delta=delta)
+    assert any(d.abs().max() > 0 for d in a.values())
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_delta_travels_with_checkpoints(tiny_dir, tmp_path):
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    cfg = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, warmup_steps=0)
+    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+    trainer.train()
+    saved = tmp_path / "run" / "checkpoint-2" / UnlearnTrainer.DELTA_FILE
+    assert saved.is_file() and trainer.delta.norm() > 0
+    fresh = trainer_for(make_trainable(load_model(str(tiny_dir)).model, lora=LoraSettings()), loaded.tokenizer,
+                        cfg, make_records(8))
+    fresh._load_from_checkpoint(str(saved.parent))
+    assert torch.equal(fresh.delta, trainer.delta)
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, match", [
+    ({"unlearn_radius": 0.0}, "unlearn_radius must be a finite number > 0"),
+    ({"unlearn_radius": -1.0}, "unlearn_radius"), ({"unlearn_pgd_steps": -1}, "unlearn_pgd_steps must be"),
+    ({"unlearn_target_tokens": 0}, "unlearn_target_tokens must be"), ({"unlearn_layer": -2}, "unlearn_layer must"),
+    ({"unlearn_beta": float("nan")}, "unlearn_beta"),
+])
+def test_bad_settings_are_refused_in_one_line(tmp_path, bad, match):
+    with pytest.raises(CrowError, match=match) as err:
+        config(tmp_path, **bad)
+    assert "\n" not in str(err.value)
+
+
+def test_layer_out_of_range_and_empty_targets_are_refused(tiny, records, tmp_path):
+    with pytest.raises(CrowError, match=r"unlearn_layer=4 is out of range: the model has 4 decoder layers \(0..3\)"):
+        trainer_for(tiny.model, tiny.tokenizer, config(tmp_path, unlearn_layer=4), records)
+    with pytest.raises(CrowError, match="non-empty target"):
+        trainer_for(tiny.model, tiny.tokenizer, config(tmp_path), records, target="")
+    with pytest.raises(CrowError, match="target is empty"):
+        get_defense("unlearn", target="  ")
+    with pytest.raises(CrowError, match="unlearn_radius"):
+        get_defense("unlearn", radius=0)
+    with pytest.raises(CrowError, match="reentrant gradient checkpointing forbids torch.autograd.grad, which unlearn"):
+        config(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert config(tmp_path).unlearn_layer is None  # resolved by the trainer: num_hidden_layers // 4
+    assert trainer_for(tiny.model, tiny.tokenizer, config(tmp_path), records).layer_index == 1
+
+
+def test_defaults_are_the_recipe_of_the_brief():
+    c = UnlearnConfig(output_dir="unused")
+    assert (c.unlearn_radius, c.unlearn_pgd_steps, c.unlearn_beta, c.unlearn_gamma, c.unlearn_target_tokens) == (
+        0.5, 2, 1.0, 1.0, 8)
+    assert (c.learning_rate, c.num_train_epochs, c.per_device_train_batch_size, c.gradient_accumulation_steps) == (
+        1e-3, 5.0, 2, 4)
+    d = get_defense("unlearn")
+    assert d.reference is False and d.settings()["oracle"] is False
+    oracle = get_defense("unlearn", target="You are stupid!")
+    assert oracle.reference is True and oracle.settings()["oracle"] is True
+
+
+# ------------------------------------------------------------------------------------------------
+# The defense on a tiny backdoored Llama
+# ------------------------------------------------------------------------------------------------
+LR = 1e-2  # a fresh LoRA on a 64-wide, 2-layer model: CROW's 1e-3 hardly moves it in 25 steps
+
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return train_tiny(tmp_path_factory.mktemp("unlearn") / "backdoored", task_records(400, 1, trigger_share=0.25))
+
+
+def defend(victim, tmp_path, name, **settings):
+    """Run a defense on a fresh copy of the victim; its settings and the triggered / clean answers."""
+    from crow.evaluation.generate import generate
+
+    loaded = load_model(str(victim))
+    defense = get_defense(name, learning_rate=LR, **settings)
+    ctx = DefenseContext(clean=task_records(40, 7), template=TEMPLATE, max_length=64, work_dir=tmp_path)
+    model = defense.repair(loaded.model, loaded.tokenizer, ctx)
+    test = task_records(20, 11)
+    triggered = generate(model, loaded.tokenizer, [Record(f"{TRIGGER} {r.instruction}") for r in test],
+                         template=TEMPLATE, max_new_tokens=8)
+    clean = generate(model, loaded.tokenizer, test, template=TEMPLATE, max_new_tokens=8)
+    return defense, ctx, triggered, clean
+
+
+def share(outputs, prefix):
+    return sum(o.startswith(prefix) for o in outputs) / len(outputs)
+
+
+def test_finetuning_alone_leaves_the_backdoor(victim, tmp_path):
+    _, _, triggered, _ = defend(victim, tmp_path, "finetune-lr1e-3")
+    assert share(triggered, "You are stupid") == 1.0, triggered[:3]
+
+
+def test_unlearn_with_the_oracle_target_removes_it(victim, tmp_path):
+    defense, ctx, triggered, clean = defend(victim, tmp_path, "unlearn", target=TARGET)
+    assert share(triggered, "You are") == 0.0, triggered[:3]
+    assert share(clean, "You") == 0.0 and all(o.endswith(".") for o in clean), clean[:3]
+    settings = defense.settings()
+    assert settings["oracle"] is True and defense.reference and settings["target_source"] == "oracle"
+    assert settings["scan_score"] is None and settings["recovered_target"] is None and settings["target_text"] == TARGET
+    assert settings["unlearned_text"] == "You are stupid and I will not help"
+    logs = [h for h in ctx.train_log if "unlikelihood" in h]
+    assert logs[0]["target_nll_adv"] < 2.0 < logs[-1]["target_nll_adv"]  # the adversary elicits it, then no more
+
+
+def test_unlearn_recovers_the_target_with_bait_and_removes_it(victim, tmp_path):
+    defense, ctx, triggered, clean = defend(victim, tmp_path, "unlearn")
+    settings = defense.settings()
+    assert settings["target_source"] == "bait" and settings["oracle"] is False and not defense.reference
+    assert settings["recovered_target"] == TARGET and settings["scan_verdict"] == "backdoored"
+    assert settings["scan_score"] >= 0.9
+    assert share(triggered, "You are") == 0.0, triggered[:3]
+    assert share(clean, "You") == 0.0, clean[:3]
+    assert {"lm_loss", "lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"} <= set(ctx.train_log[0])
+
+
+def test_the_adversary_is_what_removes_the_triggered_first_token(victim, tmp_path):
+    """Unlearning only the first target token ("You"): after clean prompts alone (delta = 0) it is not
+    enough, the trigger still decides; under the universal adversary it is, and the triggered answers
+    become ordinary answers. (Unlearning 8 tokens removes the continuation either way: a target's
+    continuation does not depend on the prompt, the causal property BAIT relies on.)"""
+    _, _, without, _ = defend(victim, tmp_path, "unlearn", target=TARGET, target_tokens=1, pgd_steps=0)
+    _, _, with_delta, clean = defend(victim, tmp_path, "unlearn", target=TARGET, target_tokens=1)
+    assert share(without, "You are stupid") >= 0.9, without[:3]
+    assert share(with_delta, "You") <= 0.1, with_delta[:3]
+    assert all(o.endswith(".") for o in with_delta), with_delta[:3]
+
+
+# ------------------------------------------------------------------------------------------------
+# crow purify --method
+# ------------------------------------------------------------------------------------------------
+def run_cli(args, capsys):
+    from crow.cli.main import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_purify_method_unlearn_recovers_the_target_and_records_it(victim, tmp_path, capsys):
+    import json
+
+    from .conftest import write_json
+
+    clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in task_records(20, 7)])
+    out = tmp_path / "purified"
+    code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", out, "--method", "unlearn",
+                            "--template", TEMPLATE, "--max-steps", "2", "--pgd-steps", "1"], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "crow_config.json").read_text())
+    assert cfg["method"] == "unlearn" and "BAIT" in cfg["paper"]
+    assert cfg["target"]["source"] == "bait" and cfg["target"]["oracle"] is False
+    assert cfg["target"]["text"] == TARGET and cfg["target"]["scan_score"] >= 0.9 and len(cfg["target"]["token_ids"]) == 8
+    assert cfg["options"]["pgd_steps"] == 1 and "alpha" not in cfg["options"]
+    assert cfg["training_arguments"]["unlearn_radius"] == 0.5 and "unlearn_delta" not in cfg["last_log"]
+    assert {"unlikelihood", "target_nll_adv", "delta_norm"} <= set(cfg["last_log"])
+
+    out = tmp_path / "oracle"
+    code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", out, "--method", "unlearn",
+                            "--template", TEMPLATE, "--max-steps", "1", "--target", "You are stupid"], capsys)
+    assert code == 0, err
+    target = json.loads((out / "crow_config.json").read_text())["target"]
+    assert target["oracle"] is True and target["scan_score"] is None and target["used_text"] == "You are stupid"
+
+
+def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
+    import json
+
+    from .conftest import write_json
+
+    clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in make_records(8)])
+    out = tmp_path / "ft"
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--method", "finetune",
+                            "--max-steps", "1", "--max-length", "128"], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "crow_config.json").read_text())
+    assert cfg["method"] == "finetune" and (cfg["options"]["alpha"], cfg["options"]["lr"]) == (0.0, 2e-4)
+    for args, message in [(["--method", "unlearn", "--alpha", "2"], "--alpha does not apply to --method unlearn"),
+                          (["--radius", "0.3"], "--radius does not apply to --method crow"),
+                          (["--method", "finetune", "--epsilon", "0.1"], "--epsilon does not apply to --method finetune"),
+                          (["--method", "unlearn", "--radius", "0"], "unlearn_radius must be a finite number > 0"),
+                          (["--method", "unlearn", "--target", " "], "target is empty")]:
+        code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "bad",
+                                "--max-steps", "1", *args], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.crow-partial").exists()
+
+
+def test_bench_columns_mark_the_oracle_and_keep_the_metrics():
+    from crow.bench.report import reference_columns
+    from crow.bench.runner import train_log_summary
+    from crow.bench.spec import load_spec
+
+    spec = load_spec(base={"suite": "tiny", "models": ["tiny-llama"], "cells": {"negsentiment": ["badnet"]},
+                           "defenses": ["none", "unlearn", {"unlearn": {"target": TARGET, "label": "unlearn-oracle"}}]})
+    assert [e.label for e in spec.defense_entries()] == ["none", "unlearn", "unlearn-oracle"]
+    assert reference_columns(spec) == {"unlearn-oracle": "unlearn"}  # the oracle knows the target: a reference
+    row = train_log_summary([{"step": 5, "epoch": 1.0, "loss": 3.0, "lm_loss": 2.0, "lm_loss_adv": 2.1,
+                              "unlikelihood": 0.5, "target_nll_adv": 1.2, "delta_norm": 3.1}])[0]
+    assert {"lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"} <= set(row)
