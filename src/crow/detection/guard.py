@@ -128,6 +128,8 @@ class Detector(Protocol):
     ``score`` scores and flags prompts; ``save`` writes a directory that ``load`` reads back."""
 
     method: str
+    fpr: float
+    batch_size: int
     info: DetectorInfo | None
 
     def fit(self, model, tokenizer, records: Sequence[Record], template: str = "alpaca") -> None: ...
@@ -222,7 +224,7 @@ def detector_json(detector: Detector) -> dict:
     if info is None:
         raise CrowError("the detector is not fitted; call fit() before save()")
     d = {"format_version": FORMAT_VERSION, "method": detector.method, "settings": detector.settings()}
-    d.update({k: v for k, v in asdict(info).items()})
+    d.update(asdict(info))
     return d
 
 
