@@ -294,3 +294,21 @@ def test_cli_errors_are_one_line(tiny_dir, victim, tmp_path, capsys):
     assert code == 0, err
     code, _, err = run_cli(["guard", "score", "--model", tiny_dir, "--detector", det, "--data", many], capsys)
     assert code == 2 and "fitted on another model" in err and "refit it" in err
+
+
+def test_cli_onion_with_a_separate_scoring_model(tiny_dir, victim, held_out, tmp_path, capsys):
+    _, _, path = victim
+    data = write_json(tmp_path / "fit.json", [r.to_dict() for r in held_out["fit"][:12]])
+    det = tmp_path / "onion"
+    code, out, err = run_cli(["guard", "fit", "--method", "onion", "--onion-model", tiny_dir, "--model", path,
+                              "--data", data, "--out", det], capsys)
+    assert code == 0, err
+    saved = json.loads((det / "detector.json").read_text())
+    assert saved["settings"]["scorer_model"] == str(tiny_dir) and saved["model"] == str(tiny_dir)
+    assert saved["signature"]["hidden_size"] == 32 and not (det / "detector.safetensors").exists()
+    code, out, err = run_cli(["guard", "score", "--model", path, "--detector", det, "--data", data], capsys)
+    assert code == 0, err
+    assert json.loads(out)["n"] == 12 and json.loads(out)["method"] == "onion"
+    code, _, err = run_cli(["guard", "fit", "--method", "onion", "--normalize", "--model", path, "--data", data,
+                            "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "settings of --method lcf" in err
