@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=positive_int("--limit"), help="use only the first N prompts of each set")
     p.add_argument("--no-perplexity", action="store_true", help="skip clean perplexity")
     p.add_argument("--outputs", action="store_true", help="also store every generation in the report")
+    p.add_argument("--guard", metavar="DETECTOR_DIR",
+                   help="also score the prompts with a crow guard detector: ASR with flagged prompts blocked, clean "
+                        "prompts blocked, true-positive rate and AUROC under the report's 'guard' key")
 
 
 def run(args) -> int:
@@ -46,6 +49,15 @@ def run(args) -> int:
         raise CrowError(f"--out {out} is a directory; pass a file path such as {out / 'report.json'}")
     if not out.parent.exists():
         raise CrowError(f"the directory of --out ({out.parent}) does not exist; create it first")
+    detector = None
+    if args.guard:
+        from ..detection.guard import load_detector
+
+        detector = load_detector(args.guard, "--guard")
+        check_guard_template(detector, args)
+        from .guard_cmd import warn_other_model
+
+        warn_other_model(detector, args)
     triggered = load_records(args.triggered, require_output=False, what="--triggered") if args.triggered else []
     clean = load_records(args.clean, require_output=not args.no_perplexity, what="--clean") if args.clean else []
     if args.limit:
@@ -53,13 +65,39 @@ def run(args) -> int:
     from ..purification import merged
 
     loaded = load_from_args(args)
-    report = evaluate(merged(loaded.model), loaded.tokenizer, triggered=triggered, clean=clean, judge=judge,
+    report_model = merged(loaded.model)
+    if detector is not None and not getattr(detector, "scorer_model", None):
+        from ..detection.guard import check_model_fits
+
+        check_model_fits(detector, report_model, "--guard")  # before minutes of generation
+    report = evaluate(report_model, loaded.tokenizer, triggered=triggered, clean=clean, judge=judge,
                       prompt_format=args.prompt_format, template=args.template, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, with_perplexity=not args.no_perplexity, progress=True)
     data = report.to_dict(with_outputs=args.outputs)
     data["settings"].update({"model": args.model, "adapter": args.adapter, "triggered": args.triggered,
                              "clean": args.clean, "limit": args.limit})
+    if detector is not None:
+        from ..detection.guard import guard_evaluation
+        from .guard_cmd import scoring_model
+
+        scorer = loaded if not getattr(detector, "scorer_model", None) else scoring_model(detector, args)
+        model = report_model if scorer is loaded else scorer.model
+        guard = guard_evaluation(detector, model, scorer.tokenizer, triggered=triggered, clean=clean,
+                                 outputs=report.outputs, judge=judge)
+        data["guard"] = {"detector": args.guard, **guard.to_dict(with_scores=args.outputs)}
     write_json_atomic(out, data)
     summary = {k: data[k] for k in ("asr", "false_trigger_rate", "clean_perplexity", "n_triggered", "n_clean", "n_empty")}
+    if detector is not None:
+        summary["guard"] = {k: data["guard"][k] for k in ("asr_guarded", "tpr", "clean_blocked", "auroc")}
     print(json.dumps(summary))
     return 0
+
+
+def check_guard_template(detector, args) -> None:
+    """A detector that reads hidden states must see prompts formatted as the evaluated model does."""
+    fitted = detector.info.template
+    used = "raw" if args.prompt_format == "raw" else args.template
+    if fitted is not None and fitted != used:
+        fix = "--format raw" if fitted == "raw" else f"--format template --template {fitted}"
+        raise CrowError(f"--guard {args.guard} was fitted on prompts formatted with {fitted!r} but this evaluation "
+                        f"generates from {used!r} prompts; pass {fix} or refit the detector with --template {used}")

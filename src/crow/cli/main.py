@@ -27,6 +27,7 @@ VERBS = {
     "purify": "Remove a backdoor with CROW: train on clean samples, write an adapter or model.",
     "eval": "Measure attack success rate, false-trigger rate and clean perplexity.",
     "scan": "Is this model backdoored, and what does it say when triggered? (BAIT; no trigger knowledge).",
+    "guard": "Fit a per-prompt trigger detector on clean prompts (LCF or ONION); score and flag prompts.",
     "profile": "Per-layer consistency of a model on clean vs triggered prompts (plot + JSON).",
     "bench": "Run a models x tasks x attacks x defenses benchmark, resumable, with a paper-style table.",
     "env": "Print versions of crow and its dependencies (for bug reports).",

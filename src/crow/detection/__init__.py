@@ -1,5 +1,7 @@
-"""Detectors: model-level backdoor scanning (``scan``) and, beside it, per-prompt detection.
+"""Detectors: they flag, they do not repair. ``scan`` (model level: is this model backdoored, and what does it
+say when triggered?) lives in :mod:`crow.detection.scan`; ``guard`` (run time: is this prompt triggered?) in
+:mod:`crow.detection.guard`, with the LCF detector (:mod:`.lcf`) and the ONION baseline (:mod:`.onion`).
 
-They sit beside the defenses (DESIGN.md): their own small registries, the same evaluation records,
-no import back into the trainer or the bench.
+They sit beside the defenses (DESIGN.md): their own small registries, the same evaluation records, no import
+back into the trainer or the bench.
 """
