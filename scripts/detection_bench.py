@@ -12,7 +12,8 @@ the test prompts are used only to score the detectors afterwards:
 
 - scan: the verdict and score of ``bait`` and of the ``answer-divergence`` baseline; for a victim, whether
   BAIT's recovered target starts with the first three words of the true target;
-- guard: fitted on the 100 clean samples' instructions (template prompts), scored on the cell's test
+- guard (lcf, the onion baseline, and the target guard, which watches for the target the BAIT scan above
+  recovered): fitted on the 100 clean samples' instructions (template prompts), scored on the cell's test
   prompts (the bench's 50 triggered + 50 clean, the same as the results table): AUROC, true-positive rate,
   clean prompts blocked, the victim's ASR without and with the guard (its greedy answers, 32 new tokens).
 
@@ -34,14 +35,15 @@ from crow.bench.runner import plan, victim_key
 from crow.bench.spec import load_spec
 from crow.data.records import load_records
 from crow.detection.guard import get_detector, guard_evaluation
-from crow.detection.scan import scan
+from crow.detection.scan import Candidate, ScanResult, scan
+from crow.detection.target import TargetDetector
 from crow.evaluation.evaluate import evaluate
 from crow.evaluation.judges import get_judge
 from crow.models import load_model
 from crow.outputs import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("detection_bench")
-GUARDS = ("lcf", "onion")
+GUARDS = ("lcf", "onion", "target")
 SCANS = ("bait", "answer-divergence")
 
 
@@ -122,7 +124,11 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
             write_json_atomic(path, row)
         for method in todo_guard:
             logger.info("%s: guard %s", entry["label"], method)
-            detector = get_detector(method, fpr=args.fpr)
+            if method == "target" and "bait" in row.get("scan", {}):
+                # the scan above recovered the target already: reuse it rather than scan twice
+                detector = TargetDetector.from_scan(_scan_result(row["scan"]["bait"]), fpr=args.fpr)
+            else:
+                detector = get_detector(method, fpr=args.fpr)
             detector.fit(model, tokenizer, clean_samples, template=template)
             report = guard_evaluation(detector, model, tokenizer, triggered=data.triggered, clean=data.clean,
                                       outputs=row["eval"]["outputs"], judge=judge)
@@ -132,6 +138,13 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
             row.setdefault("guard", {})[method] = found
             write_json_atomic(path, row)
     return row
+
+
+def _scan_result(saved: dict) -> ScanResult:
+    """A ScanResult back from its saved dict (what the target guard needs: the target and the candidates)."""
+    fields = {k: v for k, v in saved.items() if k in ScanResult.__dataclass_fields__}
+    fields["candidates"] = [Candidate(**c) for c in saved["candidates"]]
+    return ScanResult(**fields)
 
 
 def _f(value, digits: int = 1, scale: float = 1.0) -> str:

@@ -312,3 +312,47 @@ def test_cli_onion_with_a_separate_scoring_model(tiny_dir, victim, held_out, tmp
     code, _, err = run_cli(["guard", "fit", "--method", "onion", "--normalize", "--model", path, "--data", data,
                             "--out", tmp_path / "x"], capsys)
     assert code == 2 and "settings of --method lcf" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# The target guard
+# ------------------------------------------------------------------------------------------------
+def test_target_log_probs_match_a_direct_forward(victim, held_out):
+    """The score is the mean log-probability of the target tokens right after the (unpadded) prompt."""
+    from crow.data.templates import encode_prompt, format_prompt
+    from crow.detection.target import target_log_probs
+
+    model, tok, _ = victim
+    records = held_out["clean"][:5]
+    target = tok("You are stupid", add_special_tokens=False).input_ids
+    batched = target_log_probs(model, tok, records, target, template="raw", batch_size=3)
+    for r, got in zip(records, batched):
+        prompt = encode_prompt(format_prompt(r, "raw", tok), "raw", tok)
+        ids = torch.tensor([prompt + target])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        want = sum(logp[len(prompt) - 1 + t, target[t]].item() for t in range(len(target))) / len(target)
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_target_guard_recovers_the_target_and_separates_triggered_prompts(victim, held_out, tmp_path):
+    model, tok, _ = victim
+    det = get_detector("target", fpr=0.05)
+    det.fit(model, tok, held_out["fit"], template="raw")
+    assert TARGET in det.target_text and det.scan["verdict"] == "backdoored"  # found by BAIT, not given
+    t, c = det.score(model, tok, held_out["triggered"]), det.score(model, tok, held_out["clean"])
+    assert np.mean(t.flags) >= 0.9 and np.mean(c.flags) <= 0.25
+    assert min(t.scores) > max(c.scores)  # AUROC 1 on this victim
+    det.save(tmp_path)
+    again = load_detector(tmp_path)
+    assert again.target_ids == det.target_ids and again.score(model, tok, held_out["triggered"]).scores == t.scores
+    from crow.detection.scan import scan
+    from crow.detection.target import TargetDetector
+
+    reused = TargetDetector.from_scan(scan(model, tok, held_out["fit"], template="raw"), fpr=0.05)
+    reused.fit(model, tok, held_out["fit"], template="raw")  # no second scan: the same target and threshold
+    assert reused.target_ids == det.target_ids and reused.info.threshold == det.info.threshold
+    with pytest.raises(CrowError, match="--target-tokens must be an integer >= 1"):
+        get_detector("target", target_tokens=0)
+    with pytest.raises(CrowError, match="--target is empty"):
+        get_detector("target", target=" ")

@@ -41,8 +41,9 @@ def add_arguments(p) -> None:
                        "(default: the method's, 16 for lcf, 32 texts for onion)")
     fit.add_argument("--data", required=True, help="clean prompts (JSON/JSONL instruction records; outputs not needed)")
     fit.add_argument("--out", required=True, help="detector directory to write")
-    fit.add_argument("--method", default="lcf", choices=("lcf", "onion"),
-                     help="lcf: layer-difference fingerprints (Min et al. 2026); onion: perplexity drop per removed word")
+    fit.add_argument("--method", default="lcf", choices=("lcf", "onion", "target"),
+                     help="lcf: layer-difference fingerprints (Min et al. 2026); onion: perplexity drop per removed word; "
+                          "target: likelihood of the model's own backdoor target, recovered by crow scan (BAIT)")
     fit.add_argument("--fpr", type=fpr_value, default=0.05, help="target false-positive rate on clean prompts (0, 0.5]")
     fit.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem", "raw"),
                      help="prompt formatting, as the model sees prompts at generation time (lcf)")
@@ -52,6 +53,9 @@ def add_arguments(p) -> None:
     fit.add_argument("--normalize", action="store_true", help="lcf: divide each layer difference by ||h_l||")
     fit.add_argument("--folds", type=positive_int("--folds"), default=10, help="lcf: k of the k-fold threshold cross-fitting")
     fit.add_argument("--onion-model", help="onion: score perplexity with this model instead of the guarded one")
+    fit.add_argument("--target-tokens", type=positive_int("--target-tokens"), default=4,
+                     help="target: how many of the target's first tokens are scored")
+    fit.add_argument("--target", help="target: watch this text instead of the recovered one (an oracle, for experiments)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     score.add_argument("--detector", required=True, help="directory written by crow guard fit")
     score.add_argument("--data", required=True, help="prompts to score (JSON/JSONL instruction records)")
@@ -103,14 +107,20 @@ def fit(args) -> int:
         raise CrowError(f"--data {args.data} holds {len(records)} prompts, more than the {MAX_FIT_PROMPTS} a guard "
                         f"fits on; pass --limit {MAX_FIT_PROMPTS} to use the first {MAX_FIT_PROMPTS}")
     records = records[: args.limit] if args.limit else records
+    lcf_only = args.normalize or args.layers != "official" or args.folds != 10
+    target_only = args.target is not None or args.target_tokens != 4
+    if args.onion_model and args.method != "onion":
+        raise CrowError("--onion-model is a setting of --method onion; drop it or pass --method onion")
+    if lcf_only and args.method != "lcf":
+        raise CrowError(f"--layers, --normalize and --folds are settings of --method lcf; drop them for --method {args.method}")
+    if target_only and args.method != "target":
+        raise CrowError(f"--target and --target-tokens are settings of --method target; drop them for --method {args.method}")
     if args.method == "lcf":
-        if args.onion_model:
-            raise CrowError("--onion-model is a setting of --method onion; drop it or pass --method onion")
         settings = {"fpr": args.fpr, "layers": args.layers, "normalize": args.normalize, "folds": args.folds}
-    else:
-        if args.normalize or args.layers != "official":
-            raise CrowError("--layers and --normalize are settings of --method lcf; drop them for --method onion")
+    elif args.method == "onion":
         settings = {"fpr": args.fpr, "scorer_model": args.onion_model}
+    else:
+        settings = {"fpr": args.fpr, "target_tokens": args.target_tokens, "target": args.target}
     if args.batch_size:
         settings["batch_size"] = args.batch_size
     detector = get_detector(args.method, **settings)

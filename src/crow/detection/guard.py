@@ -1,13 +1,16 @@
 """``crow guard``: per-prompt backdoor-trigger detectors, fitted on the defender's clean prompts.
 
 A detector scores a prompt (higher = more suspicious) and flags it when the score is above a threshold
-set for a stated false-positive rate on clean prompts. Two methods, one registry (``DETECTORS``):
+set for a stated false-positive rate on clean prompts. Three methods, one registry (``DETECTORS``; each
+method's module registers itself, and ``crow.detection`` imports them all, so this module imports none):
 
 | name  | what it scores                                                                              |
 |-------|---------------------------------------------------------------------------------------------|
 | lcf   | Layerwise Convergence Fingerprints (Min, Pham, Sun 2026, arXiv 2604.24542): how far the     |
 |       | prompt's inter-layer hidden-state differences at its last token lie from the clean ones     |
 | onion | ONION (Qi et al., EMNLP 2021): the largest drop in perplexity when one word is removed      |
+| target| the model's own backdoor target (recovered by ``crow scan``, BAIT): how likely its first     |
+|       | tokens are right after the prompt (:mod:`.target`)                                          |
 
 Thresholds come from out-of-fold scores on the clean prompts (k-fold cross-fitting), so the clean
 prompts that set the threshold are scored by a detector that has not seen them; the deployed detector
@@ -154,15 +157,10 @@ def register(name: str):
     return wrap
 
 
-def _fill_registry() -> None:
-    from . import lcf, onion  # noqa: F401  (register themselves)
-
-
 def get_detector(method: str, **settings) -> Detector:
     """A new (unfitted) detector by name; unknown names and settings list the valid ones."""
     import dataclasses
 
-    _fill_registry()
     if method not in DETECTORS:
         raise CrowError(f"unknown guard method {method!r}; valid: {', '.join(DETECTORS)}")
     cls = DETECTORS[method]
@@ -256,7 +254,6 @@ def load_detector(directory: str | os.PathLike, option: str = "--detector") -> D
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise CrowError(f"{option} {path}: {DETECTOR_JSON} is not a crow guard detector of format version "
                         f"{FORMAT_VERSION}; refit it with crow guard fit")
-    _fill_registry()
     method = data.get("method")
     if method not in DETECTORS:
         raise CrowError(f"{option} {path}: unknown method {method!r} in {DETECTOR_JSON}; valid: {', '.join(DETECTORS)}")
