@@ -183,7 +183,8 @@ def test_shipped_specs_load_and_name_valid_defenses(path):
     spec = load_spec(path)
     cells = plan(spec)  # raises on an unknown defense or setting
     assert spec.suite == "backdoorllm" and spec.models == ["smollm2-135m-gguf"]
-    assert len(cells) == sum(map(len, spec.cells.values())) * len(spec.defense_entries()) * len(spec.seeds)
+    columns = len(spec.defense_entries()) + len(spec.references)  # references (base) are cells too
+    assert len(cells) == sum(map(len, spec.cells.values())) * columns * len(spec.seeds)
 
 
 def test_ablations_share_the_main_victim():
