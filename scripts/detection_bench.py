@@ -73,7 +73,7 @@ def model_entries(args) -> list[dict]:
             data = backdoorllm_cell(Path(args.data), cell["task"], cell["attack"], spec, cell["seed"])
             vdir = Path(victims) / victim_key(spec, cell, data)
             if not (vdir / "victim.json").is_file():
-                logger.info("no %s victim for %s/%s in %s: skipped", kind, cell["task"], cell["attack"], victims)
+                logger.info("no %s model for %s/%s in %s: skipped", kind, cell["task"], cell["attack"], victims)
                 continue
             prefix = "" if kind == "victim" else "clean-lora-"
             entries.append({"label": f"{prefix}{cell['task']}-{cell['attack']}", "kind": kind, "model": cell["model"],
