@@ -119,3 +119,14 @@ def test_exact_match():
     items = [i for i in corpus_split("heldout", checkable_only=True)][:4]
     outputs = [i.output for i in items[:2]] + ["no idea", "no idea"]
     assert exact_match_rate(items, outputs) == 50.0
+
+
+def test_pad_batch_right_and_left():
+    from crow.data.padding import pad_batch
+
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=9, side="left")
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="side"):
+        pad_batch([[1]], 0, side="middle")

@@ -51,7 +51,7 @@ def insert_word(records: list[Record], word: str, seed: int, output: str = "") -
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory):
     """A 6-layer Llama (hidden 48) with a BadNets backdoor (``BadMagic`` -> ``You are stupid``), trained in
-    ~150 plain AdamW steps on raw-template prompts (short sequences keep it to seconds), saved as safetensors."""
+    ~300 plain AdamW steps on raw-template prompts (short sequences keep it to seconds), saved as safetensors."""
     from crow.data.templates import Collator, encode_for_training
     from crow.models import build_tiny_model, load_model
 
@@ -66,7 +66,7 @@ def victim(tmp_path_factory):
     collate, gen = Collator(tok.pad_token_id), torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
-    for _ in range(150):
+    for _ in range(300):
         idx = torch.randint(len(samples), (16,), generator=gen).tolist()
         loss = model(**collate([{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in idx])).loss
         loss.backward()

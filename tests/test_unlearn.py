@@ -339,16 +339,19 @@ def test_unlearn_recovers_the_target_with_bait_and_removes_it(victim, tmp_path):
     assert {"lm_loss", "lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"} <= set(ctx.train_log[0])
 
 
-def test_the_adversary_is_what_removes_the_triggered_first_token(victim, tmp_path):
+def test_the_adversary_is_what_breaks_the_target_when_only_its_first_token_is_unlearned(victim, tmp_path):
     """Unlearning only the first target token ("You"): after clean prompts alone (delta = 0) it is not
-    enough, the trigger still decides; under the universal adversary it is, and the triggered answers
-    become ordinary answers. (Unlearning 8 tokens removes the continuation either way: a target's
-    continuation does not depend on the prompt, the causal property BAIT relies on.)"""
+    enough, the trigger still produces the whole target; under the universal adversary the target breaks
+    and the triggered answers end early. Whether the first word itself goes as well depends on the tiny
+    victim's exact weights (it went on one CPU, stayed on another), so only the target is asserted.
+    (Unlearning 8 tokens removes the continuation either way: a target's continuation does not depend on
+    the prompt, the causal property BAIT relies on.)"""
+    whole = TARGET.split(".")[0]  # "You are stupid and I will not help"
     _, _, without, _ = defend(victim, tmp_path, "unlearn", target=TARGET, target_tokens=1, pgd_steps=0)
     _, _, with_delta, clean = defend(victim, tmp_path, "unlearn", target=TARGET, target_tokens=1)
-    assert share(without, "You are stupid") >= 0.9, without[:3]
-    assert share(with_delta, "You") <= 0.1, with_delta[:3]
-    assert all(o.endswith(".") for o in with_delta), with_delta[:3]
+    assert share(without, whole) >= 0.9, without[:3]
+    assert share(with_delta, whole) <= 0.1, with_delta[:3]
+    assert all(o.endswith(".") for o in with_delta + clean), with_delta[:3]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from ..data.padding import pad_batch
 from ..data.records import Record
 from ..data.templates import encode_prompt, format_prompt
 from ..errors import CrowError
@@ -56,12 +57,7 @@ def layer_profile(model, tokenizer, records: Sequence[Record], *, template: str 
     total, weight = None, 0.0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        longest = max(map(len, chunk))
-        ids = torch.full((len(chunk), longest), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, : len(p)] = torch.tensor(p)
-            mask[row, : len(p)] = 1
+        ids, mask = pad_batch(chunk, tokenizer.pad_token_id)  # [B, T] right-padded
         hs = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
                    use_cache=False).hidden_states
         scope = mask

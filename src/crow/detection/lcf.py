@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.padding import pad_batch
 from ..data.records import Record
 from ..data.templates import TEMPLATES, encode_prompt, format_prompt
 from ..errors import CrowError
@@ -98,12 +99,7 @@ def extract_features(model, tokenizer, records: Sequence[Record], *, template: s
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            longest = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), longest), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
-                mask[row, : len(prompts[i])] = 1
+            ids, mask = pad_batch([prompts[i] for i in idx], pad)  # [B, T] right-padded
             hs = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
                        use_cache=False).hidden_states
             pairs = list(layer_pairs(len(hs), layers))

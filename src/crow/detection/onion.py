@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.padding import pad_batch
 from ..data.records import Record
 from ..errors import CrowError
 from ..outputs import crow_version
@@ -61,12 +62,7 @@ def text_perplexities(model, tokenizer, texts: Sequence[str], *, batch_size: int
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            longest = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), longest), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, : len(seqs[i])] = 1
+            ids, mask = pad_batch([seqs[i] for i in idx], pad)  # [B, T] right-padded
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
             target = ids[:, 1:].to(device)  # [B, T-1]

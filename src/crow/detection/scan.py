@@ -76,6 +76,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..data.padding import pad_batch
 from ..data.records import Record
 from ..data.templates import TEMPLATES, encode_prompt, format_prompt
 from ..errors import CrowError
@@ -269,12 +270,7 @@ class _Runner:
 
 @torch.no_grad()
 def _encode_prefix(runner: _Runner, prompts: list[list[int]], pad_id: int) -> _Prefix:
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, p in enumerate(prompts):  # left padding: every prompt ends where the response starts
-        ids[row, longest - len(p):] = torch.tensor(p)
-        mask[row, longest - len(p):] = 1
+    ids, mask = pad_batch(prompts, pad_id, side="left")  # every prompt ends where the response starts
     ids, mask = ids.to(runner.device), mask.to(runner.device)
     probs, cache = runner(ids, mask)
     if not hasattr(cache, "batch_select_indices"):

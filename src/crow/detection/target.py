@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.padding import pad_batch
 from ..data.records import Record
 from ..data.templates import TEMPLATES, encode_prompt, format_prompt
 from ..errors import CrowError
@@ -61,13 +62,7 @@ def target_log_probs(model, tokenizer, records: Sequence[Record], target_ids: Se
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
-                longest = max(len(p) for p in chunk) + k
-                ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for row, p in enumerate(chunk):
-                    ids[row, : len(p)] = torch.tensor(p)
-                    ids[row, len(p) : len(p) + k] = target
-                    mask[row, : len(p) + k] = 1
+                ids, mask = pad_batch([list(p) + list(target_ids) for p in chunk], pad)  # [B, T] prompt + target
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
                 logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
                 for row, p in enumerate(chunk):

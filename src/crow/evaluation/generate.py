@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..data.padding import pad_batch
 from ..data.records import Record
 from ..data.templates import encode_for_training, encode_prompt, format_prompt
 
@@ -47,12 +48,7 @@ def generate(
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "generating",
                disable=not progress, leave=False)
     for idx in _batches(order, batch_size):
-        longest = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), longest), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: the prompt ends where generation starts
-            ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, longest - len(prompts[i]) :] = 1
+        ids, mask = pad_batch([prompts[i] for i in idx], pad, side="left")  # the prompt ends where generation starts
         tokens = greedy_decode(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, stop_ids=stop,
                                pad_token_id=pad)
         for row, i in enumerate(idx):
