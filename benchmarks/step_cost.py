@@ -5,6 +5,9 @@ Compares, on the same model, batch and seed (median of --steps timed steps after
   crow      crow's CrowTrainer.compute_loss + backward (2 forwards, input-only grad, 1 backward)
   official  the official structure (crow.reference.official_crow_loss): 3 forwards, a full
             backward(retain_graph=True), zero_grad, then the backward of the loss
+  unlearn   crow's UnlearnTrainer.compute_loss + backward (issue 17's defense, its defaults: 2 PGD steps
+            of the universal adversary on prompt + 8 target tokens, the clean and the adversarial LM
+            forwards, the unlikelihood forward, one backward)
 It checks that crow's loss equals the official one, measures peak memory of the crow and official
 steps (CPU: peak bytes of live tensors allocated during one step, tracked op by op with a
 TorchDispatchMode, see LiveTensorBytes; CUDA: torch.cuda.max_memory_allocated), and the speedup of crow's
@@ -166,6 +169,7 @@ def main(argv=None) -> dict:
     from crow.purification import LoraSettings, make_trainable
     from crow.reference import official_crow_loss
     from crow.trainer import CrowConfig, CrowTrainer
+    from crow.unlearn import UnlearnConfig, UnlearnTrainer
 
     loaded, model_name = build_model(args)
     model = make_trainable(loaded.model, lora=LoraSettings()).to(args.device)
@@ -181,6 +185,14 @@ def main(argv=None) -> dict:
     config = CrowConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
                         report_to="none")
     trainer = CrowTrainer(model=model, args=config, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]))
+    from crow.data.templates import Collator
+
+    one = [{"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}]
+    unlearn_trainer = UnlearnTrainer(
+        model=model, args=UnlearnConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
+                                        report_to="none"),
+        train_dataset=Dataset.from_list(one), data_collator=Collator(0),
+        target_ids=torch.randint(5, model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(1)).tolist())
     model.eval()  # per-micro-batch losses (no accumulation scaling); LoRA dropout is 0 anyway
 
     def sft():
@@ -195,6 +207,10 @@ def main(argv=None) -> dict:
         official_crow_loss(model, batch).backward()
         model.zero_grad(set_to_none=True)
 
+    def unlearn():
+        unlearn_trainer.compute_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+
     loss_crow = trainer.compute_loss(model, batch).item()
     loss_official = official_crow_loss(model, batch).item()
     model.zero_grad(set_to_none=True)
@@ -202,7 +218,7 @@ def main(argv=None) -> dict:
         sys.exit(f"crow's loss {loss_crow} differs from the official formula's {loss_official}")
     print(f"loss: crow {loss_crow:.6f}  official {loss_official:.6f}", file=sys.stderr)
 
-    variants = {"sft": sft, "crow": crow, "official": official}
+    variants = {"sft": sft, "crow": crow, "official": official, "unlearn": unlearn}
     for fn in variants.values():
         for _ in range(args.warmup):
             fn()
@@ -213,7 +229,7 @@ def main(argv=None) -> dict:
     median = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
         print(f"{k:9s} median {median[k]:.3f} s  ({', '.join(f'{x:.2f}' for x in v)})", file=sys.stderr)
-    memory = {k: peak_bytes(variants[k], args.device) for k in ("crow", "official", "sft")}
+    memory = {k: peak_bytes(variants[k], args.device) for k in ("crow", "official", "sft", "unlearn")}
     for k, v in memory.items():
         print(f"{k:9s} peak {v / 2**20:.1f} MiB", file=sys.stderr)
 
@@ -221,6 +237,7 @@ def main(argv=None) -> dict:
     result = {
         "crow_over_sft": round(median["crow"] / median["sft"], 3),
         "crow_over_official": round(median["crow"] / median["official"], 3),
+        "unlearn_over_crow": round(median["unlearn"] / median["crow"], 3),
         "peak_mem_crow_over_official": round(memory["crow"] / memory["official"], 3),
         "batched_eval_speedup": round(eval_speedup, 2),
         "model": model_name, "batch": args.batch, "seq_len": args.seq_len, "prompt_len": args.prompt_len,
