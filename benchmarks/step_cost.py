@@ -8,8 +8,8 @@ Compares, on the same model, batch and seed (median of --steps timed steps after
   unlearn   crow's UnlearnTrainer.compute_loss + backward (issue 17's defense, its defaults: 2 PGD steps
             of the universal adversary on prompt + 8 target tokens, the clean and the adversarial LM
             forwards, the unlikelihood forward, one backward)
-It checks that crow's loss equals the official one, measures peak memory of the crow and official
-steps (CPU: peak bytes of live tensors allocated during one step, tracked op by op with a
+It checks that crow's loss equals the official one, measures peak memory of each variant's
+step (CPU: peak bytes of live tensors allocated during one step, tracked op by op with a
 TorchDispatchMode, see LiveTensorBytes; CUDA: torch.cuda.max_memory_allocated), and the speedup of crow's
 batched greedy generation over transformers' generate called one prompt at a time (the official way).
 
@@ -166,6 +166,7 @@ def peak_bytes(fn, device) -> int:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    from crow.data.templates import Collator
     from crow.purification import LoraSettings, make_trainable
     from crow.reference import official_crow_loss
     from crow.trainer import CrowConfig, CrowTrainer
@@ -185,8 +186,6 @@ def main(argv=None) -> dict:
     config = CrowConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
                         report_to="none")
     trainer = CrowTrainer(model=model, args=config, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]))
-    from crow.data.templates import Collator
-
     one = [{"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}]
     unlearn_trainer = UnlearnTrainer(
         model=model, args=UnlearnConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
