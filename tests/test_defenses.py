@@ -116,6 +116,28 @@ def test_training_defenses_continue_the_suspect_adapter(victim, tmp_path):
     assert set(before) == {n for n in after if "lora_" in n}  # the same adapter, no new one
 
 
+def test_a_defense_seed_overrides_the_cells_seed(victim, tmp_path, monkeypatch):
+    """``seed`` repeats a training defense on the same victim with another seed; unset, the cell's seed rules."""
+    import types
+
+    import crow.defenses.registry as registry
+
+    seen = []
+
+    def fake_purify(model, tokenizer, clean, config, **kwargs):  # records the trainer's seed, trains nothing
+        seen.append(config.seed)
+        return types.SimpleNamespace(model=model, log_history=[])
+
+    monkeypatch.setattr(registry, "purify", fake_purify)
+    monkeypatch.setattr(registry, "recover_target", lambda *a, **k: registry.RecoveredTarget("x", [1], "x", "bait"))
+    model, tok = victim
+    context = DefenseContext(clean=make_records(4), work_dir=tmp_path, seed=7)
+    for name in ("crow", "finetune-lr1e-3", "unlearn"):
+        get_defense(name).repair(model, tok, context)
+        get_defense(name, seed=1).repair(model, tok, context)
+    assert seen == [7, 1, 7, 1, 7, 1]
+
+
 def test_reinit_adapter_drops_the_suspect_adapter_and_trains_a_fresh_one(victim, tiny_dir, tmp_path):
     model, tok = victim
     clean = load_model(str(tiny_dir)).model  # the base weights, without any adapter

@@ -91,6 +91,9 @@ class CrowDefense(Defense):
     #: train every weight instead of a LoRA (purify's full_finetune): needs a victim without an adapter
     #: (``victim_form: merged``, or the tiny suite's fully trained victims)
     full_finetune: bool = False
+    #: the training seed (the order of the clean samples, a fresh adapter's init); None takes the bench cell's
+    #: seed, which also seeds the victim: set it to repeat the defense on the same victim with another seed
+    seed: int | None = None
     name = "crow"
 
     def resolved_alpha(self, task: str | None) -> float:
@@ -106,7 +109,8 @@ class CrowDefense(Defense):
                             crow_epsilon=self.epsilon, crow_layers=self.layers, crow_token_scope=self.token_scope,
                             learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                             per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
-                            seed=ctx.seed, save_strategy="no", disable_tqdm=not ctx.progress, logging_steps=5)
+                            seed=ctx.seed if self.seed is None else self.seed, save_strategy="no",
+                            disable_tqdm=not ctx.progress, logging_steps=5)
         result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
                         full_finetune=self.full_finetune)
         ctx.train_log[:] = result.log_history
@@ -230,6 +234,8 @@ class UnlearnDefense(Defense):
     grad_accum: int = 4
     #: train every weight instead of a LoRA (needs a victim without an adapter, as crow's)
     full_finetune: bool = False
+    #: the training seed (the order of the clean samples; the adversary starts at zero); None takes the cell's seed
+    seed: int | None = None
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -257,7 +263,7 @@ class UnlearnDefense(Defense):
     def repair(self, model, tokenizer, ctx):
         from ..unlearn import UnlearnTrainer
 
-        config = self._config(ctx.work_dir, ctx.seed, ctx.progress)
+        config = self._config(ctx.work_dir, ctx.seed if self.seed is None else self.seed, ctx.progress)
         self.recovered = recover_target(model, tokenizer, ctx.clean, template=ctx.template, target=self.target,
                                         target_tokens=self.target_tokens)
         result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
