@@ -112,7 +112,6 @@ def _fam(name, subjects, phrasings, output, answer):
 
 
 def _families():
-    ordinal = {2: "second", 3: "third"}
     return [
         _fam("capital", CAPITALS.items(), ["What is the capital of {k}?", "Name the capital city of {k}.",
                                            "Which city is the capital of {k}?"],
