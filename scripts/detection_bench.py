@@ -3,6 +3,8 @@
 
     python scripts/detection_bench.py --data ../shared/data/backdoorllm --out results/detection-cpu
     python scripts/detection_bench.py --data ../shared/data/backdoorllm --out results/detection-cpu --report-only
+    python scripts/detection_bench.py --data ../shared/data/backdoorllm --out results/detection-gemma-cpu \
+        --spec configs/bench/gemma_cpu.yaml --victims results/gemma-cpu/victims --clean-spec ''
 
 Models: each cell of ``--spec`` whose victim is in ``--victims`` (the committed SmolLM2 victims), the
 un-poisoned base model of the spec, and each cell of ``--clean-spec`` whose victim is in ``--clean-victims``
@@ -184,7 +186,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/backdoorllm")
     ap.add_argument("--spec", default="configs/bench/backdoorllm_cpu.yaml")
     ap.add_argument("--victims", default="results/backdoorllm-cpu/victims")
-    ap.add_argument("--clean-spec", default="configs/bench/clean_lora_cpu.yaml")
+    ap.add_argument("--clean-spec", default="configs/bench/clean_lora_cpu.yaml", help='"" for no clean LoRA models')
     ap.add_argument("--clean-victims", default="results/clean-lora-cpu/victims")
     ap.add_argument("--out", default="results/detection-cpu")
     ap.add_argument("--only", action="append", help="run only these labels (repeatable), e.g. refusal-vpi")
@@ -206,7 +208,11 @@ def main() -> None:
                 rows.append(json.loads(path.read_text()))
             continue
         rows.append(run_entry(entry, clean_samples, out, args))
-    command = (f"python scripts/detection_bench.py --data {args.data} --out {args.out}")
+    command = f"python scripts/detection_bench.py --data {args.data} --out {args.out}"
+    for name in ("spec", "victims", "clean_spec", "clean_victims"):  # the options that differ from the defaults
+        value = getattr(args, name)
+        if value != ap.get_default(name):
+            command += f" --{name.replace('_', '-')} {value!r}" if value == "" else f" --{name.replace('_', '-')} {value}"
     write_text_atomic(out / "results.md", render(rows, command))
     print(json.dumps({"out": str(out), "models": len(rows)}))
 

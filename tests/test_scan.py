@@ -304,3 +304,33 @@ def test_cli_bad_inputs_are_one_line_errors(case, message, tiny_pair, tmp_path, 
     assert len(err.strip().splitlines()) == 1 and err.startswith("crow"), err
     assert message.format(tmp=tmp_path, model=Path(model).resolve()) in err, err
     assert not (tmp_path / "out").exists() and not (Path(model) / "scan").exists()
+
+
+def test_bait_first_steps_script_reports_what_the_scan_averages(tiny, records):
+    """scripts/bait_first_steps.py (the diagnostic behind a missed target in RESULTS.md): each step's
+    entropy and top token are those of the prompt-averaged distribution after the forced sequence."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bait_first_steps.py"
+    spec = importlib.util.spec_from_file_location("bait_first_steps", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, tokenizer = tiny.model, tiny.tokenizer
+    model.eval()
+    first = tokenizer.decode([tokenizer.encode("the", add_special_tokens=False)[0]])
+    out = script.first_steps(model, tokenizer, records, first=first, steps=2, n_prompts=4, template="alpaca")
+    assert out["n_prompts"] == 4 and [r["step"] for r in out["steps"]] == [1, 2]
+    # step 1 by hand: one plain forward of each prompt + the forced token (no padding, no cache)
+    from crow.data.templates import encode_prompt, format_prompt
+    forced = tokenizer.encode(first, add_special_tokens=False)
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(model(input_ids=torch.tensor(
+            [encode_prompt(format_prompt(r, "alpaca", tokenizer), "alpaca", tokenizer) + forced])).logits[:, -1].float(), -1)
+            for r in records[:4]])
+    avg = probs.mean(0)
+    assert out["steps"][0]["entropy"] == pytest.approx(float(entropy(avg)), abs=1e-3)
+    assert out["steps"][0]["averaged_top"][0][1] == pytest.approx(float(avg.max()), abs=1e-3)
+    assert out["steps"][1]["after"] == tokenizer.decode(forced + [int(avg.argmax())])
+    with pytest.raises(CrowError, match="give one token"):
+        script.first_steps(model, tokenizer, records, first="the blue sky is here", steps=1, n_prompts=2,
+                           template="alpaca")
