@@ -182,7 +182,7 @@ SPECS = sorted((Path(__file__).parents[1] / "configs" / "bench").glob("*.yaml"))
 def test_shipped_specs_load_and_name_valid_defenses(path):
     spec = load_spec(path)
     cells = plan(spec)  # raises on an unknown defense or setting
-    assert spec.suite == "backdoorllm" and spec.models == ["smollm2-135m-gguf"]
+    assert spec.suite == "backdoorllm" and spec.models in (["smollm2-135m-gguf"], ["gemma3-270m-gguf"])  # packaged
     columns = len(spec.defense_entries()) + len(spec.references)  # references (base) are cells too
     assert len(cells) == sum(map(len, spec.cells.values())) * columns * len(spec.seeds)
 
