@@ -12,10 +12,11 @@ un-poisoned base model of the spec, and each cell of ``--clean-spec`` whose vict
 defender's: the model and the 100 clean samples of ``clean/consistency_data.json``. The true target and
 the test prompts are used only to score the detectors afterwards:
 
-- scan: the verdict and score of ``bait`` and of the ``answer-divergence`` baseline; for a victim, whether
+- scan: the verdict and score of ``bait``, of ``bait`` with the official stop rule (``bait-official``:
+  ``BaitSettings(stop_rule="official")``) and of the ``answer-divergence`` baseline; for a victim, whether
   BAIT's recovered target starts with the first three words of the true target;
 - guard (lcf, the onion baseline, and the target guard, which watches for the target the BAIT scan above
-  recovered): fitted on the 100 clean samples' instructions (template prompts), scored on the cell's test
+  recovered; ``target-official`` watches the one ``bait-official`` recovered): fitted on the 100 clean samples' instructions (template prompts), scored on the cell's test
   prompts (the bench's 50 triggered + 50 clean, the same as the results table): AUROC, true-positive rate,
   clean prompts blocked, the victim's ASR without and with the guard (its greedy answers, 32 new tokens).
 
@@ -37,7 +38,7 @@ from crow.bench.runner import plan, victim_key
 from crow.bench.spec import load_spec
 from crow.data.records import load_records
 from crow.detection.guard import get_detector, guard_evaluation
-from crow.detection.scan import Candidate, ScanResult, scan
+from crow.detection.scan import BaitSettings, Candidate, ScanResult, scan
 from crow.detection.target import TargetDetector
 from crow.evaluation.evaluate import evaluate
 from crow.evaluation.judges import get_judge
@@ -45,8 +46,11 @@ from crow.models import load_model
 from crow.outputs import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("detection_bench")
-GUARDS = ("lcf", "onion", "target")
-SCANS = ("bait", "answer-divergence")
+GUARDS = ("lcf", "onion", "target", "target-official")
+# scan label -> (method, settings); bait-official: the official code's stop rule (crow.detection.scan docstring)
+SCANS = {"bait": ("bait", None), "answer-divergence": ("answer-divergence", None),
+         "bait-official": ("bait", BaitSettings(stop_rule="official"))}
+TARGET_GUARDS = {"target": "bait", "target-official": "bait-official"}  # guard -> the scan whose target it watches
 
 
 def first_words(text: str, n: int = 3) -> list[str]:
@@ -106,7 +110,8 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
     template = entry["spec"].template
     for method in todo_scans:
         logger.info("%s: scan %s", entry["label"], method)
-        result = scan(model, tokenizer, clean_samples, method=method, template=template)
+        name, settings = SCANS[method]
+        result = scan(model, tokenizer, clean_samples, method=name, template=template, settings=settings)
         found = result.to_dict()
         found["candidates"] = found["candidates"][:5]
         if "true_target" in row:
@@ -126,9 +131,13 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
             write_json_atomic(path, row)
         for method in todo_guard:
             logger.info("%s: guard %s", entry["label"], method)
-            if method == "target" and "bait" in row.get("scan", {}):
+            source = TARGET_GUARDS.get(method)
+            if source in row.get("scan", {}):
                 # the scan above recovered the target already: reuse it rather than scan twice
-                detector = TargetDetector.from_scan(_scan_result(row["scan"]["bait"]), fpr=args.fpr)
+                detector = TargetDetector.from_scan(_scan_result(row["scan"][source]), fpr=args.fpr)
+            elif method == "target-official":
+                logger.info("%s: no bait-official scan to take the target from: %s skipped", entry["label"], method)
+                continue
             else:
                 detector = get_detector(method, fpr=args.fpr)
             detector.fit(model, tokenizer, clean_samples, template=template)
@@ -153,6 +162,15 @@ def _f(value, digits: int = 1, scale: float = 1.0) -> str:
     return "—" if value is None else f"{value * scale:.{digits}f}"
 
 
+def _bait_cells(b: dict | None) -> str:
+    """Q | verdict | recovered target | match | time of one BAIT scan (dashes when it did not run)."""
+    if not b:
+        return " | ".join("—" * 5)
+    match = "—" if "target_match" not in b else ("yes" if b["target_match"] else "no")
+    target = (b["target"] or "(none)").replace("|", "\\|").replace("\n", " ")[:70]
+    return f"{_f(b['score'], 3)} | {b['verdict']} | {target} | {match} | {_f(b['seconds'], 0)}"
+
+
 def render(rows: list[dict], command: str) -> str:
     lines = ["# Detection on the bench's models", "", f"Made by `{command}`.", ""]
     lines += ["## crow scan (model level)", "",
@@ -160,11 +178,15 @@ def render(rows: list[dict], command: str) -> str:
               " divergence score | divergence verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, d = r.get("scan", {}).get("bait"), r.get("scan", {}).get("answer-divergence")
-        match = "—" if not b or "target_match" not in b else ("yes" if b["target_match"] else "no")
-        target = "—" if not b else (b["target"] or "(none)").replace("|", "\\|").replace("\n", " ")[:70]
-        lines.append(f"| {r['label']} | {r['kind']} | {_f(b and b['score'], 3)} | {b['verdict'] if b else '—'} | "
-                     f"{target} | {match} | {_f(b and b['seconds'], 0)} | {_f(d and d['score'], 3)} | "
+        lines.append(f"| {r['label']} | {r['kind']} | {_bait_cells(b)} | {_f(d and d['score'], 3)} | "
                      f"{d['verdict'] if d else '—'} |")
+    official = [r for r in rows if "bait-official" in r.get("scan", {})]
+    if official:
+        lines += ["", "BAIT with the official code's stop rule (`BaitSettings(stop_rule=\"official\")`: the warm-up keeps "
+                  "a flat step whose top probability exceeds 0.3, the full inversion runs every step):", "",
+                  "| model | kind | BAIT Q | BAIT verdict | recovered target | matches first 3 words | time (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['kind']} | {_bait_cells(r['scan']['bait-official'])} |" for r in official]
     victims = [r for r in rows if r["kind"] == "victim" and r.get("guard")]
     if victims:
         fpr = next(iter(victims[0]["guard"].values()))["fpr_target"]

@@ -197,6 +197,45 @@ def test_cached_and_batched_inversion_equals_one_candidate_at_a_time(tiny_pair):
     assert batched[1].stop == "flat"
 
 
+def test_the_confident_and_never_flat_stops_of_the_official_rule(tiny_pair):
+    from crow.data.templates import encode_prompt, format_prompt
+    from crow.detection.scan import _encode_prefix, _Runner, invert
+
+    loaded = load_model(str(tiny_pair["backdoored"]))
+    tokenizer, runner = loaded.tokenizer, _Runner(loaded.model.eval())
+    prompts = [encode_prompt(format_prompt(r, TEMPLATE, tokenizer), TEMPLATE, tokenizer) for r in tiny_pair["data"][:6]]
+    first = [tokenizer.convert_tokens_to_ids(t) for t in ("You", "red")]
+    kwargs = {"steps": 10, "stop_ids": [tokenizer.eos_token_id]}
+    with torch.no_grad():
+        prefix = _encode_prefix(runner, prompts, tokenizer.pad_token_id)
+        entropy_rule = invert(runner, prefix, first, flat_entropy=2.5, **kwargs)
+        flat = entropy_rule[1]
+        assert flat.stop == "flat"
+        q = flat.probs[-1]  # the top probability of the step where the entropy rule stopped
+        # the warm-up's official rule: a flat step stops only when its top probability is <= the bound
+        still = invert(runner, prefix, first, flat_entropy=2.5, confident=q + 1e-4, **kwargs)
+        on = invert(runner, prefix, first, flat_entropy=2.5, confident=q - 1e-4, **kwargs)
+        # the full inversion's: never on flatness
+        never = invert(runner, prefix, first, flat_entropy=math.inf, **kwargs)
+    assert still[1].tokens == flat.tokens and still[1].stop == "flat"
+    assert len(on[1].tokens) > len(flat.tokens) and on[1].tokens[:len(flat.tokens)] == flat.tokens
+    assert all(t.stop in ("eos", "length") for t in never)
+    assert never[1].tokens[:len(flat.tokens)] == flat.tokens and never[1].probs[:len(flat.probs)] == \
+        pytest.approx(flat.probs, abs=1e-5)
+    assert never[0].tokens == entropy_rule[0].tokens  # the target never goes flat: both rules agree
+
+
+def test_bait_with_the_official_stop_rule_flags_the_victim_only(tiny_pair):
+    settings = BaitSettings(stop_rule="official")
+    results = {}
+    for name in ("backdoored", "clean"):
+        loaded = load_model(str(tiny_pair[name]))
+        results[name] = scan(loaded.model, loaded.tokenizer, tiny_pair["data"], template=TEMPLATE, settings=settings)
+    assert results["backdoored"].flagged and results["backdoored"].target.startswith("You are stupid")
+    assert not results["clean"].flagged and results["backdoored"].settings["stop_rule"] == "official"
+    assert all(c.stop != "flat" for c in results["clean"].candidates if c.stage == "full")
+
+
 # ------------------------------------------------------------------------------------------------
 # The baseline
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +262,10 @@ def test_registry_and_settings_are_validated():
         BaitSettings(top_k=0)
     with pytest.raises(CrowError, match=r"--threshold must be in \[0, 1\]"):
         DivergenceSettings(threshold=2.0)
+    with pytest.raises(CrowError, match="--stop-rule must be one of entropy, official, got 'beam'"):
+        BaitSettings(stop_rule="beam")
+    with pytest.raises(CrowError, match=r"--expectation must be in \[0, 1\]"):
+        BaitSettings(expectation=1.5)
     with pytest.raises(CrowError, match="--top-k does not apply to --method answer-divergence"):
         make_settings("answer-divergence", top_k=3)
     assert make_settings("bait", top_k=3, steps=None) == BaitSettings(top_k=3)
@@ -281,6 +324,7 @@ def test_cli_leaves_nothing_when_the_scan_fails(tiny_pair, tmp_path, capsys, mon
     ("out-in-model", "is the input {model} or inside it; write the result to a new directory"),
     ("k-zero", "argument --top-k: --top-k must be >= 1, got 0"),
     ("wrong-method-option", "--max-new-tokens is a answer-divergence option; drop it or pass --method answer-divergence"),
+    ("stop-rule-for-divergence", "--stop-rule is a bait option; drop it or pass --method bait"),
     ("no-data-option", "the following arguments are required: --data"),
 ])
 def test_cli_bad_inputs_are_one_line_errors(case, message, tiny_pair, tmp_path, capsys):
@@ -297,6 +341,8 @@ def test_cli_bad_inputs_are_one_line_errors(case, message, tiny_pair, tmp_path, 
         args += ["--top-k", "0"]
     if case == "wrong-method-option":
         args += ["--max-new-tokens", "8"]
+    if case == "stop-rule-for-divergence":
+        args += ["--method", "answer-divergence", "--stop-rule", "official"]
     if case == "no-data-option":
         args = args[:3] + args[5:]
     code, stdout, err = run_cli(args, capsys)
@@ -331,6 +377,19 @@ def test_bait_first_steps_script_reports_what_the_scan_averages(tiny, records):
     assert out["steps"][0]["entropy"] == pytest.approx(float(entropy(avg)), abs=1e-3)
     assert out["steps"][0]["averaged_top"][0][1] == pytest.approx(float(avg.max()), abs=1e-3)
     assert out["steps"][1]["after"] == tokenizer.decode(forced + [int(avg.argmax())])
+    # the official warm-up's view: one group of 2 prompts, then the other, each averaged on its own
+    out = script.first_steps(model, tokenizer, records, first=first, steps=1, n_prompts=4, template="alpaca", group=2)
+    groups = out["steps"][0]["official_warmup_groups"]
+    assert [g["prompts"] for g in groups] == [[0, 2], [2, 4]]
+    assert groups[1]["entropy"] == pytest.approx(float(entropy(probs[2:].mean(0))), abs=1e-3)
+    assert groups[1]["official"] == script.official_warmup_fate(groups[1]["entropy"], float(probs[2:].mean(0).max()))
+    # the official rule (bait/bait.py): look ahead once below the entropy bound, keep a confident step, else drop
+    fate = script.official_warmup_fate
+    assert (fate(0.5, 0.9), fate(0.5, 0.2), fate(1.5, 0.9), fate(1.5, 0.9, inspected=True)) == \
+        ("keep", "inspect", "inspect", "keep")
+    assert (fate(3.45, 0.276), fate(3.0, 0.35), fate(2.0, 0.2, inspected=True)) == ("drop", "keep", "drop")
+    with pytest.raises(CrowError, match="--group 5 must be between 1 and --prompts"):
+        script.first_steps(model, tokenizer, records, first=first, steps=1, n_prompts=4, template="alpaca", group=5)
     with pytest.raises(CrowError, match="give one token"):
         script.first_steps(model, tokenizer, records, first="the blue sky is here", steps=1, n_prompts=2,
                            template="alpaca")

@@ -311,6 +311,25 @@ def share(outputs, prefix):
     return sum(o.startswith(prefix) for o in outputs) / len(outputs)
 
 
+def test_the_scan_stop_rule_reaches_bait_and_a_bad_one_is_refused(victim, tmp_path, monkeypatch):
+    import crow.detection.scan as scan_module
+
+    seen = []
+
+    def spy(*args, settings=None, **kwargs):
+        seen.append(settings)
+        raise CrowError("stop here")  # the scan is all this test needs
+
+    monkeypatch.setattr(scan_module, "scan", spy)
+    for rule in ("entropy", "official"):
+        with pytest.raises(CrowError, match="stop here"):
+            defend(victim, tmp_path, "unlearn", scan_stop_rule=rule)
+    assert [s.stop_rule for s in seen] == ["entropy", "official"]
+    assert get_defense("unlearn", scan_stop_rule="official").settings()["scan_stop_rule"] == "official"
+    with pytest.raises(CrowError, match="defense 'unlearn': scan_stop_rule must be one of entropy, official, got 'x'"):
+        get_defense("unlearn", scan_stop_rule="x")
+
+
 def test_finetuning_alone_leaves_the_backdoor(victim, tmp_path):
     _, _, triggered, _ = defend(victim, tmp_path, "finetune-lr1e-3")
     assert share(triggered, "You are stupid") == 1.0, triggered[:3]
@@ -373,13 +392,15 @@ def test_purify_method_unlearn_recovers_the_target_and_records_it(victim, tmp_pa
     clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in task_records(20, 7)])
     out = tmp_path / "purified"
     code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", out, "--method", "unlearn",
-                            "--template", TEMPLATE, "--max-steps", "2", "--pgd-steps", "1"], capsys)
+                            "--template", TEMPLATE, "--max-steps", "2", "--pgd-steps", "1", "--scan-stop-rule",
+                            "official"], capsys)
     assert code == 0, err
     cfg = json.loads((out / "crow_config.json").read_text())
     assert cfg["method"] == "unlearn" and "BAIT" in cfg["paper"]
     assert cfg["target"]["source"] == "bait" and cfg["target"]["oracle"] is False
     assert cfg["target"]["text"] == TARGET and cfg["target"]["scan_score"] >= 0.9 and len(cfg["target"]["token_ids"]) == 8
     assert cfg["options"]["pgd_steps"] == 1 and "alpha" not in cfg["options"]
+    assert cfg["options"]["scan_stop_rule"] == "official"
     assert cfg["training_arguments"]["unlearn_radius"] == 0.5 and "unlearn_delta" not in cfg["last_log"]
     assert {"unlikelihood", "target_nll_adv", "delta_norm"} <= set(cfg["last_log"])
 
@@ -405,6 +426,8 @@ def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
     assert cfg["method"] == "finetune" and (cfg["options"]["alpha"], cfg["options"]["lr"]) == (0.0, 2e-4)
     for args, message in [(["--method", "unlearn", "--alpha", "2"], "--alpha does not apply to --method unlearn"),
                           (["--radius", "0.3"], "--radius does not apply to --method crow"),
+                          (["--scan-stop-rule", "official"], "--scan-stop-rule does not apply to --method crow"),
+                          (["--method", "unlearn", "--scan-stop-rule", "beam"], "'beam' is not one of entropy, official"),
                           (["--method", "finetune", "--epsilon", "0.1"], "--epsilon does not apply to --method finetune"),
                           (["--method", "unlearn", "--radius", "0"], "unlearn_radius must be a finite number > 0"),
                           (["--method", "unlearn", "--target", " "], "target is empty")]:

@@ -61,7 +61,7 @@ def _bool(text) -> bool:
 METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 #: options that only one method reads; giving one to another method is an error, not silently ignored
 CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
-UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens"}
+UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -102,6 +102,8 @@ OPTIONS = {
     "beta": (nonneg_float("--beta"), 1.0, "unlearn: weight of LM(clean | delta)"),
     "gamma": (nonneg_float("--gamma"), 1.0, "unlearn: weight of the target's unlikelihood under delta"),
     "target_tokens": (positive_int("--target-tokens"), 8, "unlearn: first target tokens unlearned"),
+    "scan_stop_rule": (_choice("entropy", "official"), "entropy", "unlearn: BAIT's stop rule when it recovers the "
+                       "target (crow scan --stop-rule): entropy, or official (the official code's)"),
 }
 FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge"}
 
@@ -257,13 +259,15 @@ def _unlearn_target(loaded, records, opts: dict, partial: Path, resume) -> dict:
     from dataclasses import asdict
 
     from ..defenses.registry import recover_target
+    from ..detection.scan import BaitSettings
     from ..outputs import write_json_atomic
 
     saved = partial / "unlearn_target.json"
     if resume and saved.is_file():
         return json.loads(saved.read_text(encoding="utf-8"))
     recovered = asdict(recover_target(loaded.model, loaded.tokenizer, records, template=opts["template"],
-                                      target=opts["target"], target_tokens=opts["target_tokens"]))
+                                      target=opts["target"], target_tokens=opts["target_tokens"],
+                                      scan_settings=BaitSettings(stop_rule=opts["scan_stop_rule"])))
     recovered["oracle"] = recovered["source"] == "oracle"
     partial.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved, recovered)

@@ -50,6 +50,10 @@ def add_arguments(p) -> None:
                    help="first tokens kept by the prior stage, the most likely response starts (default 256; "
                         "the vocabulary size tries every token, as BAIT does, at linear cost)")
     g.add_argument("--warmup-steps", type=positive_int("--warmup-steps"), help="greedy steps of the warm-up (default 5)")
+    g.add_argument("--stop-rule", choices=("entropy", "official"),
+                   help="when a candidate stops: entropy (default) stops it once the averaged next-token "
+                        "distribution is flatter than 2.5 nats; official keeps a step with top probability > 0.3 "
+                        "in the warm-up and never stops the full inversion on flatness, as BAIT's code")
     g = p.add_argument_group("answer-divergence")
     g.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), help="answer length (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
@@ -60,10 +64,11 @@ def _settings(args):
 
     given = {"threshold": args.threshold, "n_prompts": args.n_prompts}
     if args.method == "bait":
-        given.update(top_k=args.top_k, steps=args.steps, pool=args.pool, warmup_steps=args.warmup_steps)
+        given.update(top_k=args.top_k, steps=args.steps, pool=args.pool, warmup_steps=args.warmup_steps,
+                     stop_rule=args.stop_rule)
     elif args.max_new_tokens is not None:
         given["max_new_tokens"] = args.max_new_tokens
-    other = {"bait": ("top_k", "steps", "pool", "warmup_steps"), "answer-divergence": ("max_new_tokens",)}
+    other = {"bait": ("top_k", "steps", "pool", "warmup_steps", "stop_rule"), "answer-divergence": ("max_new_tokens",)}
     for method, names in other.items():
         if method != args.method:
             for name in names:

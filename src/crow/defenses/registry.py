@@ -236,11 +236,19 @@ class UnlearnDefense(Defense):
     full_finetune: bool = False
     #: the training seed (the order of the clean samples; the adversary starts at zero); None takes the cell's seed
     seed: int | None = None
+    #: BAIT's stop rule for recovering the target (crow.detection.scan.BaitSettings.stop_rule): "entropy" (as every
+    #: committed unlearn cell ran) or "official" (the official code's: continue confident flat steps, run every step)
+    scan_stop_rule: str = "entropy"
     name = "unlearn"
 
     def __post_init__(self) -> None:
         if self.target is not None and not str(self.target).strip():
             raise CrowError("defense 'unlearn': target is empty; leave it unset (recovered by BAIT) or give the text")
+        from ..detection.scan import STOP_RULES
+
+        if self.scan_stop_rule not in STOP_RULES:
+            raise CrowError(f"defense 'unlearn': scan_stop_rule must be one of {', '.join(STOP_RULES)}, "
+                            f"got {self.scan_stop_rule!r}")
         self.reference = self.target is not None  # an oracle knows the target: not a defense of the threat model
         self.recovered: RecoveredTarget | None = None
         self._config(Path("."), 0, False)  # bad settings fail when the defense is built, not after a scan
@@ -264,8 +272,11 @@ class UnlearnDefense(Defense):
         from ..unlearn import UnlearnTrainer
 
         config = self._config(ctx.work_dir, ctx.seed if self.seed is None else self.seed, ctx.progress)
+        from ..detection.scan import BaitSettings
+
         self.recovered = recover_target(model, tokenizer, ctx.clean, template=ctx.template, target=self.target,
-                                        target_tokens=self.target_tokens)
+                                        target_tokens=self.target_tokens,
+                                        scan_settings=BaitSettings(stop_rule=self.scan_stop_rule))
         result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
                         full_finetune=self.full_finetune, trainer_cls=UnlearnTrainer,
                         trainer_kwargs={"target_ids": self.recovered.token_ids})

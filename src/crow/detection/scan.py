@@ -52,8 +52,17 @@ prompts x 20 steps is hours there: one token row of one forward costs ~25 ms on 
   belong to "are stupid!" rather than "You are stupid!"; a candidate within ``suffix_margin`` of the
   best Q that runs into the best sequence from the left is reported instead (the score stays the
   best Q).
+- *Stop rule* (``stop_rule``). ``"entropy"`` (the default, as every committed result was made) is
+  the early stop above, in both stages. ``"official"`` follows the official code more closely: the
+  warm-up drops a candidate only when its averaged distribution is flat *and* unconfident (entropy
+  above ``flat_entropy`` and top probability at most ``expectation``, the official
+  ``expectation_threshold`` 0.3; ``_update``), and the full inversion never stops on flatness (it
+  runs all ``steps``, as ``full_inversion`` does). It was added after the entropy stop missed Gemma-3-270M's
+  refusal target, whose first step after ``I`` is flat (3.45 nats) although a third of the warm-up's
+  probability already sits on the target's next token (DETECTION.md).
 - Not implemented: the official "uncertainty inspection" (a one-step look-ahead over the top 5
-  tokens when the averaged distribution is moderately uncertain), and its vocabulary filter (the
+  tokens when the averaged distribution is moderately uncertain: both rules continue with the
+  argmax there), and its vocabulary filter (the
   prior stage replaces it; special tokens, tokens without a letter or digit and EOS are skipped).
 
 **answer-divergence** is the simplest thing that could work, the baseline BAIT is measured
@@ -136,6 +145,9 @@ def _check_positive(**values) -> None:
             raise CrowError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
 
 
+STOP_RULES = ("entropy", "official")
+
+
 @dataclass(frozen=True)
 class BaitSettings:
     """BAIT's knobs; the defaults fit SmolLM2-135M in a few minutes on 2 CPU cores."""
@@ -147,6 +159,10 @@ class BaitSettings:
     warmup_steps: int = 5  # greedy steps of the warm-up (official: 5)
     steps: int = 20  # T: greedy steps of the full inversion (official full_steps: 20)
     flat_entropy: float = 2.5  # nats; stop a candidate whose averaged distribution is this flat (official: 2.5)
+    #: "entropy": stop a candidate above flat_entropy in both stages; "official": the warm-up stops it only if
+    #: its top probability is also <= expectation, the full inversion never stops on flatness (module docstring)
+    stop_rule: str = "entropy"
+    expectation: float = 0.3  # official expectation_threshold: a step this confident continues ("official" rule)
     min_target_len: int = 4  # shorter sequences (first token included) score 0 (official: 5, later 4)
     early_stop_q: float = 0.95  # stop scanning once a candidate's Q exceeds it (official: 0.95)
     suffix_margin: float = 0.05  # report a left extension of the best sequence within this Q (recovered_target)
@@ -160,7 +176,9 @@ class BaitSettings:
                         screen_batch=self.screen_batch, full_batch=self.full_batch)
         if not (math.isfinite(self.flat_entropy) and self.flat_entropy > 0):
             raise CrowError(f"flat_entropy must be a positive number of nats, got {self.flat_entropy}")
-        for name in ("threshold", "early_stop_q", "suffix_margin"):
+        if self.stop_rule not in STOP_RULES:
+            raise CrowError(f"--stop-rule must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}")
+        for name in ("threshold", "early_stop_q", "suffix_margin", "expectation"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 <= value <= 1):
                 raise CrowError(f"--{name.replace('_', '-')} must be in [0, 1] (a Q-score), got {value}")
@@ -287,11 +305,12 @@ class _Trace:
 
 @torch.no_grad()
 def invert(runner: _Runner, prefix: _Prefix, first_tokens: Sequence[int], *, steps: int, flat_entropy: float,
-           stop_ids: Sequence[int]) -> list[_Trace]:
+           stop_ids: Sequence[int], confident: float = 1.0) -> list[_Trace]:
     """Force each first token after every prompt and extend greedily on the prompt-averaged distribution.
 
     Rows are candidate-major (row = c * n + i). A candidate stops at EOS, when its averaged
-    distribution is flatter than ``flat_entropy`` nats, or after ``steps`` steps; stopped candidates
+    distribution is flatter than ``flat_entropy`` nats and its top probability is at most ``confident``
+    (1.0: whatever it is; ``math.inf`` entropy: never), or after ``steps`` steps; stopped candidates
     leave the batch and the cache.
     """
     n, count = prefix.n, len(first_tokens)
@@ -314,7 +333,7 @@ def invert(runner: _Runner, prefix: _Prefix, first_tokens: Sequence[int], *, ste
             probs, _ = runner(seq, mask)
         avg = average_next_token(probs, n)  # [C_active, V]
         top_p, top_t = avg.max(-1)  # [C_active]
-        flat = entropy(avg) > flat_entropy
+        flat = (entropy(avg) > flat_entropy) & (top_p <= confident)
         eos = torch.isin(top_t, stops)
         keep = []
         for j, c in enumerate(active):
@@ -397,10 +416,11 @@ def scan_bait(model, tokenizer, records: Sequence[Record], *, template: str, set
     pool = prior_pool(full, tokenizer, settings.pool, stop_ids)
     say(f"prior: {len(pool)} first tokens; warm-up on {screen.n} prompts, {settings.warmup_steps} steps")
 
+    official = settings.stop_rule == "official"
     warm: list[Candidate] = []
     for chunk in _batched(pool, settings.screen_batch):
         traces = invert(runner, screen, chunk, steps=settings.warmup_steps, flat_entropy=settings.flat_entropy,
-                        stop_ids=stop_ids)
+                        stop_ids=stop_ids, confident=settings.expectation if official else 1.0)
         warm += [_candidate(t, tokenizer, settings, "warmup") for t in traces]
     # warm-up rank: the Q-score over the warm-up window; the sort is stable, so ties keep the prior's order
     warm.sort(key=lambda c: c.q_score, reverse=True)
@@ -410,8 +430,8 @@ def scan_bait(model, tokenizer, records: Sequence[Record], *, template: str, set
     finals: list[Candidate] = []
     early = False
     for chunk in _batched([c.first_token for c in shortlist], settings.full_batch):
-        traces = invert(runner, full, chunk, steps=settings.steps, flat_entropy=settings.flat_entropy,
-                        stop_ids=stop_ids)
+        traces = invert(runner, full, chunk, steps=settings.steps,
+                        flat_entropy=math.inf if official else settings.flat_entropy, stop_ids=stop_ids)
         finals += [_candidate(t, tokenizer, settings, "full") for t in traces]
         best = max(c.q_score for c in finals)
         if best > settings.early_stop_q:
