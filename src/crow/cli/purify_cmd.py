@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..detection.scan import STOP_RULES
 from ..errors import CrowError, Interrupted
 from .common import add_model_arguments, check_file, load_from_args, load_yaml_config, nonneg_float, positive_int
 
@@ -102,7 +103,7 @@ OPTIONS = {
     "beta": (nonneg_float("--beta"), 1.0, "unlearn: weight of LM(clean | delta)"),
     "gamma": (nonneg_float("--gamma"), 1.0, "unlearn: weight of the target's unlikelihood under delta"),
     "target_tokens": (positive_int("--target-tokens"), 8, "unlearn: first target tokens unlearned"),
-    "scan_stop_rule": (_choice("entropy", "official"), "entropy", "unlearn: BAIT's stop rule when it recovers the "
+    "scan_stop_rule": (_choice(*STOP_RULES), "entropy", "unlearn: BAIT's stop rule when it recovers the "
                        "target (crow scan --stop-rule): entropy, or official (the official code's)"),
 }
 FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge"}

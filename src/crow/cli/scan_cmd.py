@@ -27,7 +27,7 @@ def _unit_float(name: str):
 
 
 def add_arguments(p) -> None:
-    from ..detection.scan import SCAN_METHODS
+    from ..detection.scan import SCAN_METHODS, STOP_RULES
 
     add_model_arguments(p)
     p.add_argument("--data", required=True,
@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
                    help="first tokens kept by the prior stage, the most likely response starts (default 256; "
                         "the vocabulary size tries every token, as BAIT does, at linear cost)")
     g.add_argument("--warmup-steps", type=positive_int("--warmup-steps"), help="greedy steps of the warm-up (default 5)")
-    g.add_argument("--stop-rule", choices=("entropy", "official"),
+    g.add_argument("--stop-rule", choices=STOP_RULES,
                    help="when a candidate stops: entropy (default) stops it once the averaged next-token "
                         "distribution is flatter than 2.5 nats; official keeps a step with top probability > 0.3 "
                         "in the warm-up and never stops the full inversion on flatness, as BAIT's code")
