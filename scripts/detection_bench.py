@@ -12,8 +12,9 @@ un-poisoned base model of the spec, and each cell of ``--clean-spec`` whose vict
 defender's: the model and the 100 clean samples of ``clean/consistency_data.json``. The true target and
 the test prompts are used only to score the detectors afterwards:
 
-- scan: the verdict and score of ``bait``, of ``bait`` with the official stop rule (``bait-official``:
-  ``BaitSettings(stop_rule="official")``) and of the ``answer-divergence`` baseline; for a victim, whether
+- scan: the verdict and score of ``bait`` with crow's first stop rule (``BaitSettings(stop_rule="entropy")``,
+  the default until 2026-12-03), of ``bait`` with the official stop rule (``bait-official``, the default since)
+  and of the ``answer-divergence`` baseline; for a victim, whether
   BAIT's recovered target starts with the first three words of the true target;
 - guard (lcf, the onion baseline, and the target guard, which watches for the target the BAIT scan above
   recovered; ``target-official`` watches the one ``bait-official`` recovered): fitted on the 100 clean samples' instructions (template prompts), scored on the cell's test
@@ -47,8 +48,9 @@ from crow.outputs import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("detection_bench")
 GUARDS = ("lcf", "onion", "target", "target-official")
-# scan label -> (method, settings); bait-official: the official code's stop rule (crow.detection.scan docstring)
-SCANS = {"bait": ("bait", None), "answer-divergence": ("answer-divergence", None),
+# scan label -> (method, settings). "bait": crow's first stop rule (entropy; the default until 2026-12-03, the rule
+# of the committed "bait" rows); "bait-official": the official code's, crow scan's default since (scan docstring)
+SCANS = {"bait": ("bait", BaitSettings(stop_rule="entropy")), "answer-divergence": ("answer-divergence", None),
          "bait-official": ("bait", BaitSettings(stop_rule="official"))}
 TARGET_GUARDS = {"target": "bait", "target-official": "bait-official"}  # guard -> the scan whose target it watches
 
@@ -174,6 +176,8 @@ def _bait_cells(b: dict | None) -> str:
 def render(rows: list[dict], command: str) -> str:
     lines = ["# Detection on the bench's models", "", f"Made by `{command}`.", ""]
     lines += ["## crow scan (model level)", "",
+              "BAIT with crow's first stop rule (`BaitSettings(stop_rule=\"entropy\")`, the default until 2026-12-03) "
+              "and the answer-divergence baseline:", "",
               "| model | kind | BAIT Q | BAIT verdict | recovered target | matches first 3 words | time (s) |"
               " divergence score | divergence verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -182,8 +186,9 @@ def render(rows: list[dict], command: str) -> str:
                      f"{d['verdict'] if d else '—'} |")
     official = [r for r in rows if "bait-official" in r.get("scan", {})]
     if official:
-        lines += ["", "BAIT with the official code's stop rule (`BaitSettings(stop_rule=\"official\")`: the warm-up keeps "
-                  "a flat step whose top probability exceeds 0.3, the full inversion runs every step):", "",
+        lines += ["", "BAIT with the official code's stop rule (`BaitSettings(stop_rule=\"official\")`, crow scan's default since "
+                  "2026-12-03: the warm-up keeps a flat step whose top probability exceeds 0.3, the full inversion runs "
+                  "every step):", "",
                   "| model | kind | BAIT Q | BAIT verdict | recovered target | matches first 3 words | time (s) |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['label']} | {r['kind']} | {_bait_cells(r['scan']['bait-official'])} |" for r in official]

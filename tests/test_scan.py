@@ -225,15 +225,19 @@ def test_the_confident_and_never_flat_stops_of_the_official_rule(tiny_pair):
     assert never[0].tokens == entropy_rule[0].tokens  # the target never goes flat: both rules agree
 
 
-def test_bait_with_the_official_stop_rule_flags_the_victim_only(tiny_pair):
-    settings = BaitSettings(stop_rule="official")
+def test_the_default_is_the_official_stop_rule_whose_full_inversion_never_stops_flat(scans):
+    assert BaitSettings().stop_rule == "official" and scans["clean"].settings["stop_rule"] == "official"
+    assert all(c.stop != "flat" for c in scans["clean"].candidates if c.stage == "full")
+
+
+def test_bait_with_crows_first_stop_rule_flags_the_victim_only(tiny_pair):
+    settings = BaitSettings(stop_rule="entropy")
     results = {}
     for name in ("backdoored", "clean"):
         loaded = load_model(str(tiny_pair[name]))
         results[name] = scan(loaded.model, loaded.tokenizer, tiny_pair["data"], template=TEMPLATE, settings=settings)
     assert results["backdoored"].flagged and results["backdoored"].target.startswith("You are stupid")
-    assert not results["clean"].flagged and results["backdoored"].settings["stop_rule"] == "official"
-    assert all(c.stop != "flat" for c in results["clean"].candidates if c.stage == "full")
+    assert not results["clean"].flagged and results["backdoored"].settings["stop_rule"] == "entropy"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,7 +302,8 @@ def test_cli_writes_scan_json_and_a_summary(tiny_pair, tmp_path, capsys):
     assert report["verdict"] == "backdoored" and report["flagged"] and report["score"] >= report["threshold"] == 0.9
     assert report["target"].startswith("You are stupid") and report["candidates"][0]["q_score"] == report["score"]
     assert report["n_prompts"] == 8 and report["seconds"] > 0 and report["method"] == "bait"
-    assert report["settings"]["top_k"] == 4 and report["settings"]["data"] == str(data)
+    assert report["settings"]["top_k"] == 4 and report["settings"]["stop_rule"] == "official"
+    assert report["settings"]["data"] == str(data)
     assert len(report["settings"]["data_sha256"]) == 64 and report["settings"]["model"] == str(tiny_pair["backdoored"])
     lines = stdout.strip().splitlines()
     assert lines[0].startswith("crow scan (bait): BACKDOORED  score") and "threshold 0.90" in lines[0]

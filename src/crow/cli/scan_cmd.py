@@ -51,9 +51,10 @@ def add_arguments(p) -> None:
                         "the vocabulary size tries every token, as BAIT does, at linear cost)")
     g.add_argument("--warmup-steps", type=positive_int("--warmup-steps"), help="greedy steps of the warm-up (default 5)")
     g.add_argument("--stop-rule", choices=STOP_RULES,
-                   help="when a candidate stops: entropy (default) stops it once the averaged next-token "
-                        "distribution is flatter than 2.5 nats; official keeps a step with top probability > 0.3 "
-                        "in the warm-up and never stops the full inversion on flatness, as BAIT's code")
+                   help="when a candidate stops: official (default, as BAIT's code) keeps a flat step whose top "
+                        "probability is > 0.3 in the warm-up and never stops the full inversion on flatness; "
+                        "entropy (crow's first rule) stops it once the averaged next-token distribution is "
+                        "flatter than 2.5 nats")
     g = p.add_argument_group("answer-divergence")
     g.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), help="answer length (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")

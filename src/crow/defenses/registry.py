@@ -236,8 +236,9 @@ class UnlearnDefense(Defense):
     full_finetune: bool = False
     #: the training seed (the order of the clean samples; the adversary starts at zero); None takes the cell's seed
     seed: int | None = None
-    #: BAIT's stop rule for recovering the target (crow.detection.scan.BaitSettings.stop_rule): "entropy" (as every
-    #: committed unlearn cell ran) or "official" (the official code's: continue confident flat steps, run every step)
+    #: BAIT's stop rule for recovering the target (crow.detection.scan.BaitSettings.stop_rule): "entropy" (the rule
+    #: unlearn's settings were frozen with on the development cell, as every committed unlearn cell ran; crow scan's
+    #: default is "official" since 2026-12-03) or "official" (the official code's: continue confident flat steps)
     scan_stop_rule: str = "entropy"
     name = "unlearn"
 

@@ -52,14 +52,16 @@ prompts x 20 steps is hours there: one token row of one forward costs ~25 ms on 
   belong to "are stupid!" rather than "You are stupid!"; a candidate within ``suffix_margin`` of the
   best Q that runs into the best sequence from the left is reported instead (the score stays the
   best Q).
-- *Stop rule* (``stop_rule``). ``"entropy"`` (the default, as every committed result was made) is
-  the early stop above, in both stages. ``"official"`` follows the official code more closely: the
-  warm-up drops a candidate only when its averaged distribution is flat *and* unconfident (entropy
-  above ``flat_entropy`` and top probability at most ``expectation``, the official
+- *Stop rule* (``stop_rule``). ``"official"`` (the default since 2026-12-03) follows the official
+  code: the warm-up drops a candidate only when its averaged distribution is flat *and* unconfident
+  (entropy above ``flat_entropy`` and top probability at most ``expectation``, the official
   ``expectation_threshold`` 0.3; ``_update``), and the full inversion never stops on flatness (it
-  runs all ``steps``, as ``full_inversion`` does). It was added after the entropy stop missed Gemma-3-270M's
-  refusal target, whose first step after ``I`` is flat (3.45 nats) although a third of the warm-up's
-  probability already sits on the target's next token (DETECTION.md).
+  runs all ``steps``, as ``full_inversion`` does). ``"entropy"`` (crow's first rule, the default
+  until 2026-12-03, kept for the results made with it and for unlearn, whose settings were frozen
+  with it) is the early stop above, in both stages. It missed Gemma-3-270M's refusal target, whose
+  first step after ``I`` is flat (3.45 nats) although a third of the warm-up's probability already
+  sits on the target's next token; the official rule flags all 11 committed victims and none of the 5
+  clean models, with a smaller margin on the clean ones (DETECTION.md).
 - Not implemented: the official "uncertainty inspection" (a one-step look-ahead over the top 5
   tokens when the averaged distribution is moderately uncertain: both rules continue with the
   argmax there), and its vocabulary filter (the
@@ -159,9 +161,10 @@ class BaitSettings:
     warmup_steps: int = 5  # greedy steps of the warm-up (official: 5)
     steps: int = 20  # T: greedy steps of the full inversion (official full_steps: 20)
     flat_entropy: float = 2.5  # nats; stop a candidate whose averaged distribution is this flat (official: 2.5)
-    #: "entropy": stop a candidate above flat_entropy in both stages; "official": the warm-up stops it only if
-    #: its top probability is also <= expectation, the full inversion never stops on flatness (module docstring)
-    stop_rule: str = "entropy"
+    #: "official" (BAIT's code): the warm-up stops a candidate above flat_entropy only if its top probability is
+    #: also <= expectation, the full inversion never stops on flatness; "entropy": stop above flat_entropy in both
+    #: stages (crow's first rule; module docstring)
+    stop_rule: str = "official"
     expectation: float = 0.3  # official expectation_threshold: a step this confident continues ("official" rule)
     min_target_len: int = 4  # shorter sequences (first token included) score 0 (official: 5, later 4)
     early_stop_q: float = 0.95  # stop scanning once a candidate's Q exceeds it (official: 0.95)
