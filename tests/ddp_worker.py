@@ -59,6 +59,9 @@ def main() -> None:
     trainer = CrowTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                           data_collator=Collator(loaded.tokenizer.pad_token_id), callbacks=[SaveGradients(args.out)])
     trainer.train()
+    if torch.distributed.is_initialized():  # leave together: a rank exiting with gloo's threads alive can abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
