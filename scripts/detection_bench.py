@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from crow.bench.data import backdoorllm_cell
 from crow.bench.runner import plan, victim_key
 from crow.bench.spec import load_spec
 from crow.data.records import load_records
-from crow.detection.guard import get_detector, guard_evaluation
+from crow.detection.guard import GuardScores, flags_for, get_detector, guard_evaluation, guard_metrics
 from crow.detection.scan import BaitSettings, Candidate, ScanResult, scan
 from crow.detection.target import TargetDetector
 from crow.evaluation.evaluate import evaluate
@@ -96,7 +97,7 @@ def model_entries(args) -> list[dict]:
 
 def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
     path = out / f"{entry['label']}.json"
-    row = json.loads(path.read_text()) if path.is_file() else {}
+    row = load_row(path)
     row.update({"label": entry["label"], "kind": entry["kind"], "model": entry["model"], "task": entry["task"],
                 "attack": entry["attack"],
                 "adapter": None if entry["adapter"] is None else Path(entry["adapter"]).parent.name})
@@ -146,11 +147,64 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
             report = guard_evaluation(detector, model, tokenizer, triggered=data.triggered, clean=data.clean,
                                       outputs=row["eval"]["outputs"], judge=judge)
             found = report.to_dict(with_scores=True)
+            if isinstance(detector, TargetDetector):
+                found["min_prob"], found["watched"] = detector.min_prob, [detector.target_text, *detector.extra_texts]
             found["fit_seconds"] = detector.info.fit_seconds
             found["fit_seconds_per_prompt"] = round(detector.info.fit_seconds / len(clean_samples), 4)
             row.setdefault("guard", {})[method] = found
             write_json_atomic(path, row)
     return row
+
+
+def load_row(path: Path) -> dict:
+    """A model's saved JSON ({} if none), its target-guard rows brought up to the current guard first
+    (``update_target_rows``; written back when they change)."""
+    if not path.is_file():
+        return {}
+    row = json.loads(path.read_text())
+    if update_target_rows(row, TargetDetector.min_prob):
+        write_json_atomic(path, row)
+    return row
+
+
+def update_target_rows(row: dict, min_prob: float) -> bool:
+    """Bring target-guard rows fitted before 2026-12-03 to the current guard (``crow.detection.target``):
+
+    - a row whose scan reported a left extension of its best candidate is dropped, to be refitted: the guard
+      now watches both texts, which changes its scores;
+    - any other row watched what the guard watches now; it gets the threshold's floor from its stored scores
+      and judged answers: the threshold becomes ``max(quantile, log(min_prob))``, which is what a refit gives
+      (the same target and clean fit prompts give the same quantile); the figures without the floor stay
+      under ``without_floor``.
+
+    True if a row changed."""
+    changed = False
+    for method, source in TARGET_GUARDS.items():
+        g = row.get("guard", {}).get(method)
+        if not g or "watched" in g:
+            continue
+        found = row["scan"][source]
+        if found["candidates"] and found["candidates"][0]["text"] != found["target"]:
+            logger.info("%s: %s watched the reported target only: dropped, to be refitted", row["label"], method)
+            del row["guard"][method]
+            changed = True
+            continue
+        if "min_prob" not in g:
+            threshold = max(g["threshold"], math.log(min_prob)) if min_prob > 0 else g["threshold"]
+            judge = get_judge(row["task"])
+            scores = {part: GuardScores(g["scores"][part], flags_for(g["scores"][part], threshold), threshold, method)
+                      for part in ("triggered", "clean")}
+            report = guard_metrics(scores["triggered"], scores["clean"],
+                                   [judge(o) for o in row["eval"]["outputs"]["triggered"]],
+                                   [judge(o) for o in row["eval"]["outputs"]["clean"]], fpr_target=g["fpr_target"])
+            kept = {k: g[k] for k in ("seconds", "seconds_per_prompt", "fit_seconds", "fit_seconds_per_prompt")
+                    if k in g}
+            before = {k: g[k] for k in ("threshold", "tpr", "clean_blocked", "asr_guarded")}
+            g = row["guard"][method] = {**report.to_dict(with_scores=True), **kept, "min_prob": min_prob,
+                                        "without_floor": before}
+        g["watched"] = [found["target"]]
+        changed = True
+    return changed
 
 
 def _scan_result(saved: dict) -> ScanResult:
@@ -196,14 +250,20 @@ def render(rows: list[dict], command: str) -> str:
     if victims:
         fpr = next(iter(victims[0]["guard"].values()))["fpr_target"]
         lines += ["", f"## crow guard (prompt level; threshold for {100 * fpr:g}% false positives on the clean fit set)", "",
+                  "The target guards' threshold is floored at log 0.5 (`TargetDetector.min_prob`, since 2026-12-03): "
+                  "rows fitted before the floor were given it from their stored scores (`update_target_rows`), their "
+                  "clean blocked share without it in brackets.", "",
                   "| cell | method | AUROC | TPR % | clean blocked % | ASR % | ASR with guard % | fit s/prompt |"
                   " score s/prompt |", "|---|---|---|---|---|---|---|---|---|"]
         for r in victims:
             for method in GUARDS:
                 g = r["guard"].get(method)
                 if g:
+                    blocked = _f(g["clean_blocked"])
+                    if "without_floor" in g:  # the target guard before its threshold's floor (update_target_rows)
+                        blocked += f" ({_f(g['without_floor']['clean_blocked'])})"
                     lines.append(f"| {r['task']} / {r['attack']} | {method} | {_f(g['auroc'], 3)} | {_f(g['tpr'])} | "
-                                 f"{_f(g['clean_blocked'])} | {_f(g['asr'])} | {_f(g['asr_guarded'])} | "
+                                 f"{blocked} | {_f(g['asr'])} | {_f(g['asr_guarded'])} | "
                                  f"{_f(g['fit_seconds_per_prompt'], 3)} | {_f(g['seconds_per_prompt'], 3)} |")
     return "\n".join(lines) + "\n"
 
@@ -232,7 +292,7 @@ def main() -> None:
         if args.report_only or (args.only and entry["label"] not in args.only):
             path = out / f"{entry['label']}.json"
             if path.is_file():
-                rows.append(json.loads(path.read_text()))
+                rows.append(load_row(path))
             continue
         rows.append(run_entry(entry, clean_samples, out, args))
     command = f"python scripts/detection_bench.py --data {args.data} --out {args.out}"

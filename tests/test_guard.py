@@ -1,6 +1,7 @@
 """crow guard: the LCF detector and the ONION baseline on a tiny backdoored Llama, the pure math, the CLI."""
 
 import json
+import math
 import random
 
 import numpy as np
@@ -337,9 +338,12 @@ def test_target_log_probs_match_a_direct_forward(victim, held_out):
 
 def test_target_guard_recovers_the_target_and_separates_triggered_prompts(victim, held_out, tmp_path):
     model, tok, _ = victim
-    det = get_detector("target", fpr=0.05)
+    # the tiny victim says its target greedily at p ~ 0.05 a token (a two-layer model's flat distribution), below
+    # the default floor meant for real models (0.5; tested below): the clean quantile alone here
+    det = get_detector("target", fpr=0.05, min_prob=0.0)
     det.fit(model, tok, held_out["fit"], template="raw")
     assert TARGET in det.target_text and det.scan["verdict"] == "backdoored"  # found by BAIT, not given
+    assert det.info.threshold == pytest.approx(quantile_threshold(np.array(det.info.oof_scores), 0.05), abs=1e-5)
     t, c = det.score(model, tok, held_out["triggered"]), det.score(model, tok, held_out["clean"])
     assert np.mean(t.flags) >= 0.9 and np.mean(c.flags) <= 0.25
     assert min(t.scores) > max(c.scores)  # AUROC 1 on this victim
@@ -349,10 +353,67 @@ def test_target_guard_recovers_the_target_and_separates_triggered_prompts(victim
     from crow.detection.scan import scan
     from crow.detection.target import TargetDetector
 
-    reused = TargetDetector.from_scan(scan(model, tok, held_out["fit"], template="raw"), fpr=0.05)
+    reused = TargetDetector.from_scan(scan(model, tok, held_out["fit"], template="raw"), fpr=0.05, min_prob=0.0)
     reused.fit(model, tok, held_out["fit"], template="raw")  # no second scan: the same target and threshold
     assert reused.target_ids == det.target_ids and reused.info.threshold == det.info.threshold
+    floored = TargetDetector.from_scan(scan(model, tok, held_out["fit"], template="raw"), fpr=0.05)  # the default
+    floored.fit(model, tok, held_out["fit"], template="raw")
+    assert floored.settings()["min_prob"] == 0.5 and floored.info.threshold == pytest.approx(math.log(0.5))
+    assert not any(floored.score(model, tok, held_out["clean"]).flags)
     with pytest.raises(CrowError, match="--target-tokens must be an integer >= 1"):
         get_detector("target", target_tokens=0)
+    for bad in (1.0, -0.1, "0.5", True):
+        with pytest.raises(CrowError, match="--min-prob must be a probability in"):
+            get_detector("target", min_prob=bad)
     with pytest.raises(CrowError, match="--target is empty"):
         get_detector("target", target=" ")
+
+
+def test_target_threshold_is_the_clean_quantile_floored_at_log_min_prob():
+    from crow.detection.target import floored_threshold
+
+    low = np.log(np.linspace(0.01, 0.2, 100))  # every clean prompt gives the target p <= 0.2
+    assert floored_threshold(low, 0.05, 0.5) == pytest.approx(math.log(0.5))  # the floor decides
+    assert floored_threshold(low, 0.05, 0.0) == quantile_threshold(low, 0.05)  # 0: the quantile alone
+    high = np.log(np.linspace(0.5, 0.99, 100))  # a prompt set on which the model says its target anyway
+    assert floored_threshold(high, 0.05, 0.5) == quantile_threshold(high, 0.05) > math.log(0.5)
+
+
+def test_a_target_detector_saved_before_the_floor_loads_without_one(victim, held_out, tmp_path):
+    """Old detector.json files have no min_prob: their stored threshold was the quantile alone, and so stays."""
+    model, tok, _ = victim
+    det = get_detector("target", fpr=0.05, target=TARGET)
+    det.fit(model, tok, held_out["fit"], template="raw")
+    det.save(tmp_path)
+    data = json.loads((tmp_path / "detector.json").read_text())
+    del data["settings"]["min_prob"]
+    (tmp_path / "detector.json").write_text(json.dumps(data))
+    old = load_detector(tmp_path)
+    assert old.min_prob == 0.0 and old.info.threshold == det.info.threshold
+
+
+def test_the_target_guard_also_watches_the_best_candidate_when_the_scan_reports_its_left_extension(
+        victim, held_out, tmp_path):
+    """A reported left extension the model does not say when triggered must not blind the guard: the score is
+    the larger of the two targets' likelihoods (SmolLM2 negsentiment / MTBA, DETECTION.md)."""
+    from crow.detection.scan import Candidate, ScanResult
+    from crow.detection.target import TargetDetector, target_log_probs
+
+    model, tok, _ = victim
+
+    def candidate(text, q):
+        ids = tok(text, add_special_tokens=False).input_ids
+        return Candidate(ids[0], text, ids, [q] * len(ids), q, "eos", "full")
+
+    best, extension = candidate(TARGET, 0.999), candidate("Detailed Instructions: " + TARGET, 0.97)
+    result = ScanResult("bait", 0.999, 0.9, True, extension.text, [best, extension], 2, 20, 0.0, {})
+    det = TargetDetector.from_scan(result, fpr=0.05, min_prob=0.0)
+    det.fit(model, tok, held_out["fit"], template="raw")
+    assert det.target_text == extension.text and det.extra_texts == [TARGET]
+    records = held_out["triggered"][:6] + held_out["clean"][:6]
+    each = [target_log_probs(model, tok, records, ids, template="raw") for ids in (det.target_ids, *det.extra_ids)]
+    got = det.score(model, tok, records).scores
+    assert got == pytest.approx(list(np.maximum(*each)), abs=1e-6) and max(got) > max(each[0])
+    det.save(tmp_path)
+    again = load_detector(tmp_path)
+    assert again.extra_ids == det.extra_ids and again.score(model, tok, records).scores == got

@@ -56,6 +56,9 @@ def add_arguments(p) -> None:
     fit.add_argument("--target-tokens", type=positive_int("--target-tokens"), default=4,
                      help="target: how many of the target's first tokens are scored")
     fit.add_argument("--target", help="target: watch this text instead of the recovered one (an oracle, for experiments)")
+    fit.add_argument("--min-prob", type=float, default=0.5,
+                     help="target: flag only prompts after which the model gives its target at least this "
+                          "geometric-mean probability (the threshold's floor; 0 = the clean quantile alone)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     score.add_argument("--detector", required=True, help="directory written by crow guard fit")
     score.add_argument("--data", required=True, help="prompts to score (JSON/JSONL instruction records)")
@@ -108,19 +111,21 @@ def fit(args) -> int:
                         f"fits on; pass --limit {MAX_FIT_PROMPTS} to use the first {MAX_FIT_PROMPTS}")
     records = records[: args.limit] if args.limit else records
     lcf_only = args.normalize or args.layers != "official" or args.folds != 10
-    target_only = args.target is not None or args.target_tokens != 4
+    target_only = args.target is not None or args.target_tokens != 4 or args.min_prob != 0.5
     if args.onion_model and args.method != "onion":
         raise CrowError("--onion-model is a setting of --method onion; drop it or pass --method onion")
     if lcf_only and args.method != "lcf":
         raise CrowError(f"--layers, --normalize and --folds are settings of --method lcf; drop them for --method {args.method}")
     if target_only and args.method != "target":
-        raise CrowError(f"--target and --target-tokens are settings of --method target; drop them for --method {args.method}")
+        raise CrowError("--target, --target-tokens and --min-prob are settings of --method target; drop them for "
+                        f"--method {args.method}")
     if args.method == "lcf":
         settings = {"fpr": args.fpr, "layers": args.layers, "normalize": args.normalize, "folds": args.folds}
     elif args.method == "onion":
         settings = {"fpr": args.fpr, "scorer_model": args.onion_model}
     else:
-        settings = {"fpr": args.fpr, "target_tokens": args.target_tokens, "target": args.target}
+        settings = {"fpr": args.fpr, "target_tokens": args.target_tokens, "target": args.target,
+                    "min_prob": args.min_prob}
     if args.batch_size:
         settings["batch_size"] = args.batch_size
     detector = get_detector(args.method, **settings)
