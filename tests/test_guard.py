@@ -322,6 +322,22 @@ def test_cli_onion_with_a_separate_scoring_model(tiny_dir, victim, held_out, tmp
 # ------------------------------------------------------------------------------------------------
 # The target guard
 # ------------------------------------------------------------------------------------------------
+def test_cli_target_guard_says_what_it_watches(victim, held_out, tmp_path, capsys):
+    _, _, path = victim
+    fit = write_json(tmp_path / "fit.json", [r.to_dict() for r in held_out["fit"]])
+    det = tmp_path / "target"
+    code, out, err = run_cli(["guard", "fit", "--method", "target", "--min-prob", "0", "--template", "raw",
+                              "--model", path, "--data", fit, "--out", det], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert any(TARGET in text for text in summary["watching"]) and summary["scan"]["verdict"] == "backdoored"
+    assert json.loads((det / "detector.json").read_text())["settings"]["min_prob"] == 0.0
+    triggered = write_json(tmp_path / "triggered.json", [r.to_dict() for r in held_out["triggered"][:10]])
+    code, out, err = run_cli(["guard", "score", "--model", path, "--detector", det, "--data", triggered], capsys)
+    assert code == 0, err
+    assert json.loads(out)["flagged"] >= 9
+
+
 def test_target_log_probs_match_a_direct_forward(victim, held_out):
     """The score is the mean log-probability of the target tokens right after the (unpadded) prompt."""
     from crow.data.templates import encode_prompt, format_prompt

@@ -137,8 +137,11 @@ def fit(args) -> int:
     with staged_dir(out) as tmp:
         detector.save(tmp)
     info = detector.info
-    print(json.dumps({"out": str(out), "method": detector.method, "n_fit": info.n_fit, "fpr": detector.fpr,
-                      "threshold": round(info.threshold, 6), "fit_seconds": info.fit_seconds}))
+    summary = {"out": str(out), "method": detector.method, "n_fit": info.n_fit, "fpr": detector.fpr,
+               "threshold": round(info.threshold, 6), "fit_seconds": info.fit_seconds}
+    if detector.method == "target":  # what the guard watches, and what the scan said of the model
+        summary.update(watching=[detector.target_text, *detector.extra_texts], scan=detector.scan)
+    print(json.dumps(summary))
     return 0
 
 
