@@ -437,3 +437,8 @@ def test_the_target_guard_also_watches_the_best_candidate_when_the_scan_reports_
     det.save(tmp_path)
     again = load_detector(tmp_path)
     assert again.extra_ids == det.extra_ids and again.score(model, tok, records).scores == got
+    data = json.loads((tmp_path / "detector.json").read_text())
+    data["extra_ids"] = [[10**6]]
+    (tmp_path / "detector.json").write_text(json.dumps(data))
+    with pytest.raises(CrowError, match="target token 1000000 is outside the model's vocabulary"):
+        load_detector(tmp_path)

@@ -225,8 +225,8 @@ class TargetDetector:
             raise CrowError(f"detector {path}: {DETECTOR_JSON} has no target tokens; refit it with crow guard fit")
         det.info, det.target_ids, det.target_text, det.scan = info_from_json(data, path), ids, text, data.get("scan", {})
         det.extra_ids, det.extra_texts = [row for row in extra_ids if row], extra_texts
-        vocab = det.info.signature.vocab_size
-        if vocab and max(max(row) for row in [ids, *det.extra_ids]) >= vocab:
-            raise CrowError(f"detector {path}: target token {max(ids)} is outside the model's vocabulary ({vocab}); "
+        vocab, largest = det.info.signature.vocab_size, max(max(row) for row in [ids, *det.extra_ids])
+        if vocab and largest >= vocab:
+            raise CrowError(f"detector {path}: target token {largest} is outside the model's vocabulary ({vocab}); "
                             "refit it with crow guard fit")
         return det
