@@ -11,7 +11,7 @@ from ..errors import CrowError
 
 # --quick: the refusal / VPI cell of configs/bench/backdoorllm_cpu.yaml with its committed, conditional victim
 # (results/backdoorllm-cpu/victims: the same victim recipe, template, max_length and data, so the same victim
-# key), CROW and finetune-lr1e-3 with the paper's recipe, 20 + 20 test prompts (~20 min on 2 cores). Without
+# key), CROW and finetune-lr1e-3 with the paper's recipe, 20 + 20 test prompts (12 min on 2 cores, README). Without
 # the committed victim (an installed crow, other --data) it trains that victim first (~17 min more).
 # (Numbers as the YAML spec spells them: the key hashes their JSON, where 2 and 2.0 differ.)
 QUICK = {
@@ -41,7 +41,8 @@ def add_arguments(p) -> None:
     p.add_argument("--spec", help="YAML spec (keys of crow.bench.spec.BenchSpec); defaults: the paper's settings")
     p.add_argument("--out", help="results directory (default: bench-results/<spec name>); rerun to resume")
     p.add_argument("--quick", action="store_true",
-                   help="refusal/vpi with the committed victim, CROW and finetune-lr1e-3, 20 + 20 prompts (~20 min)")
+                   help="refusal/vpi with the committed victim, CROW and finetune-lr1e-3, 20 + 20 prompts "
+                        "(~12 min on 2 CPU cores)")
     p.add_argument("--model", action="append", help="model(s) to bench (default: smollm2-135m-gguf)")
     p.add_argument("--cells", action="append", metavar="TASK/ATTACK",
                    help="run only these cells of the spec (repeatable), e.g. --cells negsentiment/badnet; "
