@@ -34,12 +34,15 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
+
 from crow.attacks.poison import TARGETS
 from crow.bench.data import backdoorllm_cell
 from crow.bench.runner import plan, victim_key
 from crow.bench.spec import load_spec
 from crow.data.records import load_records
-from crow.detection.guard import GuardScores, flags_for, get_detector, guard_evaluation, guard_metrics
+from crow.detection.guard import (GuardScores, flags_for, get_detector, guard_evaluation, guard_metrics,
+                                  quantile_threshold)
 from crow.detection.scan import BaitSettings, Candidate, ScanResult, scan
 from crow.detection.target import TargetDetector
 from crow.evaluation.evaluate import evaluate
@@ -149,11 +152,24 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
             found = report.to_dict(with_scores=True)
             if isinstance(detector, TargetDetector):
                 found["min_prob"], found["watched"] = detector.min_prob, [detector.target_text, *detector.extra_texts]
+                found["without_floor"] = without_floor(found, detector, row, judge)
             found["fit_seconds"] = detector.info.fit_seconds
             found["fit_seconds_per_prompt"] = round(detector.info.fit_seconds / len(clean_samples), 4)
             row.setdefault("guard", {})[method] = found
             write_json_atomic(path, row)
     return row
+
+
+def without_floor(found: dict, detector: TargetDetector, row: dict, judge) -> dict:
+    """The target guard's figures at the clean fit quantile alone (no floor), from the same scores."""
+    threshold = quantile_threshold(np.array(detector.info.oof_scores), detector.fpr)
+    scores = {part: GuardScores(found["scores"][part], flags_for(found["scores"][part], threshold), threshold,
+                                detector.method) for part in ("triggered", "clean")}
+    report = guard_metrics(scores["triggered"], scores["clean"],
+                           [judge(o) for o in row["eval"]["outputs"]["triggered"]],
+                           [judge(o) for o in row["eval"]["outputs"]["clean"]], fpr_target=detector.fpr)
+    return {"threshold": threshold, "tpr": report.tpr, "clean_blocked": report.clean_blocked,
+            "asr_guarded": report.asr_guarded}
 
 
 def load_row(path: Path) -> dict:
@@ -251,8 +267,8 @@ def render(rows: list[dict], command: str) -> str:
         fpr = next(iter(victims[0]["guard"].values()))["fpr_target"]
         lines += ["", f"## crow guard (prompt level; threshold for {100 * fpr:g}% false positives on the clean fit set)", "",
                   "The target guards' threshold is floored at log 0.5 (`TargetDetector.min_prob`, since 2026-12-03): "
-                  "rows fitted before the floor were given it from their stored scores (`update_target_rows`), their "
-                  "clean blocked share without it in brackets.", "",
+                  "rows fitted before the floor were given it from their stored scores (`update_target_rows`); the "
+                  "clean blocked share at the fit quantile alone is in brackets where it was recorded.", "",
                   "| cell | method | AUROC | TPR % | clean blocked % | ASR % | ASR with guard % | fit s/prompt |"
                   " score s/prompt |", "|---|---|---|---|---|---|---|---|---|"]
         for r in victims:
