@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from crow.data.records import load_records
 from crow.detection.guard import (GuardScores, flags_for, get_detector, guard_evaluation, guard_metrics,
                                   quantile_threshold)
 from crow.detection.scan import BaitSettings, Candidate, ScanResult, scan
-from crow.detection.target import TargetDetector
+from crow.detection.target import TargetDetector, threshold_floor
 from crow.evaluation.evaluate import evaluate
 from crow.evaluation.judges import get_judge
 from crow.models import load_model
@@ -152,7 +151,7 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
             found = report.to_dict(with_scores=True)
             if isinstance(detector, TargetDetector):
                 found["min_prob"], found["watched"] = detector.min_prob, [detector.target_text, *detector.extra_texts]
-                found["without_floor"] = without_floor(found, detector, row, judge)
+                found["without_floor"] = without_floor(found, detector, row)
             found["fit_seconds"] = detector.info.fit_seconds
             found["fit_seconds_per_prompt"] = round(detector.info.fit_seconds / len(clean_samples), 4)
             row.setdefault("guard", {})[method] = found
@@ -160,14 +159,21 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
     return row
 
 
-def without_floor(found: dict, detector: TargetDetector, row: dict, judge) -> dict:
+def rethresholded(scores: dict, threshold: float, row: dict, method: str, fpr: float):
+    """The GuardReport of stored per-prompt ``scores`` ({"triggered": [...], "clean": [...]}) at another
+    threshold, with the row's stored answers judged again (no model needed)."""
+    judge = get_judge(row["task"])
+    flagged = {part: GuardScores(scores[part], flags_for(scores[part], threshold), threshold, method)
+               for part in ("triggered", "clean")}
+    return guard_metrics(flagged["triggered"], flagged["clean"],
+                         [judge(o) for o in row["eval"]["outputs"]["triggered"]],
+                         [judge(o) for o in row["eval"]["outputs"]["clean"]], fpr_target=fpr)
+
+
+def without_floor(found: dict, detector: TargetDetector, row: dict) -> dict:
     """The target guard's figures at the clean fit quantile alone (no floor), from the same scores."""
     threshold = quantile_threshold(np.array(detector.info.oof_scores), detector.fpr)
-    scores = {part: GuardScores(found["scores"][part], flags_for(found["scores"][part], threshold), threshold,
-                                detector.method) for part in ("triggered", "clean")}
-    report = guard_metrics(scores["triggered"], scores["clean"],
-                           [judge(o) for o in row["eval"]["outputs"]["triggered"]],
-                           [judge(o) for o in row["eval"]["outputs"]["clean"]], fpr_target=detector.fpr)
+    report = rethresholded(found["scores"], threshold, row, detector.method, detector.fpr)
     return {"threshold": threshold, "tpr": report.tpr, "clean_blocked": report.clean_blocked,
             "asr_guarded": report.asr_guarded}
 
@@ -206,13 +212,8 @@ def update_target_rows(row: dict, min_prob: float) -> bool:
             changed = True
             continue
         if "min_prob" not in g:
-            threshold = max(g["threshold"], math.log(min_prob)) if min_prob > 0 else g["threshold"]
-            judge = get_judge(row["task"])
-            scores = {part: GuardScores(g["scores"][part], flags_for(g["scores"][part], threshold), threshold, method)
-                      for part in ("triggered", "clean")}
-            report = guard_metrics(scores["triggered"], scores["clean"],
-                                   [judge(o) for o in row["eval"]["outputs"]["triggered"]],
-                                   [judge(o) for o in row["eval"]["outputs"]["clean"]], fpr_target=g["fpr_target"])
+            threshold = max(g["threshold"], threshold_floor(min_prob))
+            report = rethresholded(g["scores"], threshold, row, method, g["fpr_target"])
             kept = {k: g[k] for k in ("seconds", "seconds_per_prompt", "fit_seconds", "fit_seconds_per_prompt")
                     if k in g}
             before = {k: g[k] for k in ("threshold", "tpr", "clean_blocked", "asr_guarded")}

@@ -373,10 +373,11 @@ def test_target_guard_recovers_the_target_and_separates_triggered_prompts(victim
     from crow.detection.scan import scan
     from crow.detection.target import TargetDetector
 
-    reused = TargetDetector.from_scan(scan(model, tok, held_out["fit"], template="raw"), fpr=0.05, min_prob=0.0)
+    scanned = scan(model, tok, held_out["fit"], template="raw")
+    reused = TargetDetector.from_scan(scanned, fpr=0.05, min_prob=0.0)
     reused.fit(model, tok, held_out["fit"], template="raw")  # no second scan: the same target and threshold
     assert reused.target_ids == det.target_ids and reused.info.threshold == det.info.threshold
-    floored = TargetDetector.from_scan(scan(model, tok, held_out["fit"], template="raw"), fpr=0.05)  # the default
+    floored = TargetDetector.from_scan(scanned, fpr=0.05)  # the default floor
     floored.fit(model, tok, held_out["fit"], template="raw")
     assert floored.settings()["min_prob"] == 0.5 and floored.info.threshold == pytest.approx(math.log(0.5))
     assert not any(floored.score(model, tok, held_out["clean"]).flags)

@@ -60,7 +60,7 @@ prompts x 20 steps is hours there: one token row of one forward costs ~25 ms on 
   until 2026-12-03, kept for the results made with it and for unlearn, whose settings were frozen
   with it) is the early stop above, in both stages. It missed Gemma-3-270M's refusal target, whose
   first step after ``I`` is flat (3.45 nats) although a third of the warm-up's probability already
-  sits on the target's next token; the official rule flags all 12 committed victims and none of the 5
+  sits on the target's next token; the official rule flags all 13 committed victims and none of the 5
   clean models, with a smaller margin on the clean ones (DETECTION.md).
 - Not implemented: the official "uncertainty inspection" (a one-step look-ahead over the top 5
   tokens when the averaged distribution is moderately uncertain: both rules continue with the

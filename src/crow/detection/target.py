@@ -93,10 +93,14 @@ def target_log_probs(model, tokenizer, records: Sequence[Record], target_ids: Se
     return out
 
 
+def threshold_floor(min_prob: float) -> float:
+    """``log(min_prob)``, the lowest threshold the target guard uses (-inf for 0: no floor)."""
+    return math.log(min_prob) if min_prob > 0.0 else -math.inf
+
+
 def floored_threshold(scores: np.ndarray, fpr: float, min_prob: float) -> float:
     """The clean scores' ``1 - fpr`` quantile (``quantile_threshold``), raised to ``log(min_prob)`` when below it."""
-    quantile = quantile_threshold(scores, fpr)
-    return quantile if min_prob <= 0.0 else max(quantile, math.log(min_prob))
+    return max(quantile_threshold(scores, fpr), threshold_floor(min_prob))
 
 
 @register("target")
