@@ -513,7 +513,7 @@ def test_sign_tests_pair_cells_and_count_untied_pairs(tmp_path):
 
 
 @pytest.mark.parametrize("folder, summary", [
-    ("backdoorllm-cpu", "lower in 5, higher in 0, tied 3 | mean gap 2.0 points | sign test p = 0.062"),
+    ("backdoorllm-cpu", "lower in 5, higher in 0, tied 3 | mean gap 1.8 points | sign test p = 0.062"),
     ("gemma-cpu", "lower in 4, higher in 0, tied 1 | mean gap 22.4 points | sign test p = 0.12")])
 def test_sign_tests_reproduce_the_committed_figures(folder, summary):
     """RESULTS.md's crow-against-its-recipe figures come from the committed results.json files."""
