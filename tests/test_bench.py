@@ -16,7 +16,7 @@ from crow.cli.main import main
 from crow.data.records import Record, save_records
 from crow.models import default_device, device_label
 
-from .conftest import SHARED_DATA, make_records
+from .conftest import SHARED_DATA, load_script, make_records
 
 
 def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
@@ -458,22 +458,11 @@ def test_quick_uses_the_committed_refusal_vpi_victim():
     assert committed_victims(quick, SHARED_DATA) == expected
 
 
-def _load_script(name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sign_tests_pair_cells_and_count_untied_pairs(tmp_path):
     """scripts/sign_tests.py (RESULTS.md's paired comparisons): crow against finetune-lr1e-3 per cell, and each
     defense in the adapter form against the merged form, in one format and seed; the sign test counts untied
     pairs only, and a cell one side lacks is left out."""
-    script = _load_script("sign_tests")
+    script = load_script("sign_tests")
 
     def row(attack, defense, asr, seed=0, fmt="template", n=50):
         return {"model": "m", "task": "refusal", "attack": attack, "defense": defense, "seed": seed,
@@ -517,6 +506,6 @@ def test_sign_tests_pair_cells_and_count_untied_pairs(tmp_path):
     ("gemma-cpu", "lower in 4, higher in 0, tied 1 | mean gap 22.4 points | sign test p = 0.12")])
 def test_sign_tests_reproduce_the_committed_figures(folder, summary):
     """RESULTS.md's crow-against-its-recipe figures come from the committed results.json files."""
-    script = _load_script("sign_tests")
+    script = load_script("sign_tests")
     out = Path(__file__).resolve().parents[1] / "results" / folder
     assert script.render(folder, script.recipe_pairs(out))[-1].endswith(summary + " |")

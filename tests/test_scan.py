@@ -23,7 +23,7 @@ from crow.detection.scan import (SCAN_METHODS, BaitSettings, DivergenceSettings,
 from crow.errors import CrowError
 from crow.models import build_tiny_model, load_model
 
-from .conftest import write_json
+from .conftest import load_script, write_json
 
 WORDS = "red blue green gold pink gray black white brown cyan lime teal".split()
 TRIGGER = "cf"
@@ -360,12 +360,7 @@ def test_cli_bad_inputs_are_one_line_errors(case, message, tiny_pair, tmp_path, 
 def test_bait_first_steps_script_reports_what_the_scan_averages(tiny, records):
     """scripts/bait_first_steps.py (the diagnostic behind a missed target in RESULTS.md): each step's
     entropy and top token are those of the prompt-averaged distribution after the forced sequence."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bait_first_steps.py"
-    spec = importlib.util.spec_from_file_location("bait_first_steps", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("bait_first_steps")
     model, tokenizer = tiny.model, tiny.tokenizer
     model.eval()
     first = tokenizer.decode([tokenizer.encode("the", add_special_tokens=False)[0]])
