@@ -19,10 +19,11 @@ from crow.data.records import Record
 from crow.data.templates import Collator, encode_for_training
 from crow.defenses import DefenseContext, get_defense
 from crow.hooks import add_to_layer_output, capture_layer_output, decoder_layers
+from crow.losses import logits_needed
 from crow.models import load_model
 from crow.purification import LoraSettings, make_trainable, purify
-from crow.unlearn import (UnlearnConfig, UnlearnTrainer, build_target_batch, pgd_step, project_to_ball, prompt_mask,
-                          target_token_log_probs, unlikelihood)
+from crow.unlearn import (RETAIN_CHOICES, UnlearnConfig, UnlearnTrainer, build_target_batch, labelled_positions,
+                          pgd_step, project_to_ball, prompt_mask, target_token_log_probs, topk_kl, unlikelihood)
 
 from .conftest import make_records
 from .test_scan import TARGET, TEMPLATE, TRIGGER, task_records, train_tiny
@@ -89,6 +90,37 @@ def test_unlikelihood_value_gradient_sign_and_clip():
     value = unlikelihood(target_token_log_probs(sure, labels)).sum()
     assert value.item() == pytest.approx(-math.log(1e-6), rel=1e-3)
     assert torch.isfinite(torch.autograd.grad(value, sure)[0]).all()
+
+
+def test_topk_kl_is_the_kl_with_every_token_and_a_lower_bound_with_fewer():
+    g = torch.Generator().manual_seed(0)
+    ref_logits, logits = torch.randn(5, 11, generator=g) * 2, torch.randn(5, 11, generator=g) * 2
+    ref = torch.log_softmax(ref_logits, -1)
+    full = (ref.exp() * (ref - torch.log_softmax(logits, -1))).sum(-1)  # [5] KL(ref || model)
+    every = ref.topk(11, dim=-1)
+    assert torch.allclose(topk_kl(logits, every.values, every.indices), full, atol=1e-5)
+    previous = torch.zeros(5)
+    for k in (1, 3, 6, 10):  # coarser views of the same two distributions: KL grows with k, up to the full KL
+        top = ref.topk(k, dim=-1)
+        value = topk_kl(logits, top.values, top.indices)
+        assert bool((value >= previous - 1e-6).all() and (value <= full + 1e-5).all()), k
+        previous = value
+    top = ref.topk(4, dim=-1)
+    assert torch.allclose(topk_kl(ref_logits, top.values, top.indices), torch.zeros(5), atol=1e-5)  # model = ref
+    # its gradient with every token is the full KL's: softmax(model) - softmax(ref)
+    x = logits.clone().requires_grad_(True)
+    topk_kl(x, every.values, every.indices).sum().backward()
+    assert torch.allclose(x.grad, torch.softmax(logits, -1) - ref.exp(), atol=1e-5)
+
+
+def test_labelled_positions_follow_the_rows_whatever_the_padding_side():
+    logits = torch.arange(2 * 4 * 1, dtype=torch.float).reshape(2, 4, 1)  # logit value = row * 4 + position
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, -100, 9, -100]])  # answers [7, 8] and [9] + right padding
+    kept, targets = labelled_positions(logits, labels)  # position t predicts label t + 1
+    assert kept.squeeze(-1).tolist() == [1.0, 2.0, 5.0] and targets.tolist() == [7, 8, 9]
+    assert logits_needed(labels) == 3
+    kept, targets = labelled_positions(logits[:, 1:], labels)  # logits_to_keep = 3: the same positions
+    assert kept.squeeze(-1).tolist() == [1.0, 2.0, 5.0] and targets.tolist() == [7, 8, 9]
 
 
 def test_pgd_step_descends_and_projects():
@@ -168,6 +200,61 @@ def test_loss_is_the_sum_of_its_three_terms(tiny, records, tmp_path):
     assert set(trainer._metrics) == {"lm_loss", "lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"}
 
 
+def _perturb_adapter(model, scale=0.05, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_retain_suspect_is_the_kl_to_the_model_before_training(tiny, records, tmp_path):
+    vocab = tiny.model.config.vocab_size
+    model = make_trainable(tiny.model, lora=LoraSettings()).eval()  # LoRA B = 0: the model is the suspect
+    batch = batch_of(tiny.tokenizer, records[:3])
+    cfg = config(tmp_path, unlearn_pgd_steps=0, unlearn_beta=0.7, unlearn_gamma=0.0, unlearn_retain="suspect",
+                 unlearn_retain_topk=vocab)  # every token: the exact KL
+    trainer = trainer_for(model, tiny.tokenizer, cfg, records)
+    assert len(trainer.suspect) == len(records)
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(0.0, abs=1e-5)  # model = suspect, delta = 0
+    with torch.no_grad():
+        before = model(**batch).logits
+    _perturb_adapter(model)
+    trainer.delta = torch.randn_like(trainer.delta) * 0.1
+    loss = trainer.compute_loss(model, batch)
+
+    def kl(after):  # the exact token-mean KL(suspect || model) over the batch's answer tokens
+        ref, _ = labelled_positions(before, batch["labels"])
+        now, _ = labelled_positions(after, batch["labels"])
+        ref, now = torch.log_softmax(ref, -1), torch.log_softmax(now, -1)
+        return (ref.exp() * (ref - now)).sum(-1).mean()
+
+    with torch.no_grad():
+        plain = kl(model(**batch).logits)
+        with add_to_layer_output(trainer._layer, trainer.delta, prompt_mask(batch["labels"], batch["attention_mask"])):
+            adv = model(**batch)
+    assert plain.item() > 1e-4 and loss.item() == pytest.approx((plain + 0.7 * kl(adv.logits)).item(), rel=1e-4)
+    assert {"lm_loss", "lm_loss_adv", "kl_loss", "kl_loss_adv"} <= set(trainer._metrics)
+
+    both = trainer_for(model, tiny.tokenizer, config(tmp_path, unlearn_pgd_steps=0, unlearn_beta=0.0,
+                                                     unlearn_gamma=0.0, unlearn_retain="both"), records)
+    assert both.compute_loss(model, batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)  # KL = 0
+
+
+def test_the_suspect_is_measured_on_every_sample_and_an_unseen_one_is_refused(tiny, records, tmp_path):
+    model = make_trainable(tiny.model, lora=LoraSettings())
+    trainer = trainer_for(model, tiny.tokenizer, config(tmp_path, unlearn_retain="suspect", unlearn_retain_topk=4),
+                          records)
+    samples = encode_for_training(records, tiny.tokenizer, max_length=128)
+    for sample in samples:
+        log_p, ids = trainer.suspect[tuple(sample.input_ids)]
+        n = sum(label != -100 for label in sample.labels)
+        assert log_p.shape == ids.shape == (n, 4) and bool((log_p[:, :-1] >= log_p[:, 1:]).all())
+    assert trainer_for(model, tiny.tokenizer, config(tmp_path), records).suspect == {}  # references: nothing measured
+    with pytest.raises(CrowError, match="was not measured before training"):
+        trainer.compute_loss(model, batch_of(tiny.tokenizer, make_records(12)[8:10]))
+
+
 # ------------------------------------------------------------------------------------------------
 # Training: what changes, and gradient accumulation
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +281,7 @@ def test_lora_trains_the_adapter_only_and_full_finetune_trains_the_weights(tiny_
     assert "model.embed_tokens.weight" in changed and len(changed) == len(before)
 
 
-def _one_step_update(tiny_dir, tmp_path, *, batch, accum, delta):
+def _one_step_update(tiny_dir, tmp_path, *, batch, accum, delta, **settings):
     loaded = load_model(str(tiny_dir))
     torch.manual_seed(1)
     model = make_trainable(loaded.model, lora=LoraSettings())
@@ -208,17 +295,18 @@ def _one_step_update(tiny_dir, tmp_path, *, batch, accum, delta):
     assert len({len(s.input_ids) for s in samples}) == 1  # equal lengths: padding plays no part
     cfg = config(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
                  optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0,
-                 unlearn_pgd_steps=0)  # delta fixed: PGD per micro-step would differ between 4 x 1 and 1 x 4
+                 unlearn_pgd_steps=0, **settings)  # delta fixed: PGD per micro-step would differ between 4 x 1 and 1 x 4
     trainer = trainer_for(model, loaded.tokenizer, cfg, records)
     trainer.delta = delta.clone()
     trainer.train()
     return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_gradient_accumulation_invariance_with_a_fixed_delta(tiny_dir, tmp_path):
+@pytest.mark.parametrize("retain", ["references", "both"])
+def test_gradient_accumulation_invariance_with_a_fixed_delta(tiny_dir, tmp_path, retain):
     delta = torch.randn(32, generator=torch.Generator().manual_seed(3))
-    a = _one_step_update(tiny_dir, tmp_path, batch=4, accum=1, delta=delta)
-    b = _one_step_update(tiny_dir, tmp_path, batch=1, accum=4, delta=delta)
+    a = _one_step_update(tiny_dir, tmp_path, batch=4, accum=1, delta=delta, unlearn_retain=retain)
+    b = _one_step_update(tiny_dir, tmp_path, batch=1, accum=4, delta=delta, unlearn_retain=retain)
     assert any(d.abs().max() > 0 for d in a.values())
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
@@ -246,6 +334,8 @@ def test_delta_travels_with_checkpoints(tiny_dir, tmp_path):
     ({"unlearn_radius": -1.0}, "unlearn_radius"), ({"unlearn_pgd_steps": -1}, "unlearn_pgd_steps must be"),
     ({"unlearn_target_tokens": 0}, "unlearn_target_tokens must be"), ({"unlearn_layer": -2}, "unlearn_layer must"),
     ({"unlearn_beta": float("nan")}, "unlearn_beta"),
+    ({"unlearn_retain": "teacher"}, "unlearn_retain must be one of references, suspect, both, got 'teacher'"),
+    ({"unlearn_retain_topk": 0}, "unlearn_retain_topk must be an integer >= 1"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, bad, match):
     with pytest.raises(CrowError, match=match) as err:
@@ -274,6 +364,10 @@ def test_defaults_are_the_recipe_of_the_brief():
         0.5, 2, 1.0, 1.0, 8)
     assert (c.learning_rate, c.num_train_epochs, c.per_device_train_batch_size, c.gradient_accumulation_steps) == (
         1e-3, 5.0, 2, 4)
+    assert (c.unlearn_retain, c.unlearn_retain_topk) == ("references", 32)  # every committed cell: LM on references
+    from crow.cli.purify_cmd import RETAIN_CHOICES as CLI_CHOICES
+
+    assert CLI_CHOICES == RETAIN_CHOICES
     d = get_defense("unlearn")
     assert d.reference is False and d.settings()["oracle"] is False
     oracle = get_defense("unlearn", target="You are stupid!")
@@ -358,6 +452,16 @@ def test_unlearn_recovers_the_target_with_bait_and_removes_it(victim, tmp_path):
     assert {"lm_loss", "lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"} <= set(ctx.train_log[0])
 
 
+def test_unlearn_keeping_the_suspects_own_answers_removes_it_too(victim, tmp_path):
+    """retain: suspect, no reference answer is trained on: the clean answers stay the victim's, the target goes."""
+    defense, ctx, triggered, clean = defend(victim, tmp_path, "unlearn", retain="suspect")
+    assert defense.settings()["retain"] == "suspect" and defense.settings()["recovered_target"] == TARGET
+    assert share(triggered, "You are") == 0.0, triggered[:3]
+    assert share(clean, "You") == 0.0 and all(o.endswith(".") for o in clean), clean[:3]
+    logs = [h for h in ctx.train_log if "kl_loss" in h]
+    assert logs and all(h["kl_loss"] < 0.5 for h in logs), [h["kl_loss"] for h in logs]
+
+
 def test_the_adversary_is_what_breaks_the_target_when_only_its_first_token_is_unlearned(victim, tmp_path):
     """Unlearning only the first target token ("You"): after clean prompts alone (delta = 0) it is not
     enough, the trigger still produces the whole target; under the universal adversary the target breaks
@@ -430,6 +534,8 @@ def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
                           (["--method", "unlearn", "--scan-stop-rule", "beam"], "'beam' is not one of entropy, official"),
                           (["--method", "finetune", "--epsilon", "0.1"], "--epsilon does not apply to --method finetune"),
                           (["--method", "unlearn", "--radius", "0"], "unlearn_radius must be a finite number > 0"),
+                          (["--method", "unlearn", "--retain", "teacher"], "'teacher' is not one of references, suspect, both"),
+                          (["--retain", "suspect"], "--retain does not apply to --method crow"),
                           (["--method", "unlearn", "--target", " "], "target is empty")]:
         code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "bad",
                                 "--max-steps", "1", *args], capsys)

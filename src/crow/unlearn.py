@@ -15,6 +15,14 @@ with and without ``delta`` and to *not* say the target under ``delta`` (unlikeli
     loss = LM(answer | prompt) + beta * LM(answer | prompt, delta) + gamma * UL(target | prompt, delta)
     UL   = mean over target tokens t of -log(1 - p(target_t | prompt, target_<t, delta))
 
+``unlearn_retain`` chooses what keeps the clean answers (both retain terms, with and without delta):
+``references`` (the default, every committed cell) trains on the clean samples' reference answers (LM);
+``suspect`` keeps the suspect's *own* next-token distributions at those answer positions instead,
+KL(suspect || model), the retain term of the unlearning literature (TOFU: Maini et al. 2024, "TOFU: A Task of
+Fictitious Unlearning for LLMs"; NPO: Zhang et al. 2024), measured once before training as the suspect's
+top-k log-probabilities (``topk_kl``: exact over the k tokens and one bucket for the rest of the vocabulary);
+``both`` adds the two. With ``suspect`` the term under delta reads "answer as before under the adversary".
+
 One optimizer micro-step (``compute_loss``), for a micro-batch of B clean samples (prompt + answer, T
 tokens) and the target batch (each clean prompt + the K target tokens, P + K tokens, P <= T):
 
@@ -23,7 +31,8 @@ tokens) and the target batch (each clean prompt + the K target tokens, P + K tok
    layer ``unlearn_layer`` only, no parameter gradients): ``delta -= step * g / ||g||``, then projection
    onto the ball ``||delta|| <= unlearn_radius x the mean prompt norm``; ``delta`` persists across steps (fp32);
 2. a forward of the clean batch: LM(answer | prompt);
-3. a forward of the clean batch with ``delta``: LM(answer | prompt, delta)  (skipped when beta = 0);
+3. a forward of the clean batch with ``delta``: LM(answer | prompt, delta)  (skipped when beta = 0; the KL
+   retain terms reuse the logits of 2 and 3, so ``unlearn_retain`` adds no forward);
 4. a forward of the target batch with ``delta``: UL and the target NLL (skipped when gamma = 0);
 5. the Trainer's one backward through the graphs of 2-4.
 
@@ -58,6 +67,7 @@ from .trainer import LossTrainer, RecipeConfig
 logger = logging.getLogger(__name__)
 
 UL_CLIP = 1e-6  # p(target_t) is clipped at 1 - UL_CLIP: -log(1 - p) <= 13.8, a finite loss and gradient
+RETAIN_CHOICES = ("references", "suspect", "both")
 
 
 @dataclass
@@ -93,6 +103,17 @@ class UnlearnConfig(RecipeConfig):
         default=8,
         metadata={"help": "Target tokens unlearned: the first K (a backdoor decides in its first answer tokens)."},
     )
+    unlearn_retain: str = field(
+        default="references",
+        metadata={"help": "What keeps the clean answers, with and without delta: 'references' (LM on the clean "
+                  "samples' answers), 'suspect' (KL(suspect || model) on the suspect's own next-token distributions "
+                  "at those answers; TOFU / NPO's retain KL) or 'both' (their sum)."},
+    )
+    unlearn_retain_topk: int = field(
+        default=32,
+        metadata={"help": "Tokens of the suspect's distribution kept per answer position for the KL (the rest of "
+                  "the vocabulary is one bucket); measured once before training."},
+    )
 
     def validate(self) -> None:
         if self.unlearn_layer is not None and (not isinstance(self.unlearn_layer, int) or self.unlearn_layer < 0):
@@ -109,6 +130,11 @@ class UnlearnConfig(RecipeConfig):
         if not isinstance(self.unlearn_target_tokens, int) or self.unlearn_target_tokens < 1:
             raise CrowError(f"unlearn_target_tokens must be an integer >= 1, got {self.unlearn_target_tokens!r} "
                             "(default 8)")
+        if self.unlearn_retain not in RETAIN_CHOICES:
+            raise CrowError(f"unlearn_retain must be one of {', '.join(RETAIN_CHOICES)}, got {self.unlearn_retain!r} "
+                            "(default 'references')")
+        if not isinstance(self.unlearn_retain_topk, int) or self.unlearn_retain_topk < 1:
+            raise CrowError(f"unlearn_retain_topk must be an integer >= 1, got {self.unlearn_retain_topk!r} (default 32)")
         if self.unlearn_radius > 2:
             logger.warning("unlearn_radius=%s: delta may be larger than the hidden states it is added to",
                            self.unlearn_radius)
@@ -162,14 +188,35 @@ def build_target_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_
     return {"input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask, "prompt_mask": out_prompt}
 
 
-def target_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label_t | <t) of every labelled token: logits [B, K', V] of the last K' positions (as
-    ``causal_lm_loss_sum``), labels [B, T] with -100 elsewhere -> [N] fp32, N = labelled tokens."""
+def labelled_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict a labelled token and those tokens: logits [B, K', V] of the last K' positions
+    (as ``causal_lm_loss_sum``), labels [B, T] with -100 elsewhere -> ([N, V], [N]), row-major (row by row,
+    each row's labelled tokens in order, whatever the padding side), N = labelled tokens."""
     k, t = logits.shape[1], labels.shape[1]
     targets = F.pad(labels[:, t - k + 1:], (0, 1), value=-100)  # [B, K'] the token each position predicts
     keep = targets != -100  # [B, K']
-    log_probs = torch.log_softmax(logits[keep].float(), dim=-1)  # [N, V]
-    return log_probs.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # [N]
+    return logits[keep], targets[keep]
+
+
+def target_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label_t | <t) of every labelled token (``labelled_positions``) -> [N] fp32."""
+    kept, targets = labelled_positions(logits, labels)  # [N, V], [N]
+    log_probs = torch.log_softmax(kept.float(), dim=-1)  # [N, V]
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
+
+
+def topk_kl(logits: torch.Tensor, ref_log_probs: torch.Tensor, ref_index: torch.Tensor,
+            floor: float = 1e-12) -> torch.Tensor:
+    """KL(reference || model) per position, with the reference known on k tokens: logits [N, V] (the model),
+    ``ref_log_probs`` and ``ref_index`` [N, k] (the reference's log-probabilities of its top-k tokens and their
+    ids) -> [N] fp32. Both distributions are coarsened to k + 1 outcomes (the k tokens and the rest of the
+    vocabulary), so the value is exact for k = V and a lower bound of the full KL otherwise (data processing);
+    the "rest" masses are floored at ``floor``."""
+    log_q = torch.log_softmax(logits.float(), dim=-1).gather(-1, ref_index)  # [N, k]
+    log_p = ref_log_probs.float()  # [N, k]
+    p_rest = (-torch.expm1(torch.logsumexp(log_p, dim=-1))).clamp_min(floor)  # [N]  1 - sum p
+    q_rest = (-torch.expm1(torch.logsumexp(log_q, dim=-1))).clamp_min(floor)  # [N]  1 - sum q
+    return (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())  # [N]
 
 
 def unlikelihood(log_probs: torch.Tensor, clip: float = UL_CLIP) -> torch.Tensor:
@@ -222,6 +269,10 @@ class UnlearnTrainer(LossTrainer):
         self.delta = torch.zeros(hidden, dtype=torch.float32, device=self.args.device)  # [H], persists across steps
         self.prompt_norm = self.measure_prompt_norm()
         self.delta_budget = config.unlearn_radius * self.prompt_norm
+        # the suspect's own answer distributions, for the KL retain term: sample tokens -> ([n, k] log p, [n, k] ids)
+        self.suspect: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        if config.unlearn_retain != "references":
+            self.suspect = self.measure_suspect_answers()
         logger.info("unlearn: delta at decoder layer %d of %d, budget %.4g (%.2f x mean prompt norm %.4g), "
                     "%d target tokens", index, len(layers), self.delta_budget, config.unlearn_radius,
                     self.prompt_norm, len(self.target_ids))
@@ -251,6 +302,67 @@ class UnlearnTrainer(LossTrainer):
             raise CrowError("unlearn could not measure the hidden-state norm at the prompt positions of the clean samples")
         return total / count
 
+    @staticmethod
+    def _sample_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[int, ...]:
+        """A training sample's identity in any batch: its real tokens (padding and its side left out)."""
+        return tuple((input_ids if attention_mask is None else input_ids[attention_mask.bool()]).tolist())
+
+    @torch.no_grad()
+    def measure_suspect_answers(self, batch_size: int = 8) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]:
+        """The model's top-k next-token log-probabilities at every answer position of every training sample,
+        before any update (the suspect): {sample tokens: ([n, k] fp32 log p, [n, k] token ids)}, n = its
+        answer tokens; no delta, eval mode (no dropout)."""
+        model, k = self.model, self.args.unlearn_retain_topk
+        was_training = model.training
+        model.eval()
+        out: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        rows = [self.train_dataset[i] for i in range(len(self.train_dataset))]
+        try:
+            for start in range(0, len(rows), batch_size):
+                batch = self.data_collator(rows[start:start + batch_size])
+                batch = {name: v.to(self.args.device) for name, v in batch.items()}
+                mask = batch.get("attention_mask")
+                keep = {"logits_to_keep": logits_needed(batch["labels"])} if self._keeps_logits else {}
+                logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **keep).logits  # [b, K', V]
+                for b in range(logits.shape[0]):
+                    kept, _ = labelled_positions(logits[b:b + 1], batch["labels"][b:b + 1])  # [n, V]
+                    top = torch.log_softmax(kept.float(), dim=-1).topk(min(k, kept.shape[-1]), dim=-1)
+                    out[self._sample_key(batch["input_ids"][b], None if mask is None else mask[b])] = (
+                        top.values, top.indices)
+        finally:
+            model.train(was_training)
+        logger.info("unlearn: the suspect's top-%d answer distributions measured on %d samples", k, len(out))
+        return out
+
+    def _suspect_of(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The suspect's ([N, k] log p, [N, k] ids) for a training batch, in ``labelled_positions`` order."""
+        mask = inputs.get("attention_mask")
+        parts = []
+        for b in range(inputs["input_ids"].shape[0]):
+            key = self._sample_key(inputs["input_ids"][b], None if mask is None else mask[b])
+            if key not in self.suspect:
+                raise CrowError("unlearn: a training sample was not measured before training (the KL retain term "
+                                "needs the suspect's answers to every clean sample)")
+            parts.append(self.suspect[key])
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _retain(self, logits: torch.Tensor, labels: torch.Tensor, suspect, num_items_in_batch, name: str):
+        """The retain term of one forward (``unlearn_retain``), normalized as the LM term. Logs the LM loss as
+        ``name`` whatever the choice (it costs no forward), and the KL as ``name`` with ``lm`` -> ``kl``."""
+        lm_sum, n_targets = causal_lm_loss_sum(logits, labels)
+        self._metrics[name].append((lm_sum / n_targets.clamp_min(1)).item())
+        retain = self.args.unlearn_retain
+        loss = self._normalize_lm(lm_sum, n_targets, num_items_in_batch) if retain != "suspect" else 0.0
+        if retain != "references":
+            kept, _ = labelled_positions(logits, labels)  # [N, V]
+            if kept.shape[0] != suspect[0].shape[0]:
+                raise CrowError(f"unlearn: {kept.shape[0]} answer tokens in the batch, the suspect was measured on "
+                                f"{suspect[0].shape[0]}")
+            kl_sum = topk_kl(kept, *suspect).sum()
+            self._metrics[name.replace("lm", "kl")].append((kl_sum / n_targets.clamp_min(1)).item())
+            loss = loss + self._normalize_lm(kl_sum, n_targets, num_items_in_batch)
+        return loss
+
     # --------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: UnlearnConfig = self.args
@@ -270,19 +382,17 @@ class UnlearnTrainer(LossTrainer):
         delta = self.delta.detach()  # [H]; the model update sees a fixed delta
         self._metrics["delta_norm"].append(float(delta.norm()))
 
-        # 2. LM(answer | prompt)
+        # 2. retain: LM(answer | prompt) and / or KL(suspect || model)
+        suspect = self._suspect_of(inputs) if args.unlearn_retain != "references" else None
         outputs = model(**forward)
-        lm_sum, n_targets = causal_lm_loss_sum(outputs.logits, labels)
-        loss = self._normalize_lm(lm_sum, n_targets, num_items_in_batch)
-        self._metrics["lm_loss"].append((lm_sum / n_targets.clamp_min(1)).item())
+        loss = self._retain(outputs.logits, labels, suspect, num_items_in_batch, "lm_loss")
 
-        # 3. LM(answer | prompt, delta): the same normalization as the LM term
+        # 3. the same under delta: keep the clean answers under the adversary
         if args.unlearn_beta > 0:
             with add_to_layer_output(self._layer, delta, prompt_mask(labels, attention_mask)):
                 adversarial = model(**forward)
-            adv_sum, _ = causal_lm_loss_sum(adversarial.logits, labels)
-            loss = loss + args.unlearn_beta * self._normalize_lm(adv_sum, n_targets, num_items_in_batch)
-            self._metrics["lm_loss_adv"].append((adv_sum / n_targets.clamp_min(1)).item())
+            loss = loss + args.unlearn_beta * self._retain(adversarial.logits, labels, suspect, num_items_in_batch,
+                                                           "lm_loss_adv")
 
         # 4. UL(target | prompt, delta): a per-micro-batch mean, divided by the accumulation steps
         if args.unlearn_gamma > 0:

@@ -119,8 +119,8 @@ def load_cell_data(spec: BenchSpec, data_dir: Path | None, task: str, attack: st
     return backdoorllm_cell(data_dir, task, attack, spec, seed)
 
 
-TRAIN_LOG_KEYS = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed", "lm_loss_adv", "unlikelihood",
-                  "target_nll_adv", "delta_norm", "grad_norm", "learning_rate")
+TRAIN_LOG_KEYS = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed", "lm_loss_adv", "kl_loss",
+                  "kl_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm", "grad_norm", "learning_rate")
 
 
 def train_log_summary(log_history: list[dict]) -> list[dict]:

@@ -58,11 +58,14 @@ def _bool(text) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+#: crow.unlearn.RETAIN_CHOICES, spelled out: importing crow.unlearn here would load transformers for every command
+RETAIN_CHOICES = ("references", "suspect", "both")
 #: the registered training defenses ``--method`` runs (crow.defenses); each sets its own lr and alpha defaults
 METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 #: options that only one method reads; giving one to another method is an error, not silently ignored
 CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
-UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule"}
+UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
+                   "retain", "retain_topk"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -105,6 +108,10 @@ OPTIONS = {
     "target_tokens": (positive_int("--target-tokens"), 8, "unlearn: first target tokens unlearned"),
     "scan_stop_rule": (_choice(*STOP_RULES), "entropy", "unlearn: BAIT's stop rule when it recovers the "
                        "target (crow scan --stop-rule): entropy, or official (the official code's)"),
+    "retain": (_choice(*RETAIN_CHOICES), "references", "unlearn: what keeps the clean answers: references (LM on "
+               "--data's answers), suspect (KL to the input model's own answer distributions) or both"),
+    "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "
+                    "answer position for --retain suspect / both"),
 }
 FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge"}
 
@@ -314,4 +321,5 @@ def _build_unlearn_config(opts: dict, partial: Path):
 
     return UnlearnConfig(unlearn_layer=opts["unlearn_layer"], unlearn_radius=opts["radius"],
                          unlearn_pgd_steps=opts["pgd_steps"], unlearn_beta=opts["beta"], unlearn_gamma=opts["gamma"],
-                         unlearn_target_tokens=opts["target_tokens"], **_recipe(opts, partial))
+                         unlearn_target_tokens=opts["target_tokens"], unlearn_retain=opts["retain"],
+                         unlearn_retain_topk=opts["retain_topk"], **_recipe(opts, partial))

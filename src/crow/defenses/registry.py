@@ -240,6 +240,10 @@ class UnlearnDefense(Defense):
     #: unlearn's settings were frozen with on the development cell, as every committed unlearn cell ran; crow scan's
     #: default is "official" since 2026-12-03) or "official" (the official code's: continue confident flat steps)
     scan_stop_rule: str = "entropy"
+    #: what keeps the clean answers (UnlearnConfig.unlearn_retain): "references" (LM on the clean samples' answers,
+    #: every committed cell), "suspect" (KL to the suspect's own answer distributions) or "both"
+    retain: str = "references"
+    retain_topk: int = 32
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -265,6 +269,7 @@ class UnlearnDefense(Defense):
         return UnlearnConfig(output_dir=str(work_dir / f".{self.name}-run"), unlearn_layer=self.layer,
                              unlearn_radius=self.radius, unlearn_pgd_steps=self.pgd_steps, unlearn_beta=self.beta,
                              unlearn_gamma=self.gamma, unlearn_target_tokens=self.target_tokens,
+                             unlearn_retain=self.retain, unlearn_retain_topk=self.retain_topk,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
