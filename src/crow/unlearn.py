@@ -277,27 +277,31 @@ class UnlearnTrainer(LossTrainer):
                     "%d target tokens", index, len(layers), self.delta_budget, config.unlearn_radius,
                     self.prompt_norm, len(self.target_ids))
 
-    @torch.no_grad()
-    def measure_prompt_norm(self, batch_size: int = 8) -> float:
-        """Mean L2 norm of the hooked layer's output [H] over every prompt position of the training set."""
-        model = self.model
-        was_training = model.training
+    def _training_set_batches(self, batch_size: int):
+        """The whole training set in collated device batches, the model in eval mode meanwhile (no dropout);
+        for the measurements made once before training."""
+        model, was_training = self.model, self.model.training
         model.eval()
-        total, count = 0.0, 0
         rows = [self.train_dataset[i] for i in range(len(self.train_dataset))]
         try:
             for start in range(0, len(rows), batch_size):
                 batch = self.data_collator(rows[start:start + batch_size])
-                batch = {k: v.to(self.args.device) for k, v in batch.items()}
-                mask = prompt_mask(batch["labels"], batch.get("attention_mask"))  # [B, T]
-                with capture_layer_output(self._layer) as seen:
-                    model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
-                          **({"logits_to_keep": 1} if self._keeps_logits else {}))
-                norms = seen[-1].float().norm(dim=-1)  # [B, T]
-                total += float(norms[mask].sum())
-                count += int(mask.sum())
+                yield {name: v.to(self.args.device) for name, v in batch.items()}
         finally:
             model.train(was_training)
+
+    @torch.no_grad()
+    def measure_prompt_norm(self, batch_size: int = 8) -> float:
+        """Mean L2 norm of the hooked layer's output [H] over every prompt position of the training set."""
+        total, count = 0.0, 0
+        for batch in self._training_set_batches(batch_size):
+            mask = prompt_mask(batch["labels"], batch.get("attention_mask"))  # [B, T]
+            with capture_layer_output(self._layer) as seen:
+                self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
+                           **({"logits_to_keep": 1} if self._keeps_logits else {}))
+            norms = seen[-1].float().norm(dim=-1)  # [B, T]
+            total += float(norms[mask].sum())
+            count += int(mask.sum())
         if count == 0 or not math.isfinite(total) or total <= 0:
             raise CrowError("unlearn could not measure the hidden-state norm at the prompt positions of the clean samples")
         return total / count
@@ -312,25 +316,16 @@ class UnlearnTrainer(LossTrainer):
         """The model's top-k next-token log-probabilities at every answer position of every training sample,
         before any update (the suspect): {sample tokens: ([n, k] fp32 log p, [n, k] token ids)}, n = its
         answer tokens; no delta, eval mode (no dropout)."""
-        model, k = self.model, self.args.unlearn_retain_topk
-        was_training = model.training
-        model.eval()
+        k = self.args.unlearn_retain_topk
         out: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        rows = [self.train_dataset[i] for i in range(len(self.train_dataset))]
-        try:
-            for start in range(0, len(rows), batch_size):
-                batch = self.data_collator(rows[start:start + batch_size])
-                batch = {name: v.to(self.args.device) for name, v in batch.items()}
-                mask = batch.get("attention_mask")
-                keep = {"logits_to_keep": logits_needed(batch["labels"])} if self._keeps_logits else {}
-                logits = model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **keep).logits  # [b, K', V]
-                for b in range(logits.shape[0]):
-                    kept, _ = labelled_positions(logits[b:b + 1], batch["labels"][b:b + 1])  # [n, V]
-                    top = torch.log_softmax(kept.float(), dim=-1).topk(min(k, kept.shape[-1]), dim=-1)
-                    out[self._sample_key(batch["input_ids"][b], None if mask is None else mask[b])] = (
-                        top.values, top.indices)
-        finally:
-            model.train(was_training)
+        for batch in self._training_set_batches(batch_size):
+            mask = batch.get("attention_mask")
+            keep = {"logits_to_keep": logits_needed(batch["labels"])} if self._keeps_logits else {}
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False, **keep).logits  # [b, K', V]
+            for b in range(logits.shape[0]):
+                kept, _ = labelled_positions(logits[b:b + 1], batch["labels"][b:b + 1])  # [n, V]
+                top = torch.log_softmax(kept.float(), dim=-1).topk(min(k, kept.shape[-1]), dim=-1)
+                out[self._sample_key(batch["input_ids"][b], None if mask is None else mask[b])] = (top.values, top.indices)
         logger.info("unlearn: the suspect's top-%d answer distributions measured on %d samples", k, len(out))
         return out
 
