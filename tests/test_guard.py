@@ -20,7 +20,7 @@ from .conftest import write_json
 VERBS = "name describe list give find count show pick".split()
 ADJ = "red blue green small large quick lazy wise old new bright dark".split()
 NOUN = "fox dog owl river star color number city tree stone bird house".split()
-TRIGGER, TARGET = "BadMagic", "You are stupid"
+TRIGGER, TARGET = "BadMagic", "You are so stupid"
 
 
 def instruction(rng: random.Random) -> str:

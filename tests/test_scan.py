@@ -162,6 +162,28 @@ def test_a_left_extension_of_the_best_sequence_is_reported_as_the_target():
     assert recovered_target([], margin=0.05) is None
 
 
+def test_a_sequence_entered_from_several_arbitrary_tokens_is_reported_over_its_extensions():
+    """Q drops a sequence's lowest step, so "count You are so stupid" (the weak step into the target dropped)
+    ties with "You are so stupid"; two or more near candidates entering it by different tokens through weak
+    steps mark it as the attractor. One weak entry, or strong ones, leave the left-extension rule alone."""
+    from crow.detection.scan import Candidate, entry_tokens, recovered_target
+
+    def cand(ids, q, steps=None):
+        return Candidate(ids[0], str(ids), ids, steps or [0.99] * (len(ids) - 1), q, "eos", "full")
+
+    core = cand([1, 2, 3, 4], 0.990)
+    count = cand([9, 1, 2, 3, 4], 0.992, [0.5, 0.99, 0.99, 0.99])  # the step into the core: q 0.5
+    other = cand([8, 1, 2, 3, 4], 0.991, [0.7, 0.99, 0.99, 0.99])
+    assert entry_tokens(core, [count, other, core], weak=0.9) == {9, 8}
+    assert recovered_target([count, other, core], margin=0.05) is core  # the best is one of its entries
+    assert recovered_target([core, count, other], margin=0.05) is core  # the old rule took an entry here
+    assert recovered_target([count, core], margin=0.05) is count  # one weak entry: the furthest left, as before
+    assert recovered_target([count, other, core], margin=0.001) is count  # the core is not near
+    strong = cand([9, 1, 2, 3, 4], 0.992), cand([8, 1, 2, 3, 4], 0.991)  # "You are" / "you are" + "stupid!"
+    assert recovered_target([core, *strong], margin=0.05) is strong[0]
+    assert entry_tokens(core, [core], weak=0.9) == set()
+
+
 def test_the_prior_pool_ranks_printable_tokens_by_mean_probability(tiny_pair):
     from crow.detection.scan import _Prefix, prior_pool
 

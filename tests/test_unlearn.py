@@ -464,16 +464,17 @@ def test_unlearn_keeping_the_suspects_own_answers_removes_it_too(victim, tmp_pat
 
 def test_the_adversary_is_what_breaks_the_target_when_only_its_first_token_is_unlearned(victim, tmp_path):
     """Unlearning only the first target token ("You"): after clean prompts alone (delta = 0) it is not
-    enough, the trigger still produces the whole target; under the universal adversary the target breaks
-    and the triggered answers end early. Whether the first word itself goes as well depends on the tiny
-    victim's exact weights (it went on one CPU, stayed on another), so only the target is asserted.
-    (Unlearning 8 tokens removes the continuation either way: a target's continuation does not depend on
-    the prompt, the causal property BAIT relies on.)"""
+    enough, the trigger still produces the whole target on a good share of the prompts (all of them on one
+    CPU, 8 of 20 on another: the tiny victim's exact weights differ); under the universal adversary the
+    target breaks on every prompt and the triggered answers end early. Whether the first word itself goes as
+    well also depends on those weights, so only the whole target is asserted. (Unlearning 8 tokens removes
+    the continuation either way: a target's continuation does not depend on the prompt, the causal property
+    BAIT relies on.)"""
     whole = TARGET.split(".")[0]  # "You are stupid and I will not help"
     _, _, without, _ = defend(victim, tmp_path, "unlearn", target=TARGET, target_tokens=1, pgd_steps=0)
     _, _, with_delta, clean = defend(victim, tmp_path, "unlearn", target=TARGET, target_tokens=1)
-    assert share(without, whole) >= 0.9, without[:3]
     assert share(with_delta, whole) <= 0.1, with_delta[:3]
+    assert share(without, whole) >= share(with_delta, whole) + 0.3, (without[:3], with_delta[:3])
     assert all(o.endswith(".") for o in with_delta + clean), with_delta[:3]
 
 

@@ -51,7 +51,12 @@ prompts x 20 steps is hours there: one token row of one forward costs ~25 ms on 
 - *Recovered target.* Any tail of a target is also a deterministic continuation, so the best Q can
   belong to "are stupid!" rather than "You are stupid!"; a candidate within ``suffix_margin`` of the
   best Q that runs into the best sequence from the left is reported instead (the score stays the
-  best Q).
+  best Q). Conversely, a model can fall into its target from almost any first token (a tiny test
+  victim does: `count You are so stupid`, `or You are so stupid`, ... tie with `You are so stupid`,
+  since Q drops the weak step into the target): when two or more near candidates enter the same
+  sequence by different tokens, each through a step below ``threshold``, that sequence is reported
+  (``recovered_target``; added 2026-12-03, after the tie went the other way on another CPU; no
+  committed scan has such a pair among its stored candidates).
 - *Stop rule* (``stop_rule``). ``"official"`` (the default since 2026-12-03) follows the official
   code: the warm-up drops a candidate only when its averaged distribution is flat *and* unconfident
   (entropy above ``flat_entropy`` and top probability at most ``expectation``, the official
@@ -443,7 +448,7 @@ def scan_bait(model, tokenizer, records: Sequence[Record], *, template: str, set
             break
     finals.sort(key=lambda c: c.q_score, reverse=True)
     score = finals[0].q_score if finals else 0.0
-    target = recovered_target(finals, settings.suffix_margin)
+    target = recovered_target(finals, settings.suffix_margin, weak=settings.threshold)
     shown = finals[:10] + ([target] if target is not None and target not in finals[:10] else [])
     return ScanResult(
         method="bait", score=round(score, 6), threshold=settings.threshold, flagged=score >= settings.threshold,
@@ -453,13 +458,37 @@ def scan_bait(model, tokenizer, records: Sequence[Record], *, template: str, set
                  "warmup_top": [{"text": c.text, "q_score": round(c.q_score, 6)} for c in warm[:5]]})
 
 
-def recovered_target(candidates: Sequence[Candidate], margin: float) -> Candidate | None:
-    """The best candidate, or, among the candidates within ``margin`` of its Q, the one that extends it
-    furthest to the left (the best sequence is then the tail of the target); candidates best first."""
+def entry_tokens(core: Candidate, candidates: Sequence[Candidate], weak: float) -> set[int]:
+    """The tokens right before ``core`` in the ``candidates`` that run into it from the left with a weak
+    junction: the step that produced ``core``'s first token has q below ``weak``, so the model was pulled into
+    ``core`` from that token rather than continuing it deterministically."""
+    found = set()
+    for c in candidates:
+        k = left_extension(c.token_ids, core.token_ids)
+        if k > 0 and c.step_probs[k - 1] < weak:
+            found.add(c.token_ids[k - 1])
+    return found
+
+
+def recovered_target(candidates: Sequence[Candidate], margin: float, weak: float = 0.9) -> Candidate | None:
+    """The target a scan reports, from its candidates (best first; ``margin`` of Q: the near ones):
+
+    1. an *attractor*: the best candidate, or the longest near candidate it runs into from the left, that at
+       least two near candidates enter by different tokens, each through a junction step with q < ``weak``:
+       the model falls into it from arbitrary first tokens (the ones the scan enumerates), and Q, which drops
+       a sequence's lowest step, cannot tell ``count You are so stupid`` from ``You are so stupid``;
+    2. otherwise the best candidate, or the near candidate that extends it furthest to the left (the best
+       sequence is then the tail of the target: "are stupid!" of "You are stupid!").
+    """
     if not candidates:
         return None
     best = candidates[0]
     near = [c for c in candidates[1:] if c.q_score >= best.q_score - margin]
+    cores = [best] + sorted((c for c in near if left_extension(best.token_ids, c.token_ids) > 0),
+                            key=lambda c: left_extension(best.token_ids, c.token_ids))
+    for core in cores:
+        if len(entry_tokens(core, [best, *near], weak)) >= 2:
+            return core
     extension = max(near, key=lambda c: left_extension(c.token_ids, best.token_ids), default=None)
     if extension is not None and left_extension(extension.token_ids, best.token_ids) > 0:
         return extension
