@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,14 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
+def _free_port() -> str:
+    """A TCP port nothing listens on now. A fixed port hung the first launch to its timeout once (another
+    process, perhaps a stale worker of an earlier run, held it); the OS picks one that is free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def _launch(args, timeout=600):
     out = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -39,7 +48,7 @@ LAUNCH_2 = [ACCELERATE, "launch", "--config_file", str(Path(__file__).resolve().
 def test_two_processes_give_the_gradients_of_one_process_over_the_same_global_batch(tiny_dir, tmp_path):
     single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
     _launch([sys.executable, str(WORKER), "--model", str(tiny_dir), "--out", str(single), "--per-device", "4"])
-    _launch(LAUNCH_2 + ["--main_process_port", "29533", str(WORKER), "--model", str(tiny_dir), "--out", str(ddp),
+    _launch(LAUNCH_2 + ["--main_process_port", _free_port(), str(WORKER), "--model", str(tiny_dir), "--out", str(ddp),
                         "--per-device", "2"])
     one, two = torch.load(single), torch.load(ddp)
     assert one["world_size"] == 1 and two["world_size"] == 2  # two processes really ran
@@ -54,7 +63,7 @@ def test_two_processes_give_the_gradients_of_one_process_over_the_same_global_ba
 def test_accelerate_launch_runs_crow_purify_to_completion(tiny_dir, tmp_path):
     data = write_json(tmp_path / "d.json", [r.to_dict() for r in make_records(8)])
     out = tmp_path / "purified"
-    _launch(LAUNCH_2 + ["--main_process_port", "29534", "-m", "crow.cli.main",
+    _launch(LAUNCH_2 + ["--main_process_port", _free_port(), "-m", "crow.cli.main",
                         "purify", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--max-steps", "2",
                         "--max-length", "128", "--batch-size", "2", "--grad-accum", "1"])
     config = json.loads((out / "crow_config.json").read_text())
