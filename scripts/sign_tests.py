@@ -83,7 +83,7 @@ def render_quality(setting: str, pairs: list[tuple[str, float, float]]) -> list[
         diff = round(a, 3) - round(b, 3)
         higher, lower = higher + (diff > 0), lower + (diff < 0)
         lines.append(f"| {cell} | {a:.3f} | {b:.3f} | {diff:+.3f} |")
-    p_value = binomtest(higher, higher + lower).pvalue if higher + lower else float("nan")
+    p_value = sign_p(higher, lower)
     mean = sum(round(a, 3) - round(b, 3) for _, a, b in pairs) / len(pairs) if pairs else float("nan")
     lines.append(f"| **{len(pairs)} cells** | higher in {higher}, lower in {lower}, tied {len(pairs) - higher - lower} | "
                  f"mean {mean:+.3f} | sign test p = {p_value:.2g} |")
@@ -121,11 +121,16 @@ def form_pairs(adapter: list[Path], merged: Path, fmt: str = "template", seed: i
     return out
 
 
+def sign_p(lower: int, higher: int) -> float:
+    """The two-sided sign-test p over ``lower + higher`` untied pairs (nan when there are none)."""
+    return binomtest(lower, lower + higher).pvalue if lower + higher else float("nan")
+
+
 def sign_test(pairs: list[Pair]) -> tuple[int, int, float]:
     """(first lower, first higher, two-sided sign-test p over the untied pairs; nan when every pair ties)."""
     lower = sum(p.first < p.second for p in pairs)
     higher = sum(p.first > p.second for p in pairs)
-    return lower, higher, binomtest(lower, lower + higher).pvalue if lower + higher else float("nan")
+    return lower, higher, sign_p(lower, higher)
 
 
 def _pct(count: int, n: int) -> str:
