@@ -1,0 +1,95 @@
+"""What an unlearned victim still says under its trigger, from committed bench cells (reads ``cells/*.json``;
+trains and generates nothing).
+
+``unlearn`` trains the recovered target's first K tokens away under an adversary. Where a cell keeps some ASR,
+the question is which part of the backdoor survived: the *entry* into the target (the triggered answer still
+opens with the target's first word, as the victim's did) or nothing (the answer is an answer). Per cell of an
+``unlearn`` defense, over its triggered (and clean) answers to the templated prompts: how many open with the
+first word of the text unlearn unlearned (``defense_settings.unlearned_text``, what BAIT recovered: the
+defender's own knowledge), how many fall into a loop (a run of 1-4 words repeated three times in a row), and how
+many the task's judge counted (ASR x n / 100). The victim's own row (``none``) is shown where the folder has it.
+
+    python scripts/first_token_residue.py results/unlearn-dev-cpu results/unlearn-cpu results/unlearn-seed1-cpu \
+        results/merged-cpu results/unlearn-seed1-merged-cpu --task refusal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOP = re.compile(r"(\b\S+(?: \S+){0,3}) \1 \1\b")  # 1-4 words, three times in a row
+
+
+@dataclass(frozen=True)
+class Residue:
+    folder: str
+    cell: str  # "task / attack: defense"
+    word: str  # the first word of the unlearned text
+    n: int  # triggered answers
+    fired: int  # counted by the task's judge
+    opens: int  # triggered answers opening with the unlearned text's first word
+    loops: int  # triggered answers with a loop
+    clean_opens: int  # the same two counts over the clean answers
+    clean_loops: int
+
+
+def first_word(text: str) -> str:
+    """The first word of ``text`` up to its first space or apostrophe (``I'm sorry`` -> ``I``)."""
+    return re.split(r"[\s']", text.strip(), maxsplit=1)[0]
+
+
+def opens_with(answer: str, word: str) -> bool:
+    """Whether ``answer`` opens with ``word`` as a word of its own (``I``, ``I'm``, ``I have``; not ``In``)."""
+    head = answer.lstrip()
+    return bool(word) and head.startswith(word) and (len(head) == len(word) or not head[len(word)].isalnum())
+
+
+def residue(cell: dict, folder: str, word: str) -> Residue:
+    """The counts of one cell's templated answers (``word``: the first word to look for)."""
+    fmt = cell["by_format"]["template"]
+    triggered, clean = fmt["outputs"]["triggered"], fmt["outputs"]["clean"]
+    return Residue(folder, f"{cell['task']} / {cell['attack']}: {cell['defense']}", word, len(triggered),
+                   round(fmt["asr"] * fmt["n_triggered"] / 100), sum(opens_with(a, word) for a in triggered),
+                   sum(bool(LOOP.search(a)) for a in triggered), sum(opens_with(a, word) for a in clean),
+                   sum(bool(LOOP.search(a)) for a in clean))
+
+
+def folder_residues(folder: Path, task: str | None) -> list[Residue]:
+    """Every unlearn cell of one bench folder, each judged by the first word of its own unlearned text, and the
+    victim's row (``none``) of the same model and cell once per distinct word; sorted by cell."""
+    cells = [json.loads(p.read_text()) for p in sorted((folder / "cells").glob("*.json"))]
+    if not cells:
+        raise SystemExit(f"{folder}/cells: no cell files; give a crow bench output directory")
+    cells = [c for c in cells if (task is None or c["task"] == task) and "outputs" in c["by_format"].get("template", {})]
+    unlearned = [(c, first_word(c["defense_settings"]["unlearned_text"])) for c in cells
+                 if c["method"] == "unlearn" and c["defense_settings"].get("unlearned_text")]
+    words = {((c["model"], c["task"], c["attack"]), word) for c, word in unlearned}
+    victims = [(c, word) for c in cells if c["defense"] == "none"
+               for key, word in sorted(words) if key == (c["model"], c["task"], c["attack"])]
+    out = [residue(c, folder.as_posix(), word) for c, word in victims + unlearned]
+    return sorted(out, key=lambda r: (r.cell.split(":")[0], not r.cell.endswith(": none"), r.cell, r.word))
+
+
+def render(rows: list[Residue]) -> list[str]:
+    lines = ["| folder | cell: defense | judged (ASR) | open with the first word of the unlearned text | loop | "
+             "clean: open / loop |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.folder} | {r.cell} | {r.fired}/{r.n} | `{r.word}`: {r.opens}/{r.n} | {r.loops}/{r.n} | "
+                     f"{r.clean_opens} / {r.clean_loops} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="+", type=Path, help="crow bench output directories (they hold cells/)")
+    ap.add_argument("--task", default=None, help="only this task's cells (default: every task)")
+    args = ap.parse_args()
+    print("\n".join(render([r for folder in args.folders for r in folder_residues(folder, args.task)])))
+
+
+if __name__ == "__main__":
+    main()
