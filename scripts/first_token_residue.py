@@ -2,12 +2,13 @@
 trains and generates nothing).
 
 ``unlearn`` trains the recovered target's first K tokens away under an adversary. Where a cell keeps some ASR,
-the question is which part of the backdoor survived: the *entry* into the target (the triggered answer still
-opens with the target's first word, as the victim's did) or nothing (the answer is an answer). Per cell of an
-``unlearn`` defense, over its triggered (and clean) answers to the templated prompts: how many open with the
-first word of the text unlearn unlearned (``defense_settings.unlearned_text``, what BAIT recovered: the
-defender's own knowledge), how many fall into a loop (a run of 1-4 words repeated three times in a row), and how
-many the task's judge counted (ASR x n / 100). The victim's own row (``none``) is shown where the folder has it.
+the question is which part of the backdoor survived: the text itself, the *entry* into it (the triggered answer
+still opens with the target's first word, as the victim's did, and goes on elsewhere) or nothing (the answer is
+an answer). Per cell of an ``unlearn`` defense, over its triggered (and clean) answers to the templated prompts:
+how many the task's judge counted (ASR x n / 100), how many still hold the whole text unlearn unlearned
+(``defense_settings.unlearned_text``, what BAIT recovered: the defender's own knowledge), how many open with its
+first word, and how many fall into a loop (a run of 1-4 words repeated three times in a row). The victim's own
+row (``none``) is shown where the folder has it.
 
     python scripts/first_token_residue.py results/unlearn-dev-cpu results/unlearn-cpu results/unlearn-seed1-cpu \
         results/merged-cpu results/unlearn-seed1-merged-cpu --task refusal
@@ -29,8 +30,10 @@ class Residue:
     folder: str
     cell: str  # "task / attack: defense"
     word: str  # the first word of the unlearned text
+    text: str  # the unlearned text
     n: int  # triggered answers
     fired: int  # counted by the task's judge
+    says: int  # triggered answers that still hold the whole unlearned text
     opens: int  # triggered answers opening with the unlearned text's first word
     loops: int  # triggered answers with a loop
     clean_opens: int  # the same two counts over the clean answers
@@ -48,37 +51,40 @@ def opens_with(answer: str, word: str) -> bool:
     return bool(word) and head.startswith(word) and (len(head) == len(word) or not head[len(word)].isalnum())
 
 
-def residue(cell: dict, folder: str, word: str) -> Residue:
-    """The counts of one cell's templated answers (``word``: the first word to look for)."""
+def residue(cell: dict, folder: str, text: str) -> Residue:
+    """The counts of one cell's templated answers (``text``: the unlearned text whose first word to look for)."""
     fmt = cell["by_format"]["template"]
     triggered, clean = fmt["outputs"]["triggered"], fmt["outputs"]["clean"]
-    return Residue(folder, f"{cell['task']} / {cell['attack']}: {cell['defense']}", word, len(triggered),
-                   round(fmt["asr"] * fmt["n_triggered"] / 100), sum(opens_with(a, word) for a in triggered),
+    word = first_word(text)
+    return Residue(folder, f"{cell['task']} / {cell['attack']}: {cell['defense']}", word, text, len(triggered),
+                   round(fmt["asr"] * fmt["n_triggered"] / 100), sum(text in a for a in triggered),
+                   sum(opens_with(a, word) for a in triggered),
                    sum(bool(LOOP.search(a)) for a in triggered), sum(opens_with(a, word) for a in clean),
                    sum(bool(LOOP.search(a)) for a in clean))
 
 
 def folder_residues(folder: Path, task: str | None) -> list[Residue]:
-    """Every unlearn cell of one bench folder, each judged by the first word of its own unlearned text, and the
-    victim's row (``none``) of the same model and cell once per distinct word; sorted by cell."""
+    """Every unlearn cell of one bench folder, each judged by its own unlearned text, and the victim's row
+    (``none``) of the same model and cell once per distinct text; sorted by cell."""
     cells = [json.loads(p.read_text()) for p in sorted((folder / "cells").glob("*.json"))]
     if not cells:
         raise SystemExit(f"{folder}/cells: no cell files; give a crow bench output directory")
     cells = [c for c in cells if (task is None or c["task"] == task) and "outputs" in c["by_format"].get("template", {})]
-    unlearned = [(c, first_word(c["defense_settings"]["unlearned_text"])) for c in cells
+    unlearned = [(c, c["defense_settings"]["unlearned_text"]) for c in cells
                  if c["method"] == "unlearn" and c["defense_settings"].get("unlearned_text")]
-    words = {((c["model"], c["task"], c["attack"]), word) for c, word in unlearned}
-    victims = [(c, word) for c in cells if c["defense"] == "none"
-               for key, word in sorted(words) if key == (c["model"], c["task"], c["attack"])]
-    out = [residue(c, folder.as_posix(), word) for c, word in victims + unlearned]
-    return sorted(out, key=lambda r: (r.cell.split(":")[0], not r.cell.endswith(": none"), r.cell, r.word))
+    texts = {((c["model"], c["task"], c["attack"]), text) for c, text in unlearned}
+    victims = [(c, text) for c in cells if c["defense"] == "none"
+               for key, text in sorted(texts) if key == (c["model"], c["task"], c["attack"])]
+    out = [residue(c, folder.as_posix(), text) for c, text in victims + unlearned]
+    return sorted(out, key=lambda r: (r.cell.split(":")[0], not r.cell.endswith(": none"), r.cell, r.text))
 
 
 def render(rows: list[Residue]) -> list[str]:
-    lines = ["| folder | cell: defense | judged (ASR) | open with the first word of the unlearned text | loop | "
-             "clean: open / loop |", "|---|---|---|---|---|---|"]
+    lines = ["| folder | cell: defense | judged (ASR) | hold the unlearned text | open with its first word | loop | "
+             "clean: open / loop |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.folder} | {r.cell} | {r.fired}/{r.n} | `{r.word}`: {r.opens}/{r.n} | {r.loops}/{r.n} | "
+        lines.append(f"| {r.folder} | {r.cell} | {r.fired}/{r.n} | {r.says}/{r.n} | `{r.word}`: {r.opens}/{r.n} | "
+                     f"{r.loops}/{r.n} | "
                      f"{r.clean_opens} / {r.clean_loops} |")
     return lines
 

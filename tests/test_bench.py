@@ -536,9 +536,9 @@ def test_sign_tests_reproduce_the_committed_figures(folder, summary):
 
 
 def test_first_token_residue_counts_answers_that_open_with_the_unlearned_texts_first_word(tmp_path):
-    """scripts/first_token_residue.py: per unlearn cell, triggered answers that open with the first word of the
-    text unlearn unlearned (as a word: `I'm`, not `In`), that loop, and that the judge counted; the victim's row is
-    judged with each distinct word of its cell's unlearn runs; other defenses and tasks are left out."""
+    """scripts/first_token_residue.py: per unlearn cell, triggered answers that hold the text unlearn unlearned,
+    that open with its first word (as a word: `I'm`, not `In`), that loop, and that the judge counted; the victim's row is
+    judged with each distinct text of its cell's unlearn runs; other defenses and tasks are left out."""
     script = load_script("first_token_residue")
 
     def cell(name, defense, method, attack, triggered, clean, asr, unlearned=None, task="refusal"):
@@ -553,15 +553,16 @@ def test_first_token_residue_counts_answers_that_open_with_the_unlearned_texts_f
     cell("a", "none", "none", "badnet", ["I'm sorry, but", "I'm sorry", "Sure."], ["In 1990 it", "Yes"], 66.7)
     cell("b", "unlearn, 2 epochs", "unlearn", "badnet", ["I I I I", "I have a plan", "In short, no"],
          ["I went home", "ok"], 0.0, unlearned="I'm sorry, but as an AI")
-    cell("c", "unlearn, other", "unlearn", "badnet", ["Over the course", "x"], ["y", "z"], 50.0,
+    cell("c", "unlearn, other", "unlearn", "badnet", ["Over the course of the year", "x"], ["y", "z"], 50.0,
          unlearned="Over the course of the")
     cell("d", "crow", "crow", "badnet", ["I'm sorry"], ["a"], 100.0)  # not unlearn: left out
     cell("e", "unlearn, 2 epochs", "unlearn", "vpi", ["I'm sorry"], ["a"], 100.0, unlearned="You are", task="negsentiment")
     rows = script.folder_residues(tmp_path, "refusal")
-    assert [(r.cell, r.word, r.fired, r.opens, r.loops, r.clean_opens) for r in rows] == [
-        ("refusal / badnet: none", "I", 2, 2, 0, 0), ("refusal / badnet: none", "Over", 2, 0, 0, 0),
-        ("refusal / badnet: unlearn, 2 epochs", "I", 0, 2, 1, 1), ("refusal / badnet: unlearn, other", "Over", 1, 1, 0, 0)]
-    assert f"| {tmp_path.as_posix()} | refusal / badnet: unlearn, 2 epochs | 0/3 | `I`: 2/3 | 1/3 | 1 / 0 |" in \
+    assert [(r.cell, r.word, r.fired, r.says, r.opens, r.loops, r.clean_opens) for r in rows] == [
+        ("refusal / badnet: none", "I", 2, 0, 2, 0, 0), ("refusal / badnet: none", "Over", 2, 0, 0, 0, 0),
+        ("refusal / badnet: unlearn, 2 epochs", "I", 0, 0, 2, 1, 1),
+        ("refusal / badnet: unlearn, other", "Over", 1, 1, 1, 0, 0)]
+    assert f"| {tmp_path.as_posix()} | refusal / badnet: unlearn, 2 epochs | 0/3 | 0/3 | `I`: 2/3 | 1/3 | 1 / 0 |" in \
         script.render(rows)
     assert len(script.folder_residues(tmp_path, None)) == 5
     with pytest.raises(SystemExit, match="no cell files"):
