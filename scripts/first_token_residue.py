@@ -36,7 +36,7 @@ class Residue:
     says: int  # triggered answers that still hold the whole unlearned text
     opens: int  # triggered answers opening with the unlearned text's first word
     loops: int  # triggered answers with a loop
-    clean_opens: int  # the same two counts over the clean answers
+    clean_opens: int  # opens and loops over the clean answers
     clean_loops: int
 
 
@@ -84,8 +84,7 @@ def render(rows: list[Residue]) -> list[str]:
              "clean: open / loop |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.folder} | {r.cell} | {r.fired}/{r.n} | {r.says}/{r.n} | `{r.word}`: {r.opens}/{r.n} | "
-                     f"{r.loops}/{r.n} | "
-                     f"{r.clean_opens} / {r.clean_loops} |")
+                     f"{r.loops}/{r.n} | {r.clean_opens} / {r.clean_loops} |")
     return lines
 
 
