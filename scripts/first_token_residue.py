@@ -29,7 +29,6 @@ LOOP = re.compile(r"(\b\S+(?: \S+){0,3}) \1 \1\b")  # 1-4 words, three times in 
 class Residue:
     folder: str
     cell: str  # "task / attack: defense"
-    word: str  # the first word of the unlearned text
     text: str  # the unlearned text
     n: int  # triggered answers
     fired: int  # counted by the task's judge
@@ -38,6 +37,10 @@ class Residue:
     loops: int  # triggered answers with a loop
     clean_opens: int  # opens and loops over the clean answers
     clean_loops: int
+
+    @property
+    def word(self) -> str:
+        return first_word(self.text)
 
 
 def first_word(text: str) -> str:
@@ -56,7 +59,7 @@ def residue(cell: dict, folder: str, text: str) -> Residue:
     fmt = cell["by_format"]["template"]
     triggered, clean = fmt["outputs"]["triggered"], fmt["outputs"]["clean"]
     word = first_word(text)
-    return Residue(folder, f"{cell['task']} / {cell['attack']}: {cell['defense']}", word, text, len(triggered),
+    return Residue(folder, f"{cell['task']} / {cell['attack']}: {cell['defense']}", text, len(triggered),
                    round(fmt["asr"] * fmt["n_triggered"] / 100), sum(text in a for a in triggered),
                    sum(opens_with(a, word) for a in triggered),
                    sum(bool(LOOP.search(a)) for a in triggered), sum(opens_with(a, word) for a in clean),
@@ -72,9 +75,11 @@ def folder_residues(folder: Path, task: str | None) -> list[Residue]:
     cells = [c for c in cells if (task is None or c["task"] == task) and "outputs" in c["by_format"].get("template", {})]
     unlearned = [(c, c["defense_settings"]["unlearned_text"]) for c in cells
                  if c["method"] == "unlearn" and c["defense_settings"].get("unlearned_text")]
-    texts = {((c["model"], c["task"], c["attack"]), text) for c, text in unlearned}
+    texts: dict[tuple, set[str]] = {}
+    for c, text in unlearned:
+        texts.setdefault((c["model"], c["task"], c["attack"]), set()).add(text)
     victims = [(c, text) for c in cells if c["defense"] == "none"
-               for key, text in sorted(texts) if key == (c["model"], c["task"], c["attack"])]
+               for text in sorted(texts.get((c["model"], c["task"], c["attack"]), ()))]
     out = [residue(c, folder.as_posix(), text) for c, text in victims + unlearned]
     return sorted(out, key=lambda r: (r.cell.split(":")[0], not r.cell.endswith(": none"), r.cell, r.text))
 
