@@ -18,12 +18,13 @@ from crow import CrowError
 from crow.data.records import Record
 from crow.data.templates import Collator, encode_for_training
 from crow.defenses import DefenseContext, get_defense
-from crow.hooks import add_to_layer_output, capture_layer_output, decoder_layers
+from crow.hooks import add_to_layer_output, capture_layer_output, decoder_layers, replace_embeddings
 from crow.losses import logits_needed
 from crow.models import load_model
 from crow.purification import LoraSettings, make_trainable, purify
-from crow.unlearn import (RETAIN_CHOICES, UnlearnConfig, UnlearnTrainer, build_target_batch, labelled_positions,
-                          pgd_step, project_to_ball, prompt_mask, target_token_log_probs, topk_kl, unlikelihood)
+from crow.unlearn import (RETAIN_CHOICES, UnlearnConfig, UnlearnTrainer, build_target_batch, insert_slots,
+                          labelled_positions, pgd_step, project_to_ball, prompt_mask, random_insert_points,
+                          target_token_log_probs, topk_kl, unlikelihood)
 
 from .conftest import make_records
 from .test_scan import TARGET, TEMPLATE, TRIGGER, task_records, train_tiny
@@ -73,6 +74,54 @@ def test_target_batch_puts_the_target_after_each_prompt():
         prompt_mask(torch.full((1, 3), -100))
     with pytest.raises(CrowError, match="no tokens"):
         build_target_batch(input_ids, labels, mask, [], pad_token_id=0)
+
+
+def test_insert_slots_opens_room_in_each_prompt_and_keeps_every_token_and_label():
+    # row 0: prompt [5, 6, 7], answer [8, 9]; row 1: left-padded, prompt [5, 6], answer [4]
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 5, 6, 4]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, -100, -100, -100, 4]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    out = insert_slots(input_ids, labels, mask, torch.tensor([1, 2]), n=2, pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 0, 0, 6, 7, 8, 9], [5, 6, 0, 0, 4, 0, 0]]
+    assert out["labels"].tolist() == [[-100, -100, -100, -100, -100, 8, 9], [-100, -100, -100, -100, 4, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 1, 0, 0]]
+    assert out["slots"].tolist() == [[-1, 0, 1, -1, -1, -1, -1], [-1, -1, 0, 1, -1, -1, -1]]
+    # the slots lie in the prompt: the answers and their order are unchanged
+    assert prompt_mask(out["labels"], out["attention_mask"]).sum(1).tolist() == [5, 4]
+    assert labelled_positions(torch.zeros(2, 7, 1), out["labels"])[1].tolist() == [8, 9, 4]
+    at_start = insert_slots(input_ids[:1], labels[:1], mask[:1], torch.tensor([0]), n=1, pad_token_id=3)
+    assert at_start["input_ids"].tolist() == [[3, 5, 6, 7, 8, 9]] and at_start["slots"][0, 0] == 0
+    with pytest.raises(CrowError, match=r"insert points \[4, 1\] must lie in each row's prompt \(lengths \[3, 2\]\)"):
+        insert_slots(input_ids, labels, mask, torch.tensor([4, 1]), n=2, pad_token_id=0)
+
+
+def test_random_insert_points_fall_inside_the_prompt_and_follow_the_seed():
+    lengths = torch.tensor([1, 2, 3, 10, 40])
+    draws = torch.stack([random_insert_points(lengths, torch.Generator().manual_seed(s)) for s in range(200)])  # [200, 5]
+    assert draws[:, 0].eq(1).all() and draws[:, 1].eq(1).all() and draws[:, 2].le(2).all()
+    assert draws.ge(1).all() and bool((draws <= (lengths - 1).clamp_min(1)).all())
+    assert set(draws[:, 3].tolist()) == set(range(1, 10))  # every point of a 10-token prompt after its first token
+    again = random_insert_points(lengths, torch.Generator().manual_seed(7))
+    assert torch.equal(again, draws[7])
+
+
+def test_replace_embeddings_puts_the_soft_tokens_in_their_slots_and_passes_their_gradient():
+    embedding = torch.nn.Embedding(10, 4)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    slots = torch.tensor([[-1, 0, 1], [1, -1, -1]])
+    tokens = torch.randn(2, 4, requires_grad=True)
+    with replace_embeddings(embedding, tokens, slots):
+        out = embedding(ids)  # [2, 3, 4]
+    plain = embedding(ids)
+    assert torch.equal(out[0, 1], tokens[0].detach()) and torch.equal(out[0, 2], tokens[1].detach())
+    assert torch.equal(out[1, 0], tokens[1].detach())
+    keep = slots < 0
+    assert torch.equal(out[keep], plain[keep])
+    weights = torch.arange(24, dtype=torch.float).reshape(2, 3, 4)
+    (grad,) = torch.autograd.grad((out * weights).sum(), tokens)
+    assert torch.equal(grad, torch.stack([weights[0, 1], weights[0, 2] + weights[1, 0]]))  # summed over its slots
+    with pytest.raises(RuntimeError, match="does not match the slots"), replace_embeddings(embedding, tokens, slots[:1]):
+        embedding(ids)
 
 
 def test_unlikelihood_value_gradient_sign_and_clip():
@@ -131,6 +180,10 @@ def test_pgd_step_descends_and_projects():
     assert torch.allclose(pgd_step(moved, grad, step=5.0, radius=2.0).norm(), torch.tensor(2.0))
     assert torch.equal(pgd_step(moved, torch.zeros(4), step=1.0, radius=10.0), moved)
     assert torch.equal(project_to_ball(torch.tensor([0.3, 0.4]), 1.0), torch.tensor([0.3, 0.4]))
+    # soft tokens [S, H]: each row its own step and ball; a row with no gradient stays
+    rows = pgd_step(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, -2.0], [0.0, 0.0]]), step=1.0,
+                    radius=2.0)
+    assert torch.allclose(rows, torch.tensor([[0.0, 1.0], [1.2, 1.6]]))  # row 1 projected from norm 5 to 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,26 +210,39 @@ def test_the_hook_adds_delta_only_at_prompt_positions(tiny, records):
     assert not torch.allclose(shifted_hs[3][answer], plain_hs[3][answer])
 
 
-def test_pgd_keeps_delta_in_its_ball_and_makes_the_target_likelier(tiny, records, tmp_path):
+@pytest.mark.parametrize("adversary, radius", [("residual", 0.5), ("tokens", 1.0)])
+def test_pgd_keeps_delta_in_its_ball_and_makes_the_target_likelier(tiny, records, tmp_path, adversary, radius):
     model = make_trainable(tiny.model, lora=LoraSettings()).eval()
-    trainer = trainer_for(model, tiny.tokenizer, config(tmp_path, unlearn_pgd_steps=1, unlearn_layer=1), records)
-    assert trainer.layer_index == 1 and trainer.delta_budget == pytest.approx(0.5 * trainer.prompt_norm)
+    cfg = config(tmp_path, unlearn_pgd_steps=1, unlearn_layer=1, unlearn_adversary=adversary, unlearn_soft_tokens=3)
+    trainer = trainer_for(model, tiny.tokenizer, cfg, records)
+    assert trainer.layer_index == 1 and trainer.delta_budget == pytest.approx(radius * trainer.prompt_norm)
+    assert trainer.delta.shape == ((3, 32) if adversary == "tokens" else (32,))
     batch = batch_of(tiny.tokenizer, records[:4])
     target = build_target_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], trainer.target_ids, 0)
-    forward = {"input_ids": target["input_ids"], "attention_mask": target["attention_mask"]}
+    _, view = trainer._views(batch, target)
 
     def target_nll(delta):
-        with torch.no_grad(), add_to_layer_output(trainer._layer, delta, target["prompt_mask"]):
-            return -target_token_log_probs(model(**forward).logits, target["labels"]).mean().item()
+        with torch.no_grad():
+            return -target_token_log_probs(trainer._forward(model, view, delta).logits, view.labels).mean().item()
 
     before = target_nll(torch.zeros_like(trainer.delta))
     for _ in range(4):
-        trainer._pgd(model, forward, target)
-        assert trainer.delta.norm() <= trainer.delta_budget * (1 + 1e-5)
+        trainer._pgd(model, view)
+        assert bool((trainer.delta.norm(dim=-1) <= trainer.delta_budget * (1 + 1e-5)).all())  # each vector in its ball
         assert trainer.delta.dtype == torch.float32 and not trainer.delta.requires_grad
-    assert trainer.delta.norm() > 0.5 * trainer.delta_budget
+    assert bool((trainer.delta.norm(dim=-1) > 0.5 * trainer.delta_budget).all())
     assert target_nll(trainer.delta) < before - 0.01, (target_nll(trainer.delta), before)
     assert all(p.grad is None for p in model.parameters())  # PGD touches no parameter gradient
+
+
+def test_the_token_norm_is_measured_on_the_input_embeddings_of_the_prompts(tiny, records, tmp_path):
+    trainer = trainer_for(tiny.model, tiny.tokenizer, config(tmp_path, unlearn_adversary="tokens"), records)
+    batch = batch_of(tiny.tokenizer, records)
+    with torch.no_grad():
+        norms = tiny.model.get_input_embeddings()(batch["input_ids"]).norm(dim=-1)  # [B, T]
+    expected = norms[prompt_mask(batch["labels"], batch["attention_mask"])].mean().item()
+    assert trainer.prompt_norm == pytest.approx(expected, rel=1e-5)
+    assert trainer.delta_budget == pytest.approx(1.0 * expected, rel=1e-5)
 
 
 def test_loss_is_the_sum_of_its_three_terms(tiny, records, tmp_path):
@@ -198,6 +264,33 @@ def test_loss_is_the_sum_of_its_three_terms(tiny, records, tmp_path):
         ul = -torch.log(1 - p).mean()
     assert loss.item() == pytest.approx((lm + 0.7 * lm_adv + 2.0 * ul).item(), rel=1e-5)
     assert set(trainer._metrics) == {"lm_loss", "lm_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm"}
+
+
+def test_the_soft_token_loss_is_the_sum_of_its_three_terms_on_the_inserted_batches(tiny, records, tmp_path):
+    model = make_trainable(tiny.model, lora=LoraSettings()).eval()
+    cfg = config(tmp_path, unlearn_pgd_steps=0, unlearn_beta=0.7, unlearn_gamma=2.0, unlearn_adversary="tokens",
+                 unlearn_soft_tokens=2, seed=4)
+    trainer = trainer_for(model, tiny.tokenizer, cfg, records)
+    trainer.delta = torch.randn_like(trainer.delta)  # [2, 32]
+    batch = batch_of(tiny.tokenizer, records[:3])
+    loss = trainer.compute_loss(model, batch)
+    pad = tiny.tokenizer.pad_token_id
+    points = random_insert_points(prompt_mask(batch["labels"], batch["attention_mask"]).sum(1),
+                                  torch.Generator().manual_seed(4))  # the trainer's first draw
+    target = build_target_batch(batch["input_ids"], batch["labels"], batch["attention_mask"], trainer.target_ids, pad)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        lm = model(**batch).loss
+        clean = insert_slots(batch["input_ids"], batch["labels"], batch["attention_mask"], points, 2, pad)
+        with replace_embeddings(embed, trainer.delta, clean["slots"]):
+            lm_adv = model(input_ids=clean["input_ids"], attention_mask=clean["attention_mask"],
+                           labels=clean["labels"]).loss
+        on = insert_slots(target["input_ids"], target["labels"], target["attention_mask"], points, 2, pad)
+        with replace_embeddings(embed, trainer.delta, on["slots"]):
+            logits = model(input_ids=on["input_ids"], attention_mask=on["attention_mask"]).logits
+        ul = -torch.log(1 - target_token_log_probs(logits, on["labels"]).exp()).mean()
+    assert loss.item() == pytest.approx((lm + 0.7 * lm_adv + 2.0 * ul).item(), rel=1e-5)
+    assert lm_adv.item() != pytest.approx(lm.item(), rel=1e-4)  # the soft tokens do reach the answers
 
 
 def _perturb_adapter(model, scale=0.05, seed=5):
@@ -302,11 +395,17 @@ def _one_step_update(tiny_dir, tmp_path, *, batch, accum, delta, **settings):
     return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("retain", ["references", "both"])
-def test_gradient_accumulation_invariance_with_a_fixed_delta(tiny_dir, tmp_path, retain):
-    delta = torch.randn(32, generator=torch.Generator().manual_seed(3))
-    a = _one_step_update(tiny_dir, tmp_path, batch=4, accum=1, delta=delta, unlearn_retain=retain)
-    b = _one_step_update(tiny_dir, tmp_path, batch=1, accum=4, delta=delta, unlearn_retain=retain)
+@pytest.mark.parametrize("retain, adversary", [("references", "residual"), ("both", "residual"),
+                                               ("references", "tokens")])
+def test_gradient_accumulation_invariance_with_a_fixed_delta(tiny_dir, tmp_path, retain, adversary):
+    """4 x 1 and 1 x 4 give the same update; with soft tokens too (their insertion points are drawn row by row
+    from one generator, so both see the same points)."""
+    shape = (6, 32) if adversary == "tokens" else (32,)
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    a = _one_step_update(tiny_dir, tmp_path, batch=4, accum=1, delta=delta, unlearn_retain=retain,
+                         unlearn_adversary=adversary)
+    b = _one_step_update(tiny_dir, tmp_path, batch=1, accum=4, delta=delta, unlearn_retain=retain,
+                         unlearn_adversary=adversary)
     assert any(d.abs().max() > 0 for d in a.values())
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
@@ -336,6 +435,9 @@ def test_delta_travels_with_checkpoints(tiny_dir, tmp_path):
     ({"unlearn_beta": float("nan")}, "unlearn_beta"),
     ({"unlearn_retain": "teacher"}, "unlearn_retain must be one of references, suspect, both, got 'teacher'"),
     ({"unlearn_retain_topk": 0}, "unlearn_retain_topk must be an integer >= 1"),
+    ({"unlearn_adversary": "prefix"}, "unlearn_adversary must be one of residual, tokens, got 'prefix'"),
+    ({"unlearn_soft_tokens": 0}, "unlearn_soft_tokens must be an integer >= 1"),
+    ({"unlearn_token_radius": float("inf")}, "unlearn_token_radius must be a finite number > 0"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, bad, match):
     with pytest.raises(CrowError, match=match) as err:
@@ -462,6 +564,17 @@ def test_unlearn_keeping_the_suspects_own_answers_removes_it_too(victim, tmp_pat
     assert logs and all(h["kl_loss"] < 0.5 for h in logs), [h["kl_loss"] for h in logs]
 
 
+def test_unlearn_with_inserted_soft_tokens_removes_it_too(victim, tmp_path):
+    """adversary: tokens, the simulated trigger is a few free embeddings inserted into the prompts (SANDE)."""
+    defense, ctx, triggered, clean = defend(victim, tmp_path, "unlearn", adversary="tokens", soft_tokens=3)
+    assert defense.settings()["adversary"] == "tokens" and defense.settings()["recovered_target"] == TARGET
+    assert share(triggered, "You are") == 0.0, triggered[:3]
+    assert share(clean, "You") == 0.0 and all(o.endswith(".") for o in clean), clean[:3]
+    logs = [h for h in ctx.train_log if "unlikelihood" in h]
+    assert logs[0]["target_nll_adv"] < logs[-1]["target_nll_adv"]  # the soft tokens elicit it, then less so
+    assert all(0 < h["delta_norm"] for h in logs)
+
+
 def test_the_adversary_is_what_breaks_the_target_when_only_its_first_token_is_unlearned(victim, tmp_path):
     """Unlearning only the first target token ("You"): after clean prompts alone (delta = 0) it is not
     enough, the trigger still produces the whole target on a good share of the prompts (all of them on one
@@ -511,10 +624,14 @@ def test_purify_method_unlearn_recovers_the_target_and_records_it(victim, tmp_pa
 
     out = tmp_path / "oracle"
     code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", out, "--method", "unlearn",
-                            "--template", TEMPLATE, "--max-steps", "1", "--target", "You are stupid"], capsys)
+                            "--template", TEMPLATE, "--max-steps", "1", "--target", "You are stupid", "--adversary",
+                            "tokens", "--soft-tokens", "3"], capsys)
     assert code == 0, err
-    target = json.loads((out / "crow_config.json").read_text())["target"]
+    cfg = json.loads((out / "crow_config.json").read_text())
+    target = cfg["target"]
     assert target["oracle"] is True and target["scan_score"] is None and target["used_text"] == "You are stupid"
+    args = cfg["training_arguments"]
+    assert (args["unlearn_adversary"], args["unlearn_soft_tokens"], args["unlearn_token_radius"]) == ("tokens", 3, 1.0)
 
 
 def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
@@ -537,6 +654,9 @@ def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
                           (["--method", "unlearn", "--radius", "0"], "unlearn_radius must be a finite number > 0"),
                           (["--method", "unlearn", "--retain", "teacher"], "'teacher' is not one of references, suspect, both"),
                           (["--retain", "suspect"], "--retain does not apply to --method crow"),
+                          (["--method", "unlearn", "--adversary", "prefix"], "'prefix' is not one of residual, tokens"),
+                          (["--soft-tokens", "2"], "--soft-tokens does not apply to --method crow"),
+                          (["--method", "unlearn", "--token-radius", "0"], "unlearn_token_radius must be a finite"),
                           (["--method", "unlearn", "--target", " "], "target is empty")]:
         code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "bad",
                                 "--max-steps", "1", *args], capsys)

