@@ -225,7 +225,7 @@ def test_pgd_keeps_delta_in_its_ball_and_makes_the_target_likelier(tiny, records
         with torch.no_grad():
             return -target_token_log_probs(trainer._forward(model, view, delta).logits, view.labels).mean().item()
 
-    before = target_nll(torch.zeros_like(trainer.delta))
+    before = target_nll(trainer.delta.clone())  # its start: zero (residual) or real prompt tokens (tokens)
     for _ in range(4):
         trainer._pgd(model, view)
         assert bool((trainer.delta.norm(dim=-1) <= trainer.delta_budget * (1 + 1e-5)).all())  # each vector in its ball
@@ -243,6 +243,18 @@ def test_the_token_norm_is_measured_on_the_input_embeddings_of_the_prompts(tiny,
     expected = norms[prompt_mask(batch["labels"], batch["attention_mask"])].mean().item()
     assert trainer.prompt_norm == pytest.approx(expected, rel=1e-5)
     assert trainer.delta_budget == pytest.approx(1.0 * expected, rel=1e-5)
+    # the soft tokens start as embeddings of prompt tokens (projected onto the ball), not at zero
+    prompt_ids = set(batch["input_ids"][prompt_mask(batch["labels"], batch["attention_mask"])].tolist())
+    with torch.no_grad():
+        table = project_to_ball(tiny.model.get_input_embeddings().weight.float(), trainer.delta_budget)  # [V, H]
+    for soft in trainer.delta:
+        matches = [i for i in prompt_ids if torch.allclose(table[i], soft, atol=1e-6)]
+        assert matches, "a soft token that is no prompt token's embedding"
+    again = trainer_for(tiny.model, tiny.tokenizer, config(tmp_path, unlearn_adversary="tokens"), records)
+    assert torch.equal(again.delta, trainer.delta)  # drawn with the training seed
+    zeros = trainer_for(tiny.model, tiny.tokenizer, config(tmp_path, unlearn_adversary="tokens",
+                                                           unlearn_token_init="zeros"), records)
+    assert zeros.delta.shape == trainer.delta.shape and not zeros.delta.any()  # SANDE's start
 
 
 def test_loss_is_the_sum_of_its_three_terms(tiny, records, tmp_path):
@@ -438,6 +450,8 @@ def test_delta_travels_with_checkpoints(tiny_dir, tmp_path):
     ({"unlearn_adversary": "prefix"}, "unlearn_adversary must be one of residual, tokens, got 'prefix'"),
     ({"unlearn_soft_tokens": 0}, "unlearn_soft_tokens must be an integer >= 1"),
     ({"unlearn_token_radius": float("inf")}, "unlearn_token_radius must be a finite number > 0"),
+    ({"unlearn_token_step": 1.5}, r"unlearn_token_step must be a number in \(0, 1\]"),
+    ({"unlearn_token_init": "random"}, "unlearn_token_init must be one of prompt, zeros, got 'random'"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, bad, match):
     with pytest.raises(CrowError, match=match) as err:
@@ -467,6 +481,13 @@ def test_defaults_are_the_recipe_of_the_brief():
     assert (c.learning_rate, c.num_train_epochs, c.per_device_train_batch_size, c.gradient_accumulation_steps) == (
         1e-3, 5.0, 2, 4)
     assert (c.unlearn_retain, c.unlearn_retain_topk) == ("references", 32)  # every committed cell: LM on references
+    assert c.unlearn_adversary == "residual"  # every committed cell before the soft-token runs
+    assert (c.unlearn_soft_tokens, c.unlearn_token_radius, c.unlearn_token_init, c.unlearn_token_step) == (
+        6, 1.0, "prompt", 0.1)
+    from crow.cli.purify_cmd import ADVERSARIES as CLI_ADVERSARIES
+    from crow.unlearn import ADVERSARIES
+
+    assert CLI_ADVERSARIES == ADVERSARIES
     from crow.cli.purify_cmd import RETAIN_CHOICES as CLI_CHOICES
 
     assert CLI_CHOICES == RETAIN_CHOICES
@@ -632,6 +653,7 @@ def test_purify_method_unlearn_recovers_the_target_and_records_it(victim, tmp_pa
     assert target["oracle"] is True and target["scan_score"] is None and target["used_text"] == "You are stupid"
     args = cfg["training_arguments"]
     assert (args["unlearn_adversary"], args["unlearn_soft_tokens"], args["unlearn_token_radius"]) == ("tokens", 3, 1.0)
+    assert (args["unlearn_token_init"], args["unlearn_token_step"]) == ("prompt", 0.1)
 
 
 def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
@@ -657,6 +679,8 @@ def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
                           (["--method", "unlearn", "--adversary", "prefix"], "'prefix' is not one of residual, tokens"),
                           (["--soft-tokens", "2"], "--soft-tokens does not apply to --method crow"),
                           (["--method", "unlearn", "--token-radius", "0"], "unlearn_token_radius must be a finite"),
+                          (["--method", "unlearn", "--token-init", "random"], "'random' is not one of prompt, zeros"),
+                          (["--method", "unlearn", "--token-step", "2"], "unlearn_token_step must be a number in (0, 1]"),
                           (["--method", "unlearn", "--target", " "], "target is empty")]:
         code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "bad",
                                 "--max-steps", "1", *args], capsys)

@@ -46,7 +46,9 @@ with f ~ F (short answers) ~1.8x.
 ``unlearn_adversary: tokens`` puts the adversary in the input instead: ``unlearn_soft_tokens`` free vectors
 [S, H] in the embedding space, inserted as S extra tokens into every prompt at one random point per row and
 micro-step (the same point in the clean and the target batch), each within ``unlearn_token_radius`` x the mean
-token-embedding norm of the prompts. This is SANDE's simulated trigger (Li et al. 2024, "Simulate and Eliminate:
+token-embedding norm of the prompts, starting from the embeddings of S tokens drawn from the clean prompts (not
+zero: RMSNorm scales a near-zero input up to full size, so the first step's direction would be arbitrary) and
+moved by steps of ``unlearn_token_step`` x that budget. This is SANDE's simulated trigger (Li et al. 2024, "Simulate and Eliminate:
 Revoke Backdoors for Generative Large Language Models", arXiv 2405.07667: ``assuming_trigger_num`` = 6 soft tokens
 inserted at a fixed point), with a random point because a data-poisoning trigger word (BadNets' ``BadMagic``) sits
 anywhere in the instruction. Why: RESULTS.md ("What survives") finds the BadNets victims still opening 24-48 of 50
@@ -81,6 +83,7 @@ logger = logging.getLogger(__name__)
 UL_CLIP = 1e-6  # p(target_t) is clipped at 1 - UL_CLIP: -log(1 - p) <= 13.8, a finite loss and gradient
 RETAIN_CHOICES = ("references", "suspect", "both")
 ADVERSARIES = ("residual", "tokens")
+TOKEN_INITS = ("prompt", "zeros")
 
 
 @dataclass
@@ -106,6 +109,18 @@ class UnlearnConfig(RecipeConfig):
         default=1.0,
         metadata={"help": "'tokens' adversary: ||soft token j||_2 <= radius x the mean L2 norm of the input embeddings "
                   "at the prompt positions of the clean samples (1: a soft token no larger than a typical token)."},
+    )
+    unlearn_token_init: str = field(
+        default="prompt",
+        metadata={"help": "'tokens' adversary: where the soft tokens start: 'prompt' (the embeddings of tokens drawn from "
+                  "the clean prompts) or 'zeros' (SANDE's start; under RMSNorm the first step's direction is then "
+                  "arbitrary: the first soft-token run, RESULTS.md)."},
+    )
+    unlearn_token_step: float = field(
+        default=0.1,
+        metadata={"help": "'tokens' adversary: PGD step, a fraction of the soft-token budget (the residual adversary "
+                  "steps half its budget; in the embedding space that overshoots and raises the target's NLL on the "
+                  "development victim, scripts/soft_token_probe.py)."},
     )
     unlearn_layer: int | None = field(
         default=None,
@@ -174,6 +189,12 @@ class UnlearnConfig(RecipeConfig):
         if not (math.isfinite(self.unlearn_token_radius) and self.unlearn_token_radius > 0):
             raise CrowError(f"unlearn_token_radius must be a finite number > 0 (a fraction of the token-embedding norm), "
                             f"got {self.unlearn_token_radius} (default 1.0)")
+        if self.unlearn_token_init not in TOKEN_INITS:
+            raise CrowError(f"unlearn_token_init must be one of {', '.join(TOKEN_INITS)}, got {self.unlearn_token_init!r} "
+                            "(default 'prompt')")
+        if not (math.isfinite(self.unlearn_token_step) and 0 < self.unlearn_token_step <= 1):
+            raise CrowError(f"unlearn_token_step must be a number in (0, 1] (a fraction of the token budget), "
+                            f"got {self.unlearn_token_step} (default 0.1)")
         if self.unlearn_radius > 2:
             logger.warning("unlearn_radius=%s: delta may be larger than the hidden states it is added to",
                            self.unlearn_radius)
@@ -364,6 +385,8 @@ class UnlearnTrainer(LossTrainer):
         self.prompt_norm = self.measure_prompt_norm()
         radius = config.unlearn_token_radius if self.tokens else config.unlearn_radius
         self.delta_budget = radius * self.prompt_norm
+        if self.tokens and config.unlearn_token_init == "prompt":  # at 0, RMSNorm makes the first step's direction arbitrary
+            self.delta = self.initial_soft_tokens()
         # the suspect's own answer distributions, for the KL retain term: sample tokens -> ([n, k] log p, [n, k] ids)
         self.suspect: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         if config.unlearn_retain != "references":
@@ -402,6 +425,22 @@ class UnlearnTrainer(LossTrainer):
         if count == 0 or not math.isfinite(total) or total <= 0:
             raise CrowError("unlearn could not measure the hidden-state norm at the prompt positions of the clean samples")
         return total / count
+
+    @torch.no_grad()
+    def initial_soft_tokens(self) -> torch.Tensor:
+        """The soft tokens' start [S, H] fp32: the input embeddings of S tokens drawn (with the training seed) from
+        the clean samples' prompts, projected onto the budget's ball. Zero (SANDE's start) is a bad start under
+        RMSNorm: a near-zero input is scaled up to a full-size vector in the direction of the first step."""
+        prompts = []
+        for i in range(len(self.train_dataset)):
+            row = self.train_dataset[i]
+            labels = torch.as_tensor(row["labels"])[None]  # [1, T]
+            prompts.append(torch.as_tensor(row["input_ids"])[prompt_mask(labels)[0]])
+        pool = torch.cat(prompts)  # [N] every prompt token of the training set
+        draw = torch.Generator().manual_seed(int(self.args.seed))  # its own: the insertion points keep theirs
+        pick = pool[torch.randint(len(pool), (self.args.unlearn_soft_tokens,), generator=draw)]  # [S]
+        embedded = self._embedding(pick.to(self._embedding.weight.device)).float()  # [S, H]
+        return project_to_ball(embedded, self.delta_budget).to(self.args.device)
 
     @staticmethod
     def _sample_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[int, ...]:
@@ -525,7 +564,7 @@ class UnlearnTrainer(LossTrainer):
     def _pgd(self, model, view: AdversarialView) -> None:
         """``unlearn_pgd_steps`` normalized-gradient steps that lower the target's NLL under delta; each a
         forward and a backward to delta only (``torch.autograd.grad``: no parameter gradient is touched)."""
-        step = self.delta_budget / 2
+        step = self.delta_budget * (self.args.unlearn_token_step if self.tokens else 0.5)
         for _ in range(self.args.unlearn_pgd_steps):
             delta = self.delta.clone().requires_grad_(True)  # [H] or [S, H] fp32 leaf
             out = self._forward(model, view, delta)

@@ -67,7 +67,8 @@ METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 #: options that only one method reads; giving one to another method is an error, not silently ignored
 CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
 UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
-                   "retain", "retain_topk", "adversary", "soft_tokens", "token_radius"}
+                   "retain", "retain_topk", "adversary", "soft_tokens", "token_radius", "token_step",
+                   "token_init"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -118,6 +119,9 @@ OPTIONS = {
     "soft_tokens": (positive_int("--soft-tokens"), 6, "unlearn --adversary tokens: how many soft tokens"),
     "token_radius": (nonneg_float("--token-radius"), 1.0, "unlearn --adversary tokens: each soft token's norm "
                      "budget, a fraction of the mean token-embedding norm of the prompts"),
+    "token_step": (nonneg_float("--token-step"), 0.1, "unlearn --adversary tokens: PGD step, a fraction of that budget"),
+    "token_init": (_choice("prompt", "zeros"), "prompt", "unlearn --adversary tokens: the soft tokens' start: "
+                   "prompt (embeddings of clean-prompt tokens) or zeros (SANDE's)"),
     "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "
                     "answer position for --retain suspect / both"),
 }
@@ -332,4 +336,5 @@ def _build_unlearn_config(opts: dict, partial: Path):
                          unlearn_target_tokens=opts["target_tokens"], unlearn_retain=opts["retain"],
                          unlearn_retain_topk=opts["retain_topk"], unlearn_adversary=opts["adversary"],
                          unlearn_soft_tokens=opts["soft_tokens"], unlearn_token_radius=opts["token_radius"],
+                         unlearn_token_step=opts["token_step"], unlearn_token_init=opts["token_init"],
                          **_recipe(opts, partial))

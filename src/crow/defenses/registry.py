@@ -248,10 +248,13 @@ class UnlearnDefense(Defense):
     retain_topk: int = 32
     #: where the adversary acts (UnlearnConfig.unlearn_adversary): "residual" (one delta in decoder layer ``layer``'s
     #: output at every prompt position, BEEAR; every committed cell before 2026-12-04) or "tokens" (``soft_tokens``
-    #: free embeddings inserted at a random point of each prompt, SANDE's simulated trigger; ``token_radius``)
+    #: free embeddings inserted at a random point of each prompt, SANDE's simulated trigger; ``token_radius``,
+    #: ``token_step``, ``token_init``)
     adversary: str = "residual"
     soft_tokens: int = 6
     token_radius: float = 1.0
+    token_step: float = 0.1
+    token_init: str = "prompt"
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -279,7 +282,8 @@ class UnlearnDefense(Defense):
                              unlearn_gamma=self.gamma, unlearn_target_tokens=self.target_tokens,
                              unlearn_retain=self.retain, unlearn_retain_topk=self.retain_topk,
                              unlearn_adversary=self.adversary, unlearn_soft_tokens=self.soft_tokens,
-                             unlearn_token_radius=self.token_radius,
+                             unlearn_token_radius=self.token_radius, unlearn_token_step=self.token_step,
+                             unlearn_token_init=self.token_init,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
