@@ -8,6 +8,8 @@ Compares, on the same model, batch and seed (median of --steps timed steps after
   unlearn   crow's UnlearnTrainer.compute_loss + backward (issue 17's defense, its defaults: 2 PGD steps
             of the universal adversary on prompt + 8 target tokens, the clean and the adversarial LM
             forwards, the unlikelihood forward, one backward)
+  unlearn_tokens  the same with the soft-token adversary (adversary: tokens, 6 soft tokens inserted into each
+            prompt; its PGD backward crosses every layer)
 It checks that crow's loss equals the official one, measures peak memory of each variant's
 step (CPU: peak bytes of live tensors allocated during one step, tracked op by op with a
 TorchDispatchMode, see LiveTensorBytes; CUDA: torch.cuda.max_memory_allocated), and the speedup of crow's
@@ -192,6 +194,10 @@ def main(argv=None) -> dict:
                                         report_to="none"),
         train_dataset=Dataset.from_list(one), data_collator=Collator(0),
         target_ids=torch.randint(5, model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(1)).tolist())
+    tokens_trainer = UnlearnTrainer(
+        model=model, args=UnlearnConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
+                                        report_to="none", unlearn_adversary="tokens"),
+        train_dataset=Dataset.from_list(one), data_collator=Collator(0), target_ids=unlearn_trainer.target_ids)
     model.eval()  # per-micro-batch losses (no accumulation scaling); LoRA dropout is 0 anyway
 
     def sft():
@@ -210,6 +216,10 @@ def main(argv=None) -> dict:
         unlearn_trainer.compute_loss(model, batch).backward()
         model.zero_grad(set_to_none=True)
 
+    def unlearn_tokens():
+        tokens_trainer.compute_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+
     loss_crow = trainer.compute_loss(model, batch).item()
     loss_official = official_crow_loss(model, batch).item()
     model.zero_grad(set_to_none=True)
@@ -217,7 +227,7 @@ def main(argv=None) -> dict:
         sys.exit(f"crow's loss {loss_crow} differs from the official formula's {loss_official}")
     print(f"loss: crow {loss_crow:.6f}  official {loss_official:.6f}", file=sys.stderr)
 
-    variants = {"sft": sft, "crow": crow, "official": official, "unlearn": unlearn}
+    variants = {"sft": sft, "crow": crow, "official": official, "unlearn": unlearn, "unlearn_tokens": unlearn_tokens}
     for fn in variants.values():
         for _ in range(args.warmup):
             fn()
@@ -227,16 +237,17 @@ def main(argv=None) -> dict:
             times[name].append(timed(fn, args.device))
     median = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
-        print(f"{k:9s} median {median[k]:.3f} s  ({', '.join(f'{x:.2f}' for x in v)})", file=sys.stderr)
-    memory = {k: peak_bytes(variants[k], args.device) for k in ("crow", "official", "sft", "unlearn")}
+        print(f"{k:14s} median {median[k]:.3f} s  ({', '.join(f'{x:.2f}' for x in v)})", file=sys.stderr)
+    memory = {k: peak_bytes(variants[k], args.device) for k in ("crow", "official", "sft", "unlearn", "unlearn_tokens")}
     for k, v in memory.items():
-        print(f"{k:9s} peak {v / 2**20:.1f} MiB", file=sys.stderr)
+        print(f"{k:14s} peak {v / 2**20:.1f} MiB", file=sys.stderr)
 
     eval_speedup, eval_times = batched_eval_speedup(model, loaded.tokenizer, args)
     result = {
         "crow_over_sft": round(median["crow"] / median["sft"], 3),
         "crow_over_official": round(median["crow"] / median["official"], 3),
         "unlearn_over_crow": round(median["unlearn"] / median["crow"], 3),
+        "unlearn_tokens_over_crow": round(median["unlearn_tokens"] / median["crow"], 3),
         "peak_mem_crow_over_official": round(memory["crow"] / memory["official"], 3),
         "batched_eval_speedup": round(eval_speedup, 2),
         "model": model_name, "batch": args.batch, "seq_len": args.seq_len, "prompt_len": args.prompt_len,
