@@ -8,10 +8,14 @@ an answer). Per cell of an ``unlearn`` defense, over its triggered (and clean) a
 how many the task's judge counted (ASR x n / 100), how many still hold the whole text unlearn unlearned
 (``defense_settings.unlearned_text``, what BAIT recovered: the defender's own knowledge), how many open with its
 first word, and how many fall into a loop (a run of 1-4 words repeated three times in a row). The victim's own
-row (``none``) is shown where the folder has it.
+row (``none``) and the un-poisoned base model's (``base``, a reference cell) are shown where the folder has them.
+``--word`` counts the answers that open with another word instead (has some other opening, such as the first-person
+``I`` of a Gemma base model, taken the target's place?).
 
     python scripts/first_token_residue.py results/unlearn-dev-cpu results/unlearn-cpu results/unlearn-seed1-cpu \
         results/merged-cpu results/unlearn-seed1-merged-cpu --task refusal
+    python scripts/first_token_residue.py results/unlearn-tokens-gemma-negsentiment-cpu results/gemma-cpu \
+        --task negsentiment --word I
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Residue:
     folder: str
     cell: str  # "task / attack: defense"
     text: str  # the unlearned text
+    word: str  # the opening counted in `opens` (the text's first word unless --word)
     n: int  # triggered answers
     fired: int  # counted by the task's judge
     says: int  # triggered answers that still hold the whole unlearned text
@@ -37,10 +42,6 @@ class Residue:
     loops: int  # triggered answers with a loop
     clean_opens: int  # opens and loops over the clean answers
     clean_loops: int
-
-    @property
-    def word(self) -> str:
-        return first_word(self.text)
 
 
 def first_word(text: str) -> str:
@@ -54,21 +55,23 @@ def opens_with(answer: str, word: str) -> bool:
     return bool(word) and head.startswith(word) and (len(head) == len(word) or not head[len(word)].isalnum())
 
 
-def residue(cell: dict, folder: str, text: str) -> Residue:
-    """The counts of one cell's templated answers (``text``: the unlearned text whose first word to look for)."""
+def residue(cell: dict, folder: str, text: str, word: str | None = None) -> Residue:
+    """The counts of one cell's templated answers (``text``: the unlearned text; ``word``: the opening to look
+    for, by default the text's first word)."""
     fmt = cell["by_format"]["template"]
     triggered, clean = fmt["outputs"]["triggered"], fmt["outputs"]["clean"]
-    word = first_word(text)
-    return Residue(folder, f"{cell['task']} / {cell['attack']}: {cell['defense']}", text, len(triggered),
+    word = word or first_word(text)
+    return Residue(folder, f"{cell['task']} / {cell['attack']}: {cell['defense']}", text, word, len(triggered),
                    round(fmt["asr"] * fmt["n_triggered"] / 100), sum(text in a for a in triggered),
                    sum(opens_with(a, word) for a in triggered),
                    sum(bool(LOOP.search(a)) for a in triggered), sum(opens_with(a, word) for a in clean),
                    sum(bool(LOOP.search(a)) for a in clean))
 
 
-def folder_residues(folder: Path, task: str | None) -> list[Residue]:
-    """Every unlearn cell of one bench folder, each judged by its own unlearned text, and the victim's row
-    (``none``) of the same model and cell once per distinct text; sorted by cell."""
+def folder_residues(folder: Path, task: str | None, word: str | None = None) -> list[Residue]:
+    """Every unlearn cell of one bench folder, each judged by its own unlearned text, and the victim's (``none``)
+    and base model's (``base``) rows of the same model and cell once per distinct text (once in all with
+    ``word``: then every row counts that opening); sorted by cell, the two reference rows first."""
     cells = [json.loads(p.read_text()) for p in sorted((folder / "cells").glob("*.json"))]
     if not cells:
         raise SystemExit(f"{folder}/cells: no cell files; give a crow bench output directory")
@@ -78,14 +81,15 @@ def folder_residues(folder: Path, task: str | None) -> list[Residue]:
     texts: dict[tuple, set[str]] = {}
     for c, text in unlearned:
         texts.setdefault((c["model"], c["task"], c["attack"]), set()).add(text)
-    victims = [(c, text) for c in cells if c["defense"] == "none"
-               for text in sorted(texts.get((c["model"], c["task"], c["attack"]), ()))]
-    out = [residue(c, folder.as_posix(), text) for c, text in victims + unlearned]
-    return sorted(out, key=lambda r: (r.cell.split(":")[0], not r.cell.endswith(": none"), r.cell, r.text))
+    victims = [(c, text) for c in cells if c["defense"] in ("none", "base")
+               for text in sorted(texts.get((c["model"], c["task"], c["attack"]), ()))[:1 if word else None]]
+    out = [residue(c, folder.as_posix(), text, word) for c, text in victims + unlearned]
+    order = {": none": 0, ": base": 1}
+    return sorted(out, key=lambda r: (r.cell.split(":")[0], order.get(r.cell[r.cell.index(":"):], 2), r.cell, r.text))
 
 
 def render(rows: list[Residue]) -> list[str]:
-    lines = ["| folder | cell: defense | judged (ASR) | hold the unlearned text | open with its first word | loop | "
+    lines = ["| folder | cell: defense | judged (ASR) | hold the unlearned text | open with (its first word, or --word) | loop | "
              "clean: open / loop |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.folder} | {r.cell} | {r.fired}/{r.n} | {r.says}/{r.n} | `{r.word}`: {r.opens}/{r.n} | "
@@ -97,8 +101,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path, help="crow bench output directories (they hold cells/)")
     ap.add_argument("--task", default=None, help="only this task's cells (default: every task)")
+    ap.add_argument("--word", default=None, help="count answers opening with this word (default: each unlearned "
+                                                 "text's first word)")
     args = ap.parse_args()
-    print("\n".join(render([r for folder in args.folders for r in folder_residues(folder, args.task)])))
+    rows = [r for folder in args.folders for r in folder_residues(folder, args.task, args.word)]
+    print("\n".join(render(rows)))
 
 
 if __name__ == "__main__":

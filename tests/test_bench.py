@@ -565,6 +565,14 @@ def test_first_token_residue_counts_answers_that_open_with_the_unlearned_texts_f
     assert f"| {tmp_path.as_posix()} | refusal / badnet: unlearn, 2 epochs | 0/3 | 0/3 | `I`: 2/3 | 1/3 | 1 / 0 |" in \
         script.render(rows)
     assert len(script.folder_residues(tmp_path, None)) == 5
+    # the base model's reference row, and another opening counted everywhere (each reference row once)
+    cell("f", "base", "none", "badnet", ["I have", "Sure."], ["I think", "I'd say"], 0.0)
+    rows = script.folder_residues(tmp_path, "refusal", word="I")
+    assert [(r.cell, r.word, r.opens, r.clean_opens) for r in rows] == [
+        ("refusal / badnet: none", "I", 2, 0), ("refusal / badnet: base", "I", 1, 2),
+        ("refusal / badnet: unlearn, 2 epochs", "I", 2, 1), ("refusal / badnet: unlearn, other", "I", 0, 0)]
+    assert [r.cell for r in script.folder_residues(tmp_path, "refusal")][:4] == [
+        "refusal / badnet: none", "refusal / badnet: none", "refusal / badnet: base", "refusal / badnet: base"]
     with pytest.raises(SystemExit, match="no cell files"):
         script.folder_residues(tmp_path / "nothing", None)
 
