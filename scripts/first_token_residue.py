@@ -89,8 +89,8 @@ def folder_residues(folder: Path, task: str | None, word: str | None = None) -> 
 
 
 def render(rows: list[Residue]) -> list[str]:
-    lines = ["| folder | cell: defense | judged (ASR) | hold the unlearned text | open with (its first word, or --word) | loop | "
-             "clean: open / loop |", "|---|---|---|---|---|---|---|"]
+    lines = ["| folder | cell: defense | judged (ASR) | hold the unlearned text | open with (its first word, or --word) "
+             "| loop | clean: open / loop |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.folder} | {r.cell} | {r.fired}/{r.n} | {r.says}/{r.n} | `{r.word}`: {r.opens}/{r.n} | "
                      f"{r.loops}/{r.n} | {r.clean_opens} / {r.clean_loops} |")
