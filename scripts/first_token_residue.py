@@ -81,11 +81,15 @@ def folder_residues(folder: Path, task: str | None, word: str | None = None) -> 
     texts: dict[tuple, set[str]] = {}
     for c, text in unlearned:
         texts.setdefault((c["model"], c["task"], c["attack"]), set()).add(text)
-    victims = [(c, text) for c in cells if c["defense"] in ("none", "base")
-               for text in sorted(texts.get((c["model"], c["task"], c["attack"]), ()))[:1 if word else None]]
-    out = [residue(c, folder.as_posix(), text, word) for c, text in victims + unlearned]
-    order = {": none": 0, ": base": 1}
-    return sorted(out, key=lambda r: (r.cell.split(":")[0], order.get(r.cell[r.cell.index(":"):], 2), r.cell, r.text))
+    references = [(c, text) for c in cells if c["defense"] in ("none", "base")
+                  for text in sorted(texts.get((c["model"], c["task"], c["attack"]), ()))[:1 if word else None]]
+    out = [residue(c, folder.as_posix(), text, word) for c, text in references + unlearned]
+    first = {"none": 0, "base": 1}  # the victim, then the base model, then the unlearned models
+
+    def order(r: Residue) -> tuple:
+        where, defense = r.cell.split(": ", 1)
+        return where, first.get(defense, 2), r.cell, r.text
+    return sorted(out, key=order)
 
 
 def render(rows: list[Residue]) -> list[str]:
