@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 from datasets import Dataset
@@ -59,9 +61,25 @@ def main() -> None:
     trainer = CrowTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                           data_collator=Collator(loaded.tokenizer.pad_token_id), callbacks=[SaveGradients(args.out)])
     trainer.train()
-    if torch.distributed.is_initialized():  # leave together: a rank exiting with gloo's threads alive can abort
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Exit both ranks together without tearing gloo down.
+
+    Neither plain exit nor destroy_process_group is safe here. A rank exiting with gloo's threads alive
+    aborted once at exit ('terminate called without an active exception'). A barrier followed by
+    destroy_process_group deadlocked about 1 launch in 30 on this 2-core machine (py-spy, torch 2.13): the
+    DDP Reducer still holds the process group, so ~ProcessGroupGloo runs when the Reducer is freed, holding
+    the GIL and waiting for gloo's work mutex, while gloo's worker thread holds that mutex and waits for the
+    GIL to free the barrier's finished work. After the barrier nothing is left to do, so both ranks flush
+    and leave with os._exit, which runs no destructors; rank 0's gradients were saved before the step.
+    """
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _launch(args, timeout=600):
+def _launch(args, timeout=300):
     out = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
