@@ -13,7 +13,8 @@ victim's perplexity.
         results/unlearn-tokens2-dev-cpu results/unlearn-tokens-cpu results/unlearn-tokens-seed1-cpu \
         results/unlearn-tokens-negsentiment-cpu results/unlearn-tokens-merged-cpu results/unlearn-tokens-merged-more-cpu \
         results/unlearn-tokens-merged-negsentiment-cpu results/unlearn-tokens-gemma-cpu \
-        results/unlearn-tokens-gemma-seed1-cpu results/unlearn-tokens-gemma-negsentiment-cpu --label 'soft tokens'
+        results/unlearn-tokens-gemma-seed1-cpu results/unlearn-tokens-gemma-negsentiment-cpu \
+        results/unlearn-tokens-gemma-negsentiment-seed1-cpu --label 'soft tokens'
 """
 
 from __future__ import annotations

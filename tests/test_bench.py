@@ -636,7 +636,8 @@ def test_cost_limits_reproduce_the_committed_soft_token_figures():
     folders = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "unlearn-tokens2-dev-cpu", "unlearn-tokens-cpu",
                "unlearn-tokens-seed1-cpu", "unlearn-tokens-negsentiment-cpu", "unlearn-tokens-merged-cpu",
                "unlearn-tokens-merged-more-cpu", "unlearn-tokens-merged-negsentiment-cpu", "unlearn-tokens-gemma-cpu",
-               "unlearn-tokens-gemma-seed1-cpu", "unlearn-tokens-gemma-negsentiment-cpu"]
+               "unlearn-tokens-gemma-seed1-cpu", "unlearn-tokens-gemma-negsentiment-cpu",
+               "unlearn-tokens-gemma-negsentiment-seed1-cpu"]
     rows = script.costs(script.load_cells([root / f for f in folders]), "unlearn", label="soft tokens")
-    assert script.render(rows)[-1] == ("27 defended runs: perplexity within 15% in 21, clean answers no worse than "
+    assert script.render(rows)[-1] == ("29 defended runs: perplexity within 15% in 23, clean answers no worse than "
                                        "finetune-lr1e-3's in 8, both in 8.")
