@@ -70,7 +70,7 @@ def leave_process_group() -> None:
 
     Neither plain exit nor destroy_process_group is safe here. A rank exiting with gloo's threads alive
     aborted once at exit ('terminate called without an active exception'). A barrier followed by
-    destroy_process_group deadlocked about 1 launch in 30 on this 2-core machine (py-spy, torch 2.13): the
+    destroy_process_group deadlocked 2 of 39 launches on this 2-core machine (py-spy, torch 2.13): the
     DDP Reducer still holds the process group, so ~ProcessGroupGloo runs when the Reducer is freed, holding
     the GIL and waiting for gloo's work mutex, while gloo's worker thread holds that mutex and waits for the
     GIL to free the barrier's finished work. After the barrier nothing is left to do, so both ranks flush
