@@ -22,7 +22,7 @@ from crow.hooks import add_to_layer_output, capture_layer_output, decoder_layers
 from crow.losses import logits_needed
 from crow.models import load_model
 from crow.purification import LoraSettings, make_trainable, purify
-from crow.unlearn import (RETAIN_CHOICES, UnlearnConfig, UnlearnTrainer, build_target_batch, insert_slots,
+from crow.unlearn import (RETAIN_CHOICES, UnlearnConfig, UnlearnTrainer, build_target_batch, cyclic_schedule, holdout_split, insert_slots,
                           labelled_positions, pgd_step, project_to_ball, prompt_mask, random_insert_points,
                           target_token_log_probs, topk_kl, unlikelihood)
 
@@ -437,6 +437,113 @@ def test_delta_travels_with_checkpoints(tiny_dir, tmp_path):
     assert torch.equal(fresh.delta, trainer.delta)
 
 
+def test_holdout_split_is_a_seeded_partition_and_keeps_training_samples():
+    train, held = holdout_split(10, 3, seed=0)
+    assert len(held) == 3 and sorted(train + held) == list(range(10))
+    assert holdout_split(10, 3, seed=0) == (train, held) and holdout_split(10, 3, seed=1) != (train, held)
+    assert holdout_split(5, 0, seed=0) == ([0, 1, 2, 3, 4], [])
+    with pytest.raises(CrowError, match="unlearn_holdout=5 must leave training samples: there are 5 clean samples"):
+        holdout_split(5, 5, seed=0)
+
+
+def test_holdout_keeps_the_weights_of_the_eligible_epoch_with_the_lowest_held_out_nll(tiny_dir, tmp_path):
+    """Trained on 6 of 8 samples for 4 epochs at a large step: the held-out NLL is logged before training and
+    after every epoch, the kept epoch is the eligible one (>= 2) with the lowest, and the model ends with
+    exactly that epoch's weights (its held-out NLL measured again)."""
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    cfg = config(tmp_path, num_train_epochs=4, learning_rate=5e-2, warmup_steps=0, per_device_train_batch_size=2,
+                 gradient_accumulation_steps=1, unlearn_holdout=2, unlearn_select_from=2.0)
+    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+    assert len(trainer.train_dataset) == 6 and len(trainer.holdout_rows) == 2
+    held = {tuple(r["input_ids"]) for r in trainer.holdout_rows}
+    assert not held & {tuple(trainer.train_dataset[i]["input_ids"]) for i in range(6)}
+    trainer.train()
+    curve = {h["epoch"]: h["holdout_nll"] for h in trainer.state.log_history if "holdout_nll" in h}
+    assert sorted(curve) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert len(set(curve.values())) == 5  # training moved the held-out answers' NLL after every epoch
+    chosen = next(h for h in trainer.state.log_history if "selected_epoch" in h)
+    best = min((e for e in curve if e >= 2), key=curve.get)
+    assert chosen["selected_epoch"] == best and chosen["selected_holdout_nll"] == curve[best]
+    assert trainer.holdout_nll() == pytest.approx(curve[best], abs=1e-5)
+
+
+def test_an_earlier_epoch_is_restored_when_its_held_out_nll_is_lowest(tiny_dir, tmp_path, monkeypatch):
+    """A scripted held-out curve (0: 5.0, then 0.5, 1.0, 3.0, 2.0): epoch 2 is kept, and the trained model ends
+    with the weights it had after epoch 2, not after epoch 4; epoch 1 (the lowest, not eligible) is not."""
+    from transformers import TrainerCallback
+
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    cfg = config(tmp_path, num_train_epochs=4, learning_rate=5e-2, warmup_steps=0, per_device_train_batch_size=2,
+                 gradient_accumulation_steps=1, unlearn_holdout=2, unlearn_select_from=2.0)
+    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+    curve = iter([5.0, 0.5, 1.0, 3.0, 2.0])
+    monkeypatch.setattr(trainer, "holdout_nll", lambda: next(curve))
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Record(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            seen[round(state.epoch)] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert next(h for h in trainer.state.log_history if "selected_epoch" in h)["selected_epoch"] == 2.0
+    assert any(not torch.equal(seen[2][n], seen[4][n]) for n in seen[2])
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), seen[2][name]), name
+
+
+def test_cyclic_schedule_repeats_one_cycle():
+    lr = cyclic_schedule(lambda step: 1.0 - step / 4, 4)
+    assert [lr(s) for s in range(9)] == [1.0, 0.75, 0.5, 0.25, 1.0, 0.75, 0.5, 0.25, 1.0]
+    with pytest.raises(CrowError, match="at least one step"):
+        cyclic_schedule(lambda step: 1.0, 0)
+
+
+def test_cycles_repeat_the_schedule_of_a_run_of_one_cycle(tiny_dir, tmp_path):
+    """6 epochs in cycles of 2: the learning rate of every cycle is, step for step, that of a 2-epoch run."""
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+
+    def rates(cfg, steps):
+        trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+        out = []
+        for _ in range(steps):
+            out.append(trainer.lr_scheduler.get_last_lr()[0])
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+        return out
+
+    cycled = rates(config(tmp_path, num_train_epochs=6, unlearn_holdout=2, unlearn_cycle_epochs=2), 30)
+    single = rates(config(tmp_path, num_train_epochs=2, unlearn_holdout=2), 10)
+    assert cycled == pytest.approx(single * 3) and max(single) == pytest.approx(1e-3) and single[0] == 0.0
+
+
+def test_cycles_stop_at_the_first_cycle_end_that_does_not_improve(tiny_dir, tmp_path, monkeypatch):
+    """Held-out curve 0: 5.0, 1: 3.0, 2: 2.5, 3: 1.0, 4: 2.6: epoch 3 is inside a cycle (not eligible), epoch 4
+    ends the second cycle no better than the first, so training stops there (of 6) with epoch 2's weights."""
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    cfg = config(tmp_path, num_train_epochs=6, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                 unlearn_holdout=2, unlearn_cycle_epochs=2)
+    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+    curve = iter([5.0, 3.0, 2.5, 1.0, 2.6, 0.1, 0.1])
+    monkeypatch.setattr(trainer, "holdout_nll", lambda: next(curve))
+    trainer.train()
+    assert [h["epoch"] for h in trainer.state.log_history if "holdout_nll" in h] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert trainer.state.global_step == 4 * 3  # 6 training samples in batches of 2: 3 steps an epoch
+    assert next(h for h in trainer.state.log_history if "selected_epoch" in h)["selected_epoch"] == 2.0
+
+
+def test_without_holdout_every_sample_trains_and_no_epoch_is_chosen(tiny, records, tmp_path):
+    trainer = trainer_for(tiny.model, tiny.tokenizer, config(tmp_path, max_steps=1), records)
+    assert len(trainer.train_dataset) == len(records) and trainer.holdout_rows == []
+    assert not any(cb.__class__.__name__ == "_EpochSelection" for cb in trainer.callback_handler.callbacks)
+
+
 # ------------------------------------------------------------------------------------------------
 # Settings
 # ------------------------------------------------------------------------------------------------
@@ -452,6 +559,11 @@ def test_delta_travels_with_checkpoints(tiny_dir, tmp_path):
     ({"unlearn_token_radius": float("inf")}, "unlearn_token_radius must be a finite number > 0"),
     ({"unlearn_token_step": 1.5}, r"unlearn_token_step must be a number in \(0, 1\]"),
     ({"unlearn_token_init": "random"}, "unlearn_token_init must be one of prompt, zeros, got 'random'"),
+    ({"unlearn_holdout": -1}, "unlearn_holdout must be an integer >= 0"),
+    ({"unlearn_cycle_epochs": 2}, "unlearn_cycle_epochs needs unlearn_holdout > 0"),
+    ({"unlearn_holdout": 20, "unlearn_cycle_epochs": 2}, "unlearn_cycle_epochs=2 must divide num_train_epochs=5.0"),
+    ({"unlearn_holdout": 20, "unlearn_select_from": 6.0},
+     r"unlearn_select_from must be an epoch in \(0, num_train_epochs=5.0\], got 6.0"),
 ])
 def test_bad_settings_are_refused_in_one_line(tmp_path, bad, match):
     with pytest.raises(CrowError, match=match) as err:
@@ -681,11 +793,38 @@ def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
                           (["--method", "unlearn", "--token-radius", "0"], "unlearn_token_radius must be a finite"),
                           (["--method", "unlearn", "--token-init", "random"], "'random' is not one of prompt, zeros"),
                           (["--method", "unlearn", "--token-step", "2"], "unlearn_token_step must be a number in (0, 1]"),
-                          (["--method", "unlearn", "--target", " "], "target is empty")]:
+                          (["--method", "unlearn", "--target", " "], "target is empty"),
+                          (["--holdout", "2"], "--holdout does not apply to --method crow"),
+                          (["--method", "unlearn", "--holdout", "2", "--cycle-epochs", "2"],
+                           "unlearn_cycle_epochs=2 must divide num_train_epochs=5.0 (and max_steps must be unset)"),
+                          (["--method", "unlearn", "--cycle-epochs", "1"], "unlearn_cycle_epochs needs unlearn_holdout > 0")]:
         code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "bad",
                                 "--max-steps", "1", *args], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
         assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.crow-partial").exists()
+
+
+def test_purify_method_unlearn_holds_out_samples_and_records_the_chosen_cycle(tiny_dir, tmp_path, capsys):
+    import json
+
+    from .conftest import write_json
+
+    clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in make_records(8)])
+    out = tmp_path / "unlearned"
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--method", "unlearn",
+                            "--target", "the color is blue", "--holdout", "2", "--epochs", "2", "--cycle-epochs", "1",
+                            "--max-length", "128"], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "crow_config.json").read_text())
+    assert cfg["n_train_samples"] == 6 and cfg["training_arguments"]["unlearn_holdout"] == 2
+    curve = [h["holdout_nll"] for h in cfg["epoch_selection"] if "holdout_nll" in h]
+    chosen = cfg["epoch_selection"][-1]
+    assert len(curve) in (2, 3) and chosen["selected_epoch"] in (1.0, 2.0)  # stopped after epoch 2 or ran it
+    assert chosen["selected_holdout_nll"] == min(curve[1:])
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "bad", "--method",
+                            "unlearn", "--target", "the color is blue", "--holdout", "8", "--max-steps", "1"], capsys)
+    assert code == 2 and "--holdout 8 leaves no training sample: --data" in err and "has 8 records" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 def test_bench_columns_mark_the_oracle_and_keep_the_metrics():

@@ -228,7 +228,7 @@ def purify(
                           f"a checkpoint is in {config.output_dir}: rerun the same command with --resume")
     return PurifyResult(model=trainer.model, log_history=list(trainer.state.log_history),
                         seconds=round(time.perf_counter() - started, 2), global_step=trainer.state.global_step,
-                        train_samples=len(dataset), num_processes=trainer.accelerator.num_processes,
+                        train_samples=len(trainer.train_dataset), num_processes=trainer.accelerator.num_processes,
                         is_main_process=trainer.accelerator.is_main_process)
 
 

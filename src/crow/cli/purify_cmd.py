@@ -68,7 +68,7 @@ METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
 UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
                    "retain", "retain_topk", "adversary", "soft_tokens", "token_radius", "token_step",
-                   "token_init"}
+                   "token_init", "holdout", "select_from", "cycle_epochs"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -122,6 +122,11 @@ OPTIONS = {
     "token_step": (nonneg_float("--token-step"), 0.1, "unlearn --adversary tokens: PGD step, a fraction of that budget"),
     "token_init": (_choice("prompt", "zeros"), "prompt", "unlearn --adversary tokens: the soft tokens' start: "
                    "prompt (embeddings of clean-prompt tokens) or zeros (SANDE's)"),
+    "holdout": (nonneg_int("--holdout"), 0, "unlearn: clean samples held out of training to choose the epoch whose "
+                "weights are kept (lowest NLL of their answers; 0: the last epoch)"),
+    "select_from": (nonneg_float("--select-from"), 2.0, "unlearn --holdout: the first epoch that may be kept"),
+    "cycle_epochs": (nonneg_int("--cycle-epochs"), 0, "unlearn --holdout: restart the lr schedule every N epochs, "
+                     "keep the best cycle end, stop at the first that does not improve (0: one schedule)"),
     "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "
                     "answer position for --retain suspect / both"),
 }
@@ -207,6 +212,9 @@ def run(args) -> int:
     records = load_records(args.data, what="--data")
     if opts["limit"]:
         records = records[: opts["limit"]]
+    if opts.get("holdout") and opts["holdout"] >= len(records):
+        raise CrowError(f"--holdout {opts['holdout']} leaves no training sample: --data {args.data} has {len(records)} "
+                        "records; hold out fewer (e.g. a fifth)")
     out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data],
                            overwrite=args.overwrite or args.resume)
     partial = out.parent / f".{out.name}.crow-partial"  # checkpoints of an unfinished run
@@ -245,6 +253,7 @@ def run(args) -> int:
     with staged_dir(out) as tmp:
         kind = save_model(result.model, loaded.tokenizer, tmp, merge=opts["merge"], base_model=args.model)
         final = [h for h in result.log_history if "lm_loss" in h]
+        selection = [h for h in result.log_history if "holdout_nll" in h or "selected_epoch" in h]  # --holdout
         write_json_atomic(tmp / "crow_config.json", {
             "crow_version": crow_version(), "git_revision": git_revision(), "method": method, "seed": opts["seed"],
             "paper": PAPERS["unlearn" if method == "unlearn" else "crow"],
@@ -256,6 +265,7 @@ def run(args) -> int:
             "num_processes": result.num_processes,
             "seconds": round(time.perf_counter() - started, 2), "train_seconds": result.seconds,
             "resumed": bool(resume), "last_log": final[-1] if final else None,
+            **({"epoch_selection": selection} if selection else {}),
         })
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("wrote the purified %s to %s (%d optimizer steps, %.0f s)", kind, out, result.global_step,
@@ -337,4 +347,5 @@ def _build_unlearn_config(opts: dict, partial: Path):
                          unlearn_retain_topk=opts["retain_topk"], unlearn_adversary=opts["adversary"],
                          unlearn_soft_tokens=opts["soft_tokens"], unlearn_token_radius=opts["token_radius"],
                          unlearn_token_step=opts["token_step"], unlearn_token_init=opts["token_init"],
-                         **_recipe(opts, partial))
+                         unlearn_holdout=opts["holdout"], unlearn_select_from=opts["select_from"],
+                         unlearn_cycle_epochs=opts["cycle_epochs"], **_recipe(opts, partial))

@@ -255,6 +255,13 @@ class UnlearnDefense(Defense):
     token_radius: float = 1.0
     token_step: float = 0.1
     token_init: str = "prompt"
+    #: clean samples held out of training to choose the epoch by their answers' NLL (UnlearnConfig.unlearn_holdout;
+    #: 0, every committed cell before 2026-12-05: the last epoch) and the first eligible epoch
+    holdout: int = 0
+    select_from: float = 2.0
+    #: with holdout: the lr schedule restarts every cycle_epochs, cycle ends are the candidates, training stops at the
+    #: first that does not improve the held-out NLL (UnlearnConfig.unlearn_cycle_epochs; 0: one schedule)
+    cycle_epochs: int = 0
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -283,7 +290,8 @@ class UnlearnDefense(Defense):
                              unlearn_retain=self.retain, unlearn_retain_topk=self.retain_topk,
                              unlearn_adversary=self.adversary, unlearn_soft_tokens=self.soft_tokens,
                              unlearn_token_radius=self.token_radius, unlearn_token_step=self.token_step,
-                             unlearn_token_init=self.token_init,
+                             unlearn_token_init=self.token_init, unlearn_holdout=self.holdout,
+                             unlearn_select_from=self.select_from, unlearn_cycle_epochs=self.cycle_epochs,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
