@@ -538,6 +538,31 @@ def test_cycles_stop_at_the_first_cycle_end_that_does_not_improve(tiny_dir, tmp_
     assert next(h for h in trainer.state.log_history if "selected_epoch" in h)["selected_epoch"] == 2.0
 
 
+def test_finetune_cycles_train_the_lm_term_alone(tiny_dir, tmp_path, monkeypatch):
+    """With unlearn_finetune_cycles the first cycle unlearns (unlikelihood and adversary logged) and the next trains the LM
+    term alone: its logs have no unlikelihood, the adversary stays where the first cycle left it, and its loss is
+    the LM loss."""
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    cfg = config(tmp_path, num_train_epochs=4, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                 unlearn_holdout=2, unlearn_cycle_epochs=2, unlearn_finetune_cycles=True, unlearn_adversary="tokens")
+    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+    curve = iter([5.0, 4.0, 3.0, 2.5, 2.0])
+    monkeypatch.setattr(trainer, "holdout_nll", lambda: next(curve))
+    seen = []
+    monkeypatch.setattr(trainer, "_pgd", lambda *a: seen.append(trainer.state.epoch))
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "lm_loss" in h]
+    first, second = [h for h in steps if h["epoch"] <= 2], [h for h in steps if h["epoch"] > 2]
+    assert first and second and all("unlikelihood" in h for h in first)
+    assert not any("unlikelihood" in h or "lm_loss_adv" in h for h in second)
+    assert all(h["loss"] == pytest.approx(h["lm_loss"], rel=1e-4) for h in second)
+    assert len(seen) == 6 and max(seen) < 2  # PGD ran in the 6 micro-steps of the first cycle only
+    assert next(h for h in trainer.state.log_history if "selected_epoch" in h)["selected_epoch"] == 4.0
+    with pytest.raises(CrowError, match="unlearn_finetune_cycles needs unlearn_cycle_epochs > 0"):
+        config(tmp_path, unlearn_finetune_cycles=True)
+
+
 def test_without_holdout_every_sample_trains_and_no_epoch_is_chosen(tiny, records, tmp_path):
     trainer = trainer_for(tiny.model, tiny.tokenizer, config(tmp_path, max_steps=1), records)
     assert len(trainer.train_dataset) == len(records) and trainer.holdout_rows == []

@@ -182,6 +182,12 @@ class UnlearnConfig(RecipeConfig):
         metadata={"help": "With unlearn_holdout: the first epoch whose weights may be kept (the unlearning terms need "
                   "this much training; 2 is the epoch count frozen on the development cell)."},
     )
+    unlearn_finetune_cycles: bool = field(
+        default=False,
+        metadata={"help": "With unlearn_cycle_epochs: the cycles after the first train the retain term alone (LM on the "
+                  "references: finetuning, no adversary, no unlikelihood), so training goes on only as long as plain "
+                  "finetuning improves the held-out answers of the unlearned model."},
+    )
     unlearn_cycle_epochs: int = field(
         default=0,
         metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
@@ -221,6 +227,8 @@ class UnlearnConfig(RecipeConfig):
                             f"got {self.unlearn_select_from} (default 2)")
         if not isinstance(self.unlearn_cycle_epochs, int) or self.unlearn_cycle_epochs < 0:
             raise CrowError(f"unlearn_cycle_epochs must be an integer >= 0, got {self.unlearn_cycle_epochs!r} (default 0)")
+        if self.unlearn_finetune_cycles and not self.unlearn_cycle_epochs:
+            raise CrowError("unlearn_finetune_cycles needs unlearn_cycle_epochs > 0 (it changes the cycles after the first)")
         if self.unlearn_cycle_epochs and not self.unlearn_holdout:
             raise CrowError("unlearn_cycle_epochs needs unlearn_holdout > 0 (the held-out samples choose the cycle)")
         if self.unlearn_cycle_epochs and (self.max_steps > 0 or self.num_train_epochs % self.unlearn_cycle_epochs):
@@ -447,6 +455,7 @@ class UnlearnTrainer(LossTrainer):
         config: UnlearnConfig = self.args
         # the validation split for choosing the epoch, taken before anything is measured on the training set
         self.holdout_rows: list[dict] = []
+        self.finetuning = False  # unlearn_finetune_cycles: set at the end of the first cycle
         self.selected: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (nll, epoch, trainable weights)
         if config.unlearn_holdout:
             keep, held = holdout_split(len(self.train_dataset), config.unlearn_holdout, config.seed)
@@ -546,6 +555,7 @@ class UnlearnTrainer(LossTrainer):
                     "" if eligible else ", not eligible")
         if not eligible:
             return False
+        self.finetuning = self.args.unlearn_finetune_cycles
         if self.selected is None or nll < self.selected[0]:
             weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
             self.selected = (nll, epoch, weights)
@@ -686,11 +696,17 @@ class UnlearnTrainer(LossTrainer):
         args: UnlearnConfig = self.args
         labels = inputs["labels"]  # [B, T], -100 on prompt and padding
         attention_mask = inputs.get("attention_mask")
-        target = build_target_batch(inputs["input_ids"], labels, attention_mask, self.target_ids, self.pad_token_id)
-        clean_view, target_view = self._views(inputs, target)
         forward = {"input_ids": inputs["input_ids"], "attention_mask": attention_mask, "use_cache": False}
         if self._keeps_logits:  # logits of the answer positions only
             forward["logits_to_keep"] = logits_needed(labels)
+        if self.finetuning:  # unlearn_finetune_cycles, after the first cycle: the retain term alone (plain finetuning)
+            suspect = self._suspect_of(inputs) if args.unlearn_retain != "references" else None
+            outputs = model(**forward)
+            loss = self._retain(outputs.logits, labels, suspect, num_items_in_batch, "lm_loss")
+            self._check_finite(loss)
+            return (loss, outputs) if return_outputs else loss
+        target = build_target_batch(inputs["input_ids"], labels, attention_mask, self.target_ids, self.pad_token_id)
+        clean_view, target_view = self._views(inputs, target)
 
         # 1. The universal adversary: make the model say the target after the clean prompts.
         if args.unlearn_pgd_steps > 0 and (args.unlearn_beta > 0 or args.unlearn_gamma > 0):

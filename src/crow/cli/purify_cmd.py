@@ -68,7 +68,7 @@ METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
 UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
                    "retain", "retain_topk", "adversary", "soft_tokens", "token_radius", "token_step",
-                   "token_init", "holdout", "select_from", "cycle_epochs"}
+                   "token_init", "holdout", "select_from", "cycle_epochs", "finetune_cycles"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -125,12 +125,14 @@ OPTIONS = {
     "holdout": (nonneg_int("--holdout"), 0, "unlearn: clean samples held out of training to choose the epoch whose "
                 "weights are kept (lowest NLL of their answers; 0: the last epoch)"),
     "select_from": (nonneg_float("--select-from"), 2.0, "unlearn --holdout: the first epoch that may be kept"),
+    "finetune_cycles": (_bool, False, "unlearn --cycle-epochs: the cycles after the first are plain finetuning on the clean "
+               "samples (no adversary), kept only while they improve the held-out answers"),
     "cycle_epochs": (nonneg_int("--cycle-epochs"), 0, "unlearn --holdout: restart the lr schedule every N epochs, "
                      "keep the best cycle end, stop at the first that does not improve (0: one schedule)"),
     "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "
                     "answer position for --retain suspect / both"),
 }
-FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge"}
+FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge", "finetune_cycles"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -348,4 +350,5 @@ def _build_unlearn_config(opts: dict, partial: Path):
                          unlearn_soft_tokens=opts["soft_tokens"], unlearn_token_radius=opts["token_radius"],
                          unlearn_token_step=opts["token_step"], unlearn_token_init=opts["token_init"],
                          unlearn_holdout=opts["holdout"], unlearn_select_from=opts["select_from"],
-                         unlearn_cycle_epochs=opts["cycle_epochs"], **_recipe(opts, partial))
+                         unlearn_cycle_epochs=opts["cycle_epochs"],
+                         unlearn_finetune_cycles=opts["finetune_cycles"], **_recipe(opts, partial))

@@ -262,6 +262,9 @@ class UnlearnDefense(Defense):
     #: with holdout: the lr schedule restarts every cycle_epochs, cycle ends are the candidates, training stops at the
     #: first that does not improve the held-out NLL (UnlearnConfig.unlearn_cycle_epochs; 0: one schedule)
     cycle_epochs: int = 0
+    #: with cycle_epochs: the cycles after the first are plain finetuning on the references
+    #: (UnlearnConfig.unlearn_finetune_cycles)
+    finetune_cycles: bool = False
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -292,6 +295,7 @@ class UnlearnDefense(Defense):
                              unlearn_token_radius=self.token_radius, unlearn_token_step=self.token_step,
                              unlearn_token_init=self.token_init, unlearn_holdout=self.holdout,
                              unlearn_select_from=self.select_from, unlearn_cycle_epochs=self.cycle_epochs,
+                             unlearn_finetune_cycles=self.finetune_cycles,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
