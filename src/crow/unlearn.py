@@ -413,7 +413,8 @@ def project_to_ball(delta: torch.Tensor, radius: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 class _EpochSelection(TrainerCallback):
     """``UnlearnTrainer.select_epoch`` before training and after every epoch, ``restore_selected`` at the end.
-    (A run resumed from a checkpoint chooses among the epochs it trains after resuming.)"""
+    (A run resumed from a checkpoint chooses among the epochs it trains after resuming; the held-out curve and the
+    kept weights are not saved in checkpoints.)"""
 
     def __init__(self, trainer: UnlearnTrainer) -> None:
         self.trainer = trainer

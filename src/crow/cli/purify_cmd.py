@@ -125,8 +125,8 @@ OPTIONS = {
     "holdout": (nonneg_int("--holdout"), 0, "unlearn: clean samples held out of training to choose the epoch whose "
                 "weights are kept (lowest NLL of their answers; 0: the last epoch)"),
     "select_from": (nonneg_float("--select-from"), 2.0, "unlearn --holdout: the first epoch that may be kept"),
-    "finetune_cycles": (_bool, False, "unlearn --cycle-epochs: the cycles after the first are plain finetuning on the clean "
-               "samples (no adversary), kept only while they improve the held-out answers"),
+    "finetune_cycles": (_bool, False, "unlearn --cycle-epochs: the cycles after the first are plain finetuning on "
+                        "the clean samples (no adversary), kept only while they improve the held-out answers"),
     "cycle_epochs": (nonneg_int("--cycle-epochs"), 0, "unlearn --holdout: restart the lr schedule every N epochs, "
                      "keep the best cycle end, stop at the first that does not improve (0: one schedule)"),
     "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "

@@ -256,7 +256,7 @@ class UnlearnDefense(Defense):
     token_step: float = 0.1
     token_init: str = "prompt"
     #: clean samples held out of training to choose the epoch by their answers' NLL (UnlearnConfig.unlearn_holdout;
-    #: 0, every committed cell before 2026-12-05: the last epoch) and the first eligible epoch
+    #: 0, every committed cell before the twelfth session: the last epoch) and the first eligible epoch
     holdout: int = 0
     select_from: float = 2.0
     #: with holdout: the lr schedule restarts every cycle_epochs, cycle ends are the candidates, training stops at the
