@@ -641,3 +641,19 @@ def test_cost_limits_reproduce_the_committed_soft_token_figures():
     rows = script.costs(script.load_cells([root / f for f in folders]), "unlearn", label="soft tokens")
     assert script.render(rows)[-1] == ("29 defended runs: perplexity within 15% in 23, clean answers no worse than "
                                        "finetune-lr1e-3's in 8, both in 8.")
+
+
+def test_cost_limits_reproduce_the_committed_held_out_selection_figures():
+    """RESULTS.md's count for the runs whose epoch was chosen on held-out clean samples, and which of them pass."""
+    script = load_script("cost_limits")
+    root = Path(__file__).resolve().parents[1] / "results"
+    folders = ["backdoorllm-cpu", "merged-cpu", "unlearn-select-dev-cpu", "unlearn-select-cpu",
+               "unlearn-select-merged-cpu", "unlearn-finetune-cycles-cpu", "unlearn-finetune-cycles-merged-cpu"]
+    rows = script.costs(script.load_cells([root / f for f in folders]), "unlearn", label="held-out")
+    assert script.render(rows)[-1] == ("7 defended runs: perplexity within 15% in 6, clean answers no worse than "
+                                       "finetune-lr1e-3's in 3, both in 3.")
+    both = {(r.form, r.cell, r.defense.split(", ")[2]) for r in rows
+            if r.defense.startswith("unlearn") and r.ppl_met and r.quality_met}
+    assert both == {("adapter", "refusal / vpi", "then finetuning cycles chosen on 20 held-out samples"),
+                    ("merged", "refusal / badnet", "then finetuning cycles chosen on 20 held-out samples"),
+                    ("merged", "refusal / vpi", "2-epoch cycles chosen on 20 held-out samples")}
