@@ -702,8 +702,7 @@ class UnlearnTrainer(LossTrainer):
             forward["logits_to_keep"] = logits_needed(labels)
         if self.finetuning:  # unlearn_finetune_cycles, after the first cycle: the retain term alone (plain finetuning)
             suspect = self._suspect_of(inputs) if args.unlearn_retain != "references" else None
-            outputs = model(**forward)
-            loss = self._retain(outputs.logits, labels, suspect, num_items_in_batch, "lm_loss")
+            loss, outputs = self._clean_retain(model, forward, labels, suspect, num_items_in_batch)
             self._check_finite(loss)
             return (loss, outputs) if return_outputs else loss
         target = build_target_batch(inputs["input_ids"], labels, attention_mask, self.target_ids, self.pad_token_id)
@@ -717,8 +716,7 @@ class UnlearnTrainer(LossTrainer):
 
         # 2. retain: LM(answer | prompt) and / or KL(suspect || model)
         suspect = self._suspect_of(inputs) if args.unlearn_retain != "references" else None
-        outputs = model(**forward)
-        loss = self._retain(outputs.logits, labels, suspect, num_items_in_batch, "lm_loss")
+        loss, outputs = self._clean_retain(model, forward, labels, suspect, num_items_in_batch)
 
         # 3. the same under delta: keep the clean answers under the adversary
         if args.unlearn_beta > 0:
@@ -737,6 +735,11 @@ class UnlearnTrainer(LossTrainer):
 
         self._check_finite(loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _clean_retain(self, model, forward: dict, labels, suspect, num_items_in_batch):
+        """The retain term on the clean batch, without the adversary (step 2): (loss, outputs)."""
+        outputs = model(**forward)
+        return self._retain(outputs.logits, labels, suspect, num_items_in_batch, "lm_loss"), outputs
 
     def _pgd(self, model, view: AdversarialView) -> None:
         """``unlearn_pgd_steps`` normalized-gradient steps that lower the target's NLL under delta; each a
