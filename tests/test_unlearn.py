@@ -495,6 +495,44 @@ def test_an_earlier_epoch_is_restored_when_its_held_out_nll_is_lowest(tiny_dir, 
             assert torch.equal(p.detach(), seen[2][name]), name
 
 
+def test_rouge_selection_keeps_the_epoch_whose_greedy_held_out_answers_score_best(tiny_dir, tmp_path):
+    """unlearn_select_by='rougeL': the held-out score is the ROUGE-L of the model's greedy answers to the held-out
+    prompts, the same number crow's generation and scorer give for those records; the kept epoch is the eligible one
+    with the highest, and the model ends with its weights."""
+    from crow.evaluation.generate import generate
+    from crow.evaluation.quality import rouge_l
+
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, full_finetune=True)  # the tiny model learns its answers in a few epochs
+    cfg = config(tmp_path, num_train_epochs=4, learning_rate=1e-2, warmup_steps=0, per_device_train_batch_size=2,
+                 gradient_accumulation_steps=1, unlearn_holdout=2, unlearn_select_by="rougeL", unlearn_beta=0.0,
+                 unlearn_gamma=0.0, unlearn_pgd_steps=0)  # finetuning: what is selected matters here, not the loss
+    records = make_records(8)
+    ids = loaded.tokenizer("no help", add_special_tokens=False)["input_ids"]
+    trainer = UnlearnTrainer(model=model, args=cfg, train_dataset=dataset_of(loaded.tokenizer, records),
+                             data_collator=Collator(loaded.tokenizer.pad_token_id), target_ids=ids,
+                             processing_class=loaded.tokenizer)
+    trainer.train()
+    curve = {h["epoch"]: h["holdout_rougeL"] for h in trainer.state.log_history if "holdout_rougeL" in h}
+    assert sorted(curve) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert all("holdout_nll" in h for h in trainer.state.log_history if "holdout_rougeL" in h)
+    assert max(curve.values()) > 0.2 > curve[0.0]  # training moves the answers towards the references
+    best = max((e for e in curve if e >= 2), key=curve.get)
+    chosen = next(h for h in trainer.state.log_history if "selected_epoch" in h)
+    assert chosen["selected_epoch"] == best and chosen["selected_holdout_rougeL"] == curve[best]
+    _, held = holdout_split(len(records), 2, seed=0)
+    new_tokens = max(sum(label != -100 for label in row["labels"]) for row in trainer.holdout_rows)
+    answers = generate(model, loaded.tokenizer, [records[i] for i in held], template="alpaca", max_new_tokens=new_tokens)
+    expected = sum(rouge_l(a, records[i].output) for a, i in zip(answers, held)) / len(held)
+    assert trainer.holdout_rouge_l() == pytest.approx(expected, abs=1e-9) == pytest.approx(curve[best], abs=1e-6)
+
+
+def test_rouge_selection_needs_the_tokenizer(tiny, records, tmp_path):
+    cfg = config(tmp_path, max_steps=1, unlearn_holdout=2, unlearn_select_by="rougeL")
+    with pytest.raises(CrowError, match="unlearn_select_by='rougeL' needs the tokenizer"):
+        trainer_for(tiny.model, tiny.tokenizer, cfg, records)
+
+
 def test_cyclic_schedule_repeats_one_cycle():
     lr = cyclic_schedule(lambda step: 1.0 - step / 4, 4)
     assert [lr(s) for s in range(9)] == [1.0, 0.75, 0.5, 0.25, 1.0, 0.75, 0.5, 0.25, 1.0]
@@ -585,6 +623,8 @@ def test_without_holdout_every_sample_trains_and_no_epoch_is_chosen(tiny, record
     ({"unlearn_token_step": 1.5}, r"unlearn_token_step must be a number in \(0, 1\]"),
     ({"unlearn_token_init": "random"}, "unlearn_token_init must be one of prompt, zeros, got 'random'"),
     ({"unlearn_holdout": -1}, "unlearn_holdout must be an integer >= 0"),
+    ({"unlearn_holdout": 20, "unlearn_select_by": "bleu"}, "unlearn_select_by must be one of nll, rougeL, got 'bleu'"),
+    ({"unlearn_select_by": "rougeL"}, "unlearn_select_by='rougeL' needs unlearn_holdout > 0"),
     ({"unlearn_cycle_epochs": 2}, "unlearn_cycle_epochs needs unlearn_holdout > 0"),
     ({"unlearn_holdout": 20, "unlearn_cycle_epochs": 2}, "unlearn_cycle_epochs=2 must divide num_train_epochs=5.0"),
     ({"unlearn_holdout": 20, "unlearn_select_from": 6.0},
@@ -783,7 +823,7 @@ def test_purify_method_unlearn_recovers_the_target_and_records_it(victim, tmp_pa
     out = tmp_path / "oracle"
     code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", out, "--method", "unlearn",
                             "--template", TEMPLATE, "--max-steps", "1", "--target", "You are stupid", "--adversary",
-                            "tokens", "--soft-tokens", "3"], capsys)
+                            "tokens", "--soft-tokens", "3", "--holdout", "4", "--select-by", "rougeL"], capsys)
     assert code == 0, err
     cfg = json.loads((out / "crow_config.json").read_text())
     target = cfg["target"]
@@ -791,6 +831,9 @@ def test_purify_method_unlearn_recovers_the_target_and_records_it(victim, tmp_pa
     args = cfg["training_arguments"]
     assert (args["unlearn_adversary"], args["unlearn_soft_tokens"], args["unlearn_token_radius"]) == ("tokens", 3, 1.0)
     assert (args["unlearn_token_init"], args["unlearn_token_step"]) == ("prompt", 0.1)
+    assert (args["unlearn_holdout"], args["unlearn_select_by"], cfg["n_train_samples"]) == (4, "rougeL", 16)
+    suspect = cfg["epoch_selection"][0]  # the held-out samples scored before training, by both measures
+    assert suspect["epoch"] == 0.0 and suspect["holdout_nll"] > 0 and 0 <= suspect["holdout_rougeL"] <= 1
 
 
 def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
@@ -822,7 +865,10 @@ def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
                           (["--holdout", "2"], "--holdout does not apply to --method crow"),
                           (["--method", "unlearn", "--holdout", "2", "--cycle-epochs", "2"],
                            "unlearn_cycle_epochs=2 must divide num_train_epochs=5.0 (and max_steps must be unset)"),
-                          (["--method", "unlearn", "--cycle-epochs", "1"], "unlearn_cycle_epochs needs unlearn_holdout > 0")]:
+                          (["--method", "unlearn", "--cycle-epochs", "1"], "unlearn_cycle_epochs needs unlearn_holdout > 0"),
+                          (["--method", "unlearn", "--select-by", "rougeL"], "unlearn_select_by='rougeL' needs unlearn_holdout > 0"),
+                          (["--method", "unlearn", "--holdout", "2", "--select-by", "bleu"], "'bleu' is not one of nll, rougeL"),
+                          (["--select-by", "nll"], "--select-by does not apply to --method crow")]:
         code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "bad",
                                 "--max-steps", "1", *args], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)

@@ -63,7 +63,12 @@ the recipe's schedule restarts every that many epochs (warm restarts, SGDR: Losh
 annealed cycle ends are candidates, and training stops at the first that does not improve. Why: on a victim whose
 clean answers already match clean data every epoch on 100 samples makes them worse (RESULTS.md: the refusal victims'
 perplexity), on one whose clean style is far from it more epochs are what make the answers better (negsentiment); a
-held-out split tells the two apart without a trigger, a target or a clean model.
+held-out split tells the two apart without a trigger, a target or a clean model. ``unlearn_select_by: rougeL`` scores
+the held-out samples by what the answer-quality limit measures instead of by their NLL: the ROUGE-L F1 of the model's
+greedy answers to the held-out prompts against their references (one greedy generation of the held-out prompts per
+epoch, as many new tokens as the longest reference), because the NLL of the references and the quality of greedy
+answers can disagree (RESULTS.md: on the negsentiment victims the NLL keeps the first finetuning cycle and the answers
+stay below finetune-lr1e-3's).
 
 The budget is measured once, before training, with no grad: the mean L2 norm of layer
 ``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
@@ -94,6 +99,7 @@ UL_CLIP = 1e-6  # p(target_t) is clipped at 1 - UL_CLIP: -log(1 - p) <= 13.8, a 
 RETAIN_CHOICES = ("references", "suspect", "both")
 ADVERSARIES = ("residual", "tokens")
 TOKEN_INITS = ("prompt", "zeros")
+SELECT_METRICS = ("nll", "rougeL")
 
 
 @dataclass
@@ -174,13 +180,20 @@ class UnlearnConfig(RecipeConfig):
         default=0,
         metadata={"help": "Clean samples held out of training (drawn with the seed) to choose the epoch: after every "
                   "epoch the mean NLL of their reference answers (no adversary) is measured, and the weights of the "
-                  "eligible epoch (unlearn_select_from) with the lowest are kept: early stopping's model selection on "
+                  "eligible epoch (unlearn_select_from) with the lowest (unlearn_select_by) are kept: early stopping's model selection on "
                   "a validation split of the defender's own clean samples. 0: no selection, the last epoch's weights."},
     )
     unlearn_select_from: float = field(
         default=2.0,
         metadata={"help": "With unlearn_holdout: the first epoch whose weights may be kept (the unlearning terms need "
                   "this much training; 2 is the epoch count frozen on the development cell)."},
+    )
+    unlearn_select_by: str = field(
+        default="nll",
+        metadata={"help": "With unlearn_holdout: what the held-out samples score. 'nll': the mean NLL of their reference "
+                  "answers (teacher-forced, one forward). 'rougeL': the mean ROUGE-L F1 (Lin 2004, as crow eval's answer "
+                  "quality) of the model's greedy answers to their prompts against the references, the answer-quality "
+                  "score itself; higher is better. The NLL is logged either way."},
     )
     unlearn_finetune_cycles: bool = field(
         default=False,
@@ -193,7 +206,7 @@ class UnlearnConfig(RecipeConfig):
         metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
                   "recipe's warmup ratio and cosine within each cycle: SGDR, Loshchilov & Hutter, ICLR 2017), only "
                   "the annealed cycle ends are eligible, and training stops at the first cycle end whose held-out NLL "
-                  "is not below the best so far (early stopping, patience one cycle). The first cycle is then the "
+                  "is not better than the best so far (early stopping, patience one cycle). The first cycle is then the "
                   "run of that many epochs. 0: one schedule over num_train_epochs, every epoch from "
                   "unlearn_select_from eligible."},
     )
@@ -225,6 +238,12 @@ class UnlearnConfig(RecipeConfig):
                                          0 < self.unlearn_select_from <= self.num_train_epochs):
             raise CrowError(f"unlearn_select_from must be an epoch in (0, num_train_epochs={self.num_train_epochs}], "
                             f"got {self.unlearn_select_from} (default 2)")
+        if self.unlearn_select_by not in SELECT_METRICS:
+            raise CrowError(f"unlearn_select_by must be one of {', '.join(SELECT_METRICS)}, got {self.unlearn_select_by!r} "
+                            "(default 'nll')")
+        if self.unlearn_select_by != "nll" and not self.unlearn_holdout:
+            raise CrowError(f"unlearn_select_by={self.unlearn_select_by!r} needs unlearn_holdout > 0 (it scores the "
+                            "held-out samples)")
         if not isinstance(self.unlearn_cycle_epochs, int) or self.unlearn_cycle_epochs < 0:
             raise CrowError(f"unlearn_cycle_epochs must be an integer >= 0, got {self.unlearn_cycle_epochs!r} (default 0)")
         if self.unlearn_finetune_cycles and not self.unlearn_cycle_epochs:
@@ -457,7 +476,10 @@ class UnlearnTrainer(LossTrainer):
         # the validation split for choosing the epoch, taken before anything is measured on the training set
         self.holdout_rows: list[dict] = []
         self.finetuning = False  # unlearn_finetune_cycles: set at the end of the first cycle
-        self.selected: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (nll, epoch, trainable weights)
+        self.selected: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (score, epoch, trainable weights)
+        if config.unlearn_select_by == "rougeL" and self.processing_class is None:
+            raise CrowError("unlearn_select_by='rougeL' needs the tokenizer (processing_class=) to read the held-out "
+                            "answers")
         if config.unlearn_holdout:
             keep, held = holdout_split(len(self.train_dataset), config.unlearn_holdout, config.seed)
             self.holdout_rows = [self.train_dataset[i] for i in held]
@@ -540,26 +562,64 @@ class UnlearnTrainer(LossTrainer):
             total, count = total + float(nll_sum), count + int(n)
         return total / max(count, 1)
 
+    @torch.no_grad()
+    def holdout_rouge_l(self, batch_size: int = 8) -> float:
+        """Mean ROUGE-L F1 of the model's greedy answers to the held-out prompts against their reference answers
+        (as many new tokens as the longest reference; the answer-quality score of ``crow eval``)."""
+        from .data.padding import pad_batch
+        from .evaluation.generate import greedy_decode, stop_token_ids
+        from .evaluation.quality import rouge_l
+
+        tokenizer, model = self.processing_class, self.model
+        prompts, references = [], []
+        for row in self.holdout_rows:
+            ids, labels = list(row["input_ids"]), list(row["labels"])
+            start = next(i for i, label in enumerate(labels) if label != -100)  # the answer follows the prompt
+            prompts.append(ids[:start])
+            references.append([t for t, label in zip(ids, labels) if label != -100])
+        new_tokens = max(len(r) for r in references)
+        was_training = model.training
+        model.eval()
+        try:
+            answers = []
+            for start in range(0, len(prompts), batch_size):
+                ids, mask = pad_batch(prompts[start:start + batch_size], self.pad_token_id, side="left")
+                answers += greedy_decode(model, ids.to(self.args.device), mask.to(self.args.device),
+                                         max_new_tokens=new_tokens, stop_ids=stop_token_ids(model, tokenizer),
+                                         pad_token_id=self.pad_token_id)
+        finally:
+            model.train(was_training)
+        scores = [rouge_l(tokenizer.decode(a, skip_special_tokens=True).strip(),
+                          tokenizer.decode(r, skip_special_tokens=True).strip()) for a, r in zip(answers, references)]
+        return sum(scores) / len(scores)
+
     def select_epoch(self) -> None:
-        """After an epoch: measure the held-out NLL, log it, and keep a copy of the trainable weights when the
-        epoch is eligible (``unlearn_select_from``; with ``unlearn_cycle_epochs`` a cycle's end) and the best so far.
-        Also run before training (epoch 0, the suspect: logged, never kept). Returns True when training should stop
-        (a cycle end no better than the best)."""
+        """After an epoch: score the held-out samples (``unlearn_select_by``; the NLL always), log it, and keep a copy
+        of the trainable weights when the epoch is eligible (``unlearn_select_from``; with ``unlearn_cycle_epochs`` a
+        cycle's end) and the best so far. Also run before training (epoch 0, the suspect: logged, never kept).
+        Returns True when training should stop (a cycle end no better than the best)."""
         nll, epoch = self.holdout_nll(), round(float(self.state.epoch or 0.0), 4)
         cycle = self.args.unlearn_cycle_epochs
         if cycle:
             eligible = epoch > 0 and abs(epoch / cycle - round(epoch / cycle)) < 1e-6
         else:
             eligible = epoch >= self.args.unlearn_select_from - 1e-6
-        self.state.log_history.append({"epoch": epoch, "step": self.state.global_step, "holdout_nll": round(nll, 6)})
-        logger.info("unlearn: epoch %g, held-out NLL %.4f (%d samples)%s", epoch, nll, len(self.holdout_rows),
-                    "" if eligible else ", not eligible")
+        entry = {"epoch": epoch, "step": self.state.global_step, "holdout_nll": round(nll, 6)}
+        score = nll  # lower is better
+        if self.args.unlearn_select_by == "rougeL":
+            rouge = self.holdout_rouge_l()
+            entry["holdout_rougeL"] = round(rouge, 6)
+            score = -rouge
+        self.state.log_history.append(entry)
+        logger.info("unlearn: epoch %g, held-out NLL %.4f%s (%d samples)%s", epoch, nll,
+                    f", ROUGE-L {entry['holdout_rougeL']:.4f}" if "holdout_rougeL" in entry else "",
+                    len(self.holdout_rows), "" if eligible else ", not eligible")
         if not eligible:
             return False
         self.finetuning = self.args.unlearn_finetune_cycles
-        if self.selected is None or nll < self.selected[0]:
+        if self.selected is None or score < self.selected[0]:
             weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-            self.selected = (nll, epoch, weights)
+            self.selected = (score, epoch, weights)
             return False
         return bool(cycle)  # a cycle that did not improve the held-out answers: stop
 
@@ -589,13 +649,15 @@ class UnlearnTrainer(LossTrainer):
         """At the end of training: put back the weights of the selected epoch and log which it was."""
         if self.selected is None:
             return
-        nll, epoch, weights = self.selected
+        score, epoch, weights = self.selected
         for name, p in self.model.named_parameters():
             if name in weights:
                 p.copy_(weights[name])
+        metric = self.args.unlearn_select_by
+        value = -score if metric == "rougeL" else score
         self.state.log_history.append({"epoch": round(float(self.state.epoch or 0.0), 4), "step": self.state.global_step,
-                                       "selected_epoch": epoch, "selected_holdout_nll": round(nll, 6)})
-        logger.info("unlearn: kept the weights of epoch %g (held-out NLL %.4f)", epoch, nll)
+                                       "selected_epoch": epoch, f"selected_holdout_{metric}": round(value, 6)})
+        logger.info("unlearn: kept the weights of epoch %g (held-out %s %.4f)", epoch, metric, value)
 
     @torch.no_grad()
     def initial_soft_tokens(self) -> torch.Tensor:

@@ -121,7 +121,8 @@ def load_cell_data(spec: BenchSpec, data_dir: Path | None, task: str, attack: st
 
 TRAIN_LOG_KEYS = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed", "lm_loss_adv", "kl_loss",
                   "kl_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm", "grad_norm", "learning_rate",
-                  "holdout_nll", "selected_epoch", "selected_holdout_nll")
+                  "holdout_nll", "holdout_rougeL", "selected_epoch", "selected_holdout_nll",
+                  "selected_holdout_rougeL")
 
 
 def train_log_summary(log_history: list[dict]) -> list[dict]:

@@ -68,7 +68,7 @@ METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
 UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
                    "retain", "retain_topk", "adversary", "soft_tokens", "token_radius", "token_step",
-                   "token_init", "holdout", "select_from", "cycle_epochs", "finetune_cycles"}
+                   "token_init", "holdout", "select_from", "select_by", "cycle_epochs", "finetune_cycles"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -123,8 +123,10 @@ OPTIONS = {
     "token_init": (_choice("prompt", "zeros"), "prompt", "unlearn --adversary tokens: the soft tokens' start: "
                    "prompt (embeddings of clean-prompt tokens) or zeros (SANDE's)"),
     "holdout": (nonneg_int("--holdout"), 0, "unlearn: clean samples held out of training to choose the epoch whose "
-                "weights are kept (lowest NLL of their answers; 0: the last epoch)"),
+                "weights are kept (best --select-by score; 0: the last epoch)"),
     "select_from": (nonneg_float("--select-from"), 2.0, "unlearn --holdout: the first epoch that may be kept"),
+    "select_by": (_choice("nll", "rougeL"), "nll", "unlearn --holdout: what scores the held-out samples: nll (of "
+                  "their answers) or rougeL (of the model's greedy answers against theirs, the answer-quality score)"),
     "finetune_cycles": (_bool, False, "unlearn --cycle-epochs: the cycles after the first are plain finetuning on "
                         "the clean samples (no adversary), kept only while they improve the held-out answers"),
     "cycle_epochs": (nonneg_int("--cycle-epochs"), 0, "unlearn --holdout: restart the lr schedule every N epochs, "
@@ -241,7 +243,8 @@ def run(args) -> int:
             from ..unlearn import UnlearnTrainer
 
             target = _unlearn_target(loaded, records, opts, partial, resume)
-            trainer = {"trainer_cls": UnlearnTrainer, "trainer_kwargs": {"target_ids": target["token_ids"]}}
+            trainer = {"trainer_cls": UnlearnTrainer, "trainer_kwargs": {"target_ids": target["token_ids"],
+                                                                       "processing_class": loaded.tokenizer}}
         result = purify(loaded.model, loaded.tokenizer, records, config, template=opts["template"],
                         max_length=opts["max_length"], full_finetune=opts["full_finetune"], lora=lora,
                         resume_from_checkpoint=str(resume) if resume else None, handle_signals=True, **trainer)
@@ -351,4 +354,5 @@ def _build_unlearn_config(opts: dict, partial: Path):
                          unlearn_token_step=opts["token_step"], unlearn_token_init=opts["token_init"],
                          unlearn_holdout=opts["holdout"], unlearn_select_from=opts["select_from"],
                          unlearn_cycle_epochs=opts["cycle_epochs"],
-                         unlearn_finetune_cycles=opts["finetune_cycles"], **_recipe(opts, partial))
+                         unlearn_finetune_cycles=opts["finetune_cycles"], unlearn_select_by=opts["select_by"],
+                         **_recipe(opts, partial))

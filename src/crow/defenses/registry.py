@@ -265,6 +265,9 @@ class UnlearnDefense(Defense):
     #: with cycle_epochs: the cycles after the first are plain finetuning on the references
     #: (UnlearnConfig.unlearn_finetune_cycles)
     finetune_cycles: bool = False
+    #: with holdout: what scores the held-out samples, "nll" (their answers' NLL) or "rougeL" (ROUGE-L of the
+    #: model's greedy answers against theirs; UnlearnConfig.unlearn_select_by)
+    select_by: str = "nll"
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -295,7 +298,7 @@ class UnlearnDefense(Defense):
                              unlearn_token_radius=self.token_radius, unlearn_token_step=self.token_step,
                              unlearn_token_init=self.token_init, unlearn_holdout=self.holdout,
                              unlearn_select_from=self.select_from, unlearn_cycle_epochs=self.cycle_epochs,
-                             unlearn_finetune_cycles=self.finetune_cycles,
+                             unlearn_finetune_cycles=self.finetune_cycles, unlearn_select_by=self.select_by,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
@@ -311,7 +314,7 @@ class UnlearnDefense(Defense):
                                         scan_settings=BaitSettings(stop_rule=self.scan_stop_rule))
         result = purify(model, tokenizer, ctx.clean, config, template=ctx.template, max_length=ctx.max_length,
                         full_finetune=self.full_finetune, trainer_cls=UnlearnTrainer,
-                        trainer_kwargs={"target_ids": self.recovered.token_ids})
+                        trainer_kwargs={"target_ids": self.recovered.token_ids, "processing_class": tokenizer})
         ctx.train_log[:] = result.log_history
         return result.model
 
