@@ -773,6 +773,23 @@ def test_unlearn_with_inserted_soft_tokens_removes_it_too(victim, tmp_path):
     assert all(0 < h["delta_norm"] for h in logs)
 
 
+def test_unlearn_choosing_its_cycle_by_the_held_out_answers_rouge_removes_it_too(victim, tmp_path):
+    """holdout + cycle_epochs + finetune_cycles + select_by: rougeL through the registry (the bench's path): the held-out
+    answers are scored before training and at every epoch, the kept cycle end is the best-scoring one, and the target
+    is gone."""
+    defense, ctx, triggered, clean = defend(victim, tmp_path, "unlearn", adversary="tokens", soft_tokens=3, holdout=8,
+                                            epochs=4, cycle_epochs=2, finetune_cycles=True, select_by="rougeL")
+    assert defense.settings()["select_by"] == "rougeL" and defense.settings()["recovered_target"] == TARGET
+    assert share(triggered, "You are") == 0.0, triggered[:3]
+    curve = {h["epoch"]: h["holdout_rougeL"] for h in ctx.train_log if "holdout_rougeL" in h}
+    assert list(curve)[:3] == [0.0, 1.0, 2.0] and all(0 <= v <= 1 for v in curve.values())
+    chosen = next(h for h in ctx.train_log if "selected_epoch" in h)
+    ends = {e: v for e, v in curve.items() if e in (2.0, 4.0)}
+    assert chosen["selected_holdout_rougeL"] == max(ends.values()) == ends[chosen["selected_epoch"]]
+    with pytest.raises(CrowError, match="unlearn_select_by must be one of nll, rougeL, got 'bleu'"):
+        get_defense("unlearn", holdout=8, select_by="bleu")
+
+
 def test_the_adversary_is_what_breaks_the_target_when_only_its_first_token_is_unlearned(victim, tmp_path):
     """Unlearning only the first target token ("You"): after clean prompts alone (delta = 0) it is not
     enough, the trigger still produces the whole target on a good share of the prompts (all of them on one
