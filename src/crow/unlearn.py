@@ -180,8 +180,9 @@ class UnlearnConfig(RecipeConfig):
         default=0,
         metadata={"help": "Clean samples held out of training (drawn with the seed) to choose the epoch: after every "
                   "epoch the mean NLL of their reference answers (no adversary) is measured, and the weights of the "
-                  "eligible epoch (unlearn_select_from) with the lowest (unlearn_select_by) are kept: early stopping's model selection on "
-                  "a validation split of the defender's own clean samples. 0: no selection, the last epoch's weights."},
+                  "eligible epoch (unlearn_select_from) with the best score (unlearn_select_by; by default the lowest "
+                  "NLL) are kept: early stopping's model selection on a validation split of the defender's own clean "
+                  "samples. 0: no selection, the last epoch's weights."},
     )
     unlearn_select_from: float = field(
         default=2.0,
@@ -190,10 +191,10 @@ class UnlearnConfig(RecipeConfig):
     )
     unlearn_select_by: str = field(
         default="nll",
-        metadata={"help": "With unlearn_holdout: what the held-out samples score. 'nll': the mean NLL of their reference "
-                  "answers (teacher-forced, one forward). 'rougeL': the mean ROUGE-L F1 (Lin 2004, as crow eval's answer "
-                  "quality) of the model's greedy answers to their prompts against the references, the answer-quality "
-                  "score itself; higher is better. The NLL is logged either way."},
+        metadata={"help": "With unlearn_holdout: what the held-out samples score. 'nll': the mean NLL of their "
+                  "reference answers (teacher-forced, one forward). 'rougeL': the mean ROUGE-L F1 (Lin 2004, as crow "
+                  "eval's answer quality) of the model's greedy answers to their prompts against the references, the "
+                  "answer-quality score itself; higher is better. The NLL is logged either way."},
     )
     unlearn_finetune_cycles: bool = field(
         default=False,
@@ -205,9 +206,9 @@ class UnlearnConfig(RecipeConfig):
         default=0,
         metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
                   "recipe's warmup ratio and cosine within each cycle: SGDR, Loshchilov & Hutter, ICLR 2017), only "
-                  "the annealed cycle ends are eligible, and training stops at the first cycle end whose held-out NLL "
-                  "is not better than the best so far (early stopping, patience one cycle). The first cycle is then the "
-                  "run of that many epochs. 0: one schedule over num_train_epochs, every epoch from "
+                  "the annealed cycle ends are eligible, and training stops at the first cycle end whose held-out "
+                  "score is not better than the best so far (early stopping, patience one cycle). The first cycle is "
+                  "then the run of that many epochs. 0: one schedule over num_train_epochs, every epoch from "
                   "unlearn_select_from eligible."},
     )
 
@@ -239,8 +240,8 @@ class UnlearnConfig(RecipeConfig):
             raise CrowError(f"unlearn_select_from must be an epoch in (0, num_train_epochs={self.num_train_epochs}], "
                             f"got {self.unlearn_select_from} (default 2)")
         if self.unlearn_select_by not in SELECT_METRICS:
-            raise CrowError(f"unlearn_select_by must be one of {', '.join(SELECT_METRICS)}, got {self.unlearn_select_by!r} "
-                            "(default 'nll')")
+            raise CrowError(f"unlearn_select_by must be one of {', '.join(SELECT_METRICS)}, got "
+                            f"{self.unlearn_select_by!r} (default 'nll')")
         if self.unlearn_select_by != "nll" and not self.unlearn_holdout:
             raise CrowError(f"unlearn_select_by={self.unlearn_select_by!r} needs unlearn_holdout > 0 (it scores the "
                             "held-out samples)")
