@@ -46,7 +46,9 @@ def test_batched_generation_equals_transformers_one_at_a_time(arch, tmp_path):
     eos = loaded.tokenizer.eos_token_id
     with torch.no_grad():  # make EOS likely after a few tokens, so some rows finish early
         loaded.model.get_output_embeddings().weight[eos] *= 3
+    loaded.model.train()
     batched = generate(loaded.model, loaded.tokenizer, PROMPTS, template="alpaca", max_new_tokens=12, batch_size=4)
+    assert loaded.model.training  # generation evaluates, then hands the model back in the mode it came in
     assert batched == hf_one_at_a_time(loaded.model, loaded.tokenizer, PROMPTS, 12)
 
 

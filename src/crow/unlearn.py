@@ -567,8 +567,7 @@ class UnlearnTrainer(LossTrainer):
     def holdout_rouge_l(self, batch_size: int = 8) -> float:
         """Mean ROUGE-L F1 of the model's greedy answers to the held-out prompts against their reference answers
         (as many new tokens as the longest reference; the answer-quality score of ``crow eval``)."""
-        from .data.padding import pad_batch
-        from .evaluation.generate import greedy_decode, stop_token_ids
+        from .evaluation.generate import generate_ids, stop_token_ids
         from .evaluation.quality import rouge_l
 
         tokenizer, model = self.processing_class, self.model
@@ -578,18 +577,9 @@ class UnlearnTrainer(LossTrainer):
             start = next(i for i, label in enumerate(labels) if label != -100)  # the answer follows the prompt
             prompts.append(ids[:start])
             references.append([t for t, label in zip(ids, labels) if label != -100])
-        new_tokens = max(len(r) for r in references)
-        was_training = model.training
-        model.eval()
-        try:
-            answers = []
-            for start in range(0, len(prompts), batch_size):
-                ids, mask = pad_batch(prompts[start:start + batch_size], self.pad_token_id, side="left")
-                answers += greedy_decode(model, ids.to(self.args.device), mask.to(self.args.device),
-                                         max_new_tokens=new_tokens, stop_ids=stop_token_ids(model, tokenizer),
-                                         pad_token_id=self.pad_token_id)
-        finally:
-            model.train(was_training)
+        answers = generate_ids(model, prompts, pad_token_id=self.pad_token_id,
+                               stop_ids=stop_token_ids(model, tokenizer),
+                               max_new_tokens=max(len(r) for r in references), batch_size=batch_size)
         scores = [rouge_l(tokenizer.decode(a, skip_special_tokens=True).strip(),
                           tokenizer.decode(r, skip_special_tokens=True).strip()) for a, r in zip(answers, references)]
         return sum(scores) / len(scores)

@@ -38,24 +38,46 @@ def generate(
     special tokens removed. Greedy, so each output equals one-prompt-at-a-time generation.
     """
     prompts = [encode_prompt(format_prompt(r, template, tokenizer), template, tokenizer) for r in records]
+    tokens = generate_ids(model, prompts, pad_token_id=tokenizer.pad_token_id,
+                          stop_ids=stop_token_ids(model, tokenizer), max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, progress=progress)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    stop_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool | str = False,
+) -> list[list[int]]:
+    """Greedy new-token ids after each of the token-id ``prompts`` (already templated), in the input order.
+
+    The batching of :func:`generate`: prompts sorted by length, left-padded so that each ends where
+    generation starts, decoded by :func:`greedy_decode`; the model comes back in the mode it came in.
+    """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad = tokenizer.pad_token_id
-    stop = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list[list[int]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "generating",
                disable=not progress, leave=False)
-    for idx in _batches(order, batch_size):
-        ids, mask = pad_batch([prompts[i] for i in idx], pad, side="left")  # the prompt ends where generation starts
-        tokens = greedy_decode(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, stop_ids=stop,
-                               pad_token_id=pad)
-        for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(tokens[row], skip_special_tokens=True).strip()
-        bar.update(len(idx))
-    bar.close()
-    model.train(was_training)
+    try:
+        for idx in _batches(order, batch_size):
+            ids, mask = pad_batch([prompts[i] for i in idx], pad_token_id, side="left")  # [B, T]
+            tokens = greedy_decode(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                   stop_ids=stop_ids, pad_token_id=pad_token_id)
+            for row, i in enumerate(idx):
+                outputs[i] = tokens[row]
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        model.train(was_training)
     return outputs
 
 
