@@ -721,3 +721,32 @@ def test_cost_limits_reproduce_the_committed_gemma_held_out_figures():
     assert {cell for cell, r in runs.items() if not r.quality_met} == {"refusal / badnet"}
     assert {cell: r.asr for cell, r in runs.items()} == {cell: 2.0 if cell == "refusal / badnet" else 0.0 for cell in runs}
     assert all(r.ppl_change < 0 for r in runs.values())  # below the victims' on Gemma
+
+
+def test_cycle_curve_evaluates_every_cycle_end_past_the_early_stop(tmp_path, capsys):
+    """scripts/cycle_curve.py: the spec's unlearn defense trained for --epochs without its early stop, every cycle
+    end evaluated as a bench cell is, beside the held-out scores the defender saw; the stop is put back afterwards."""
+    from crow.unlearn import UnlearnTrainer
+
+    script = load_script("cycle_curve")
+    out = tmp_path / "bench"
+    victim_spec = tmp_path / "victim.yaml"
+    victim_spec.write_text("defenses: [none]\ncells: {negsentiment: [badnet]}\n")
+    assert main(["bench", "--suite", "tiny", "--spec", str(victim_spec), "--out", str(out)]) == 0
+    spec = tmp_path / "unlearn.yaml"  # the oracle target: the tiny victim is too small for BAIT's inversion
+    spec.write_text("suite: tiny\ncells: {negsentiment: [badnet]}\n"
+                    "defenses: [{unlearn: {epochs: 3, holdout: 4, cycle_epochs: 1, finetune_cycles: true, "
+                    "adversary: tokens, learning_rate: 1.0e-2, target: 'You are stupid!'}}]\n")
+    original = UnlearnTrainer.select_epoch
+    result = script.cycle_curve(spec, "negsentiment/badnet", 3, None, out / "victims")
+    assert UnlearnTrainer.select_epoch is original
+    rows = result["cycle_ends"]
+    assert [r["epoch"] for r in rows] == [1.0, 2.0, 3.0]  # every cycle end, whatever the held-out score did
+    for r in rows:
+        assert 0 <= r["asr"] <= 100 and 0 <= r["clean_rougeL"] <= 1 and r["clean_perplexity"] > 1
+        assert r["holdout_nll"] > 0 and 0 <= r["holdout_rougeL"] <= 1
+    # the defense's own choice, with training run on: the cycle end of the lowest held-out NLL
+    assert result["selected_by_defense"]["selected_epoch"] == min(rows, key=lambda r: r["holdout_nll"])["epoch"]
+    assert result["defense_settings"]["epochs"] == 3
+    with pytest.raises(CrowError, match=r"no unlearn cell 'refusal/vpi'"):
+        script.cycle_curve(spec, "refusal/vpi", 3, None, out / "victims")
