@@ -49,7 +49,8 @@ def cycle_curve(spec_path: Path, cell_name: str, epochs: int, data_dir: Path | N
     cell = cells[0]
     settings = {**cell["defense_settings"], "epochs": epochs}
     if not (settings.get("holdout") and settings.get("cycle_epochs")):
-        raise CrowError(f"{spec_path}: the unlearn defense needs holdout and cycle_epochs (its cycle ends are the curve)")
+        raise CrowError(f"{spec_path}: the unlearn defense needs holdout and cycle_epochs (its cycle ends are the "
+                        "curve); use a held-out finetuning-cycles spec")
     one_format = dataclasses.replace(spec, eval=dataclasses.replace(spec.eval, formats=["template"]))
     with tempfile.TemporaryDirectory() as tmp:
         runner = BenchRunner(one_format, Path(tmp), data_dir=data_dir, victims=victims, progress=False)
@@ -76,8 +77,9 @@ def cycle_curve(spec_path: Path, cell_name: str, epochs: int, data_dir: Path | N
         started = time.perf_counter()
         try:
             defense = get_defense("unlearn", **settings)
-            ctx = DefenseContext(clean=data.defense_clean[: cell["n_defense"]], template=spec.template, max_length=spec.max_length,
-                                 seed=cell["seed"], task=task, work_dir=Path(tmp) / "work", progress=False)
+            ctx = DefenseContext(clean=data.defense_clean[: cell["n_defense"]], template=spec.template,
+                                 max_length=spec.max_length, seed=cell["seed"], task=task, work_dir=Path(tmp) / "work",
+                                 progress=False)
             model = defense.repair(loaded.model, loaded.tokenizer, ctx)
         finally:
             UnlearnTrainer.select_epoch = select_epoch

@@ -797,3 +797,15 @@ def test_cost_limits_reproduce_the_committed_merged_seed_1_figures():
     assert all(r.form == "merged" and r.asr == 0 and r.ppl_met for r in runs.values())
     assert {cell for cell, r in runs.items() if not r.quality_met} == {"refusal / badnet"}
     assert runs["refusal / badnet"].baseline_rouge - runs["refusal / badnet"].rouge == pytest.approx(0.0003, abs=1e-4)
+
+
+def test_cost_limits_reproduce_the_committed_gemma_seed_1_figures():
+    """RESULTS.md's Gemma try-3 table, the development cell with seed 1: 0%, perplexity below the victim's, clean
+    answers above finetune-lr1e-3's."""
+    script = load_script("cost_limits")
+    root = Path(__file__).resolve().parents[1] / "results"
+    rows = script.costs(script.load_cells([root / "gemma-cpu", root / "unlearn-finetune-cycles-gemma-seed1-cpu"]),
+                        "unlearn", label="seed 1")
+    (run,) = [r for r in rows if "seed 1" in r.defense]
+    assert (run.cell, run.asr, run.ppl_met, run.quality_met) == ("refusal / vpi", 0.0, True, True)
+    assert run.ppl_change < 0 and run.rouge - run.baseline_rouge == pytest.approx(0.022, abs=1e-3)
