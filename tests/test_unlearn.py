@@ -601,6 +601,57 @@ def test_finetune_cycles_train_the_lm_term_alone(tiny_dir, tmp_path, monkeypatch
         config(tmp_path, unlearn_finetune_cycles=True)
 
 
+def test_refit_finetunes_every_sample_after_an_unlearning_cycle_that_lowered_the_holdout_perplexity(tiny_dir, tmp_path,
+                                                                                                       monkeypatch):
+    """Held-out NLL 5.0 (suspect) -> 3.0 at the end of the unlearning cycle: the perplexity fell by 1 - e^-2 (a gain of
+    e^2 - 1 > 0.15), so training stops there and CROW's trainer with alpha 0 finetunes the kept weights on all 8 samples
+    (the 2 held out included) for refit_epochs under one schedule: its steps are plain LM steps, they change the
+    weights, and they are counted and logged as the refit."""
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    cfg = config(tmp_path, num_train_epochs=6, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                 unlearn_holdout=2, unlearn_cycle_epochs=2, unlearn_finetune_cycles=True, unlearn_refit_gain=0.15,
+                 unlearn_refit_epochs=2)
+    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+    curve = iter([5.0, 4.0, 3.0])
+    monkeypatch.setattr(trainer, "holdout_nll", lambda: next(curve))
+    kept = {}
+    restore = trainer.restore_selected
+
+    def remember():
+        restore()
+        kept.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    monkeypatch.setattr(trainer, "restore_selected", remember)
+    trainer.train()
+    log = trainer.state.log_history
+    assert [h["epoch"] for h in log if "holdout_nll" in h] == [0.0, 1.0, 2.0]  # no finetuning cycle
+    decision = next(h for h in log if "refit" in h)
+    assert decision["epoch"] == 2.0 and decision["refit"] is True
+    assert decision["holdout_gain"] == pytest.approx(math.exp(2.0) - 1, rel=1e-5)
+    refit = [h for h in log if h.get("stage") == "refit" and "lm_loss" in h]
+    assert refit and all("unlikelihood" not in h and h["loss"] == pytest.approx(h["lm_loss"], rel=1e-4) for h in refit)
+    assert trainer.state.global_step == 2 * 3 + 2 * 4  # 6 training samples in batches of 2, then all 8
+    assert len(trainer.train_dataset) == 8
+    assert any(not torch.equal(p, kept[n]) for n, p in model.named_parameters() if n in kept)
+
+
+def test_no_refit_when_the_unlearning_cycle_did_not_lower_the_holdout_perplexity_enough(tiny_dir, tmp_path, monkeypatch):
+    """5.0 -> 4.95: a gain of e^0.05 - 1 = 5% <= 15%: the finetuning cycles go on as without refit_gain."""
+    loaded = load_model(str(tiny_dir))
+    model = make_trainable(loaded.model, lora=LoraSettings())
+    cfg = config(tmp_path, num_train_epochs=4, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                 unlearn_holdout=2, unlearn_cycle_epochs=2, unlearn_finetune_cycles=True, unlearn_refit_gain=0.15)
+    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
+    curve = iter([5.0, 4.9, 4.95, 4.0, 3.0])
+    monkeypatch.setattr(trainer, "holdout_nll", lambda: next(curve))
+    trainer.train()
+    log = trainer.state.log_history
+    decision = next(h for h in log if "refit" in h)
+    assert decision["refit"] is False and decision["holdout_gain"] == pytest.approx(math.exp(0.05) - 1, rel=1e-5)
+    assert not any(h.get("stage") == "refit" for h in log) and trainer.state.global_step == 4 * 3
+    assert next(h for h in log if "selected_epoch" in h)["selected_epoch"] == 4.0 and len(trainer.train_dataset) == 6
+
+
 def test_without_holdout_every_sample_trains_and_no_epoch_is_chosen(tiny, records, tmp_path):
     trainer = trainer_for(tiny.model, tiny.tokenizer, config(tmp_path, max_steps=1), records)
     assert len(trainer.train_dataset) == len(records) and trainer.holdout_rows == []
@@ -627,6 +678,9 @@ def test_without_holdout_every_sample_trains_and_no_epoch_is_chosen(tiny, record
     ({"unlearn_select_by": "rougeL"}, "unlearn_select_by='rougeL' needs unlearn_holdout > 0"),
     ({"unlearn_cycle_epochs": 2}, "unlearn_cycle_epochs needs unlearn_holdout > 0"),
     ({"unlearn_holdout": 20, "unlearn_cycle_epochs": 2}, "unlearn_cycle_epochs=2 must divide num_train_epochs=5.0"),
+    ({"unlearn_refit_gain": -0.1}, "unlearn_refit_gain must be a finite number >= 0"),
+    ({"unlearn_refit_gain": 0.15}, "unlearn_refit_gain needs unlearn_finetune_cycles"),
+    ({"unlearn_refit_epochs": 0.0}, "unlearn_refit_epochs must be a finite number > 0"),
     ({"unlearn_holdout": 20, "unlearn_select_from": 6.0},
      r"unlearn_select_from must be an epoch in \(0, num_train_epochs=5.0\], got 6.0"),
 ])
@@ -790,6 +844,23 @@ def test_unlearn_choosing_its_cycle_by_the_held_out_answers_rouge_removes_it_too
         get_defense("unlearn", holdout=8, select_by="bleu")
 
 
+def test_unlearn_refitting_on_every_clean_sample_removes_it_too(victim, tmp_path):
+    """refit_gain through the registry (the bench's path): the unlearning cycle lowers the tiny victim's held-out
+    perplexity by about 7% (here), more than the 3% asked, so training stops at its end and every clean sample is
+    finetuned on; the target stays gone and the clean answers stay clean."""
+    defense, ctx, triggered, clean = defend(victim, tmp_path, "unlearn", adversary="tokens", soft_tokens=3, holdout=8,
+                                            epochs=4, cycle_epochs=2, finetune_cycles=True, refit_gain=0.03,
+                                            refit_epochs=2)
+    assert defense.settings()["refit_gain"] == 0.03 and defense.settings()["recovered_target"] == TARGET
+    decision = next(h for h in ctx.train_log if "refit" in h)
+    assert decision["refit"] is True and decision["holdout_gain"] > 0.03 and decision["epoch"] == 2.0
+    assert [h for h in ctx.train_log if h.get("stage") == "refit" and "lm_loss" in h]
+    assert share(triggered, "You are") == 0.0, triggered[:3]
+    assert share(clean, "You") == 0.0, clean[:3]
+    with pytest.raises(CrowError, match="unlearn_refit_gain needs unlearn_finetune_cycles"):
+        get_defense("unlearn", holdout=8, refit_gain=0.15)
+
+
 def test_the_adversary_is_what_breaks_the_target_when_only_its_first_token_is_unlearned(victim, tmp_path):
     """Unlearning only the first target token ("You"): after clean prompts alone (delta = 0) it is not
     enough, the trigger still produces the whole target on a good share of the prompts (all of them on one
@@ -880,6 +951,8 @@ def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
                           (["--method", "unlearn", "--token-step", "2"], "unlearn_token_step must be a number in (0, 1]"),
                           (["--method", "unlearn", "--target", " "], "target is empty"),
                           (["--holdout", "2"], "--holdout does not apply to --method crow"),
+                          (["--refit-epochs", "3"], "--refit-epochs does not apply to --method crow"),
+                          (["--method", "unlearn", "--refit-gain", "0.2"], "unlearn_refit_gain needs unlearn_finetune_cycles"),
                           (["--method", "unlearn", "--holdout", "2", "--cycle-epochs", "2"],
                            "unlearn_cycle_epochs=2 must divide num_train_epochs=5.0 (and max_steps must be unset)"),
                           (["--method", "unlearn", "--cycle-epochs", "1"], "unlearn_cycle_epochs needs unlearn_holdout > 0"),

@@ -70,6 +70,16 @@ epoch, as many new tokens as the longest reference), because the NLL of the refe
 answers can disagree (RESULTS.md: on the negsentiment victims the NLL keeps the first finetuning cycle and the answers
 stay below finetune-lr1e-3's).
 
+``unlearn_refit_gain`` adds one decision at the end of the unlearning cycle (with ``unlearn_finetune_cycles``): when
+that cycle has lowered the held-out perplexity below the suspect's by more than the gain, the suspect's own clean
+answers are far from the clean samples' (a backdoor that rewrote its style, like the negsentiment victims'), and
+finetuning is what improves them; the finetuning cycles on the training split stop short of what the finetune
+baseline's answers reach (RESULTS.md: the cycle curve), so the unlearned weights are instead finetuned on every clean
+sample, the held-out ones included, with the baseline's own training (``CrowTrainer``, alpha 0, one schedule of
+``unlearn_refit_epochs``): early stopping's "retrain on all the data" (Goodfellow, Bengio & Courville, Deep Learning,
+2016, Algorithm 7.2). A victim whose clean answers the unlearning cycle barely moves (the refusal victims: their
+perplexity rises with every finetuning epoch) keeps the cycles.
+
 The budget is measured once, before training, with no grad: the mean L2 norm of layer
 ``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
 the residual stream's own scale whatever the model. (A mean, as specified: in models whose first token
@@ -202,6 +212,23 @@ class UnlearnConfig(RecipeConfig):
                   "references: finetuning, no adversary, no unlikelihood), so training goes on only as long as plain "
                   "finetuning improves the held-out answers of the unlearned model."},
     )
+    unlearn_refit_gain: float = field(
+        default=0.0,
+        metadata={"help": "With unlearn_finetune_cycles: when the first cycle (the unlearning) has lowered the held-out "
+                  "perplexity below the suspect's by more than this fraction (exp(NLL_suspect - NLL) - 1 > gain), the "
+                  "suspect's clean answers are far from the clean samples' and more finetuning is what improves them "
+                  "(RESULTS.md: the negsentiment victims): training stops there, and the unlearned weights are "
+                  "finetuned on every clean sample, the held-out ones included, for unlearn_refit_epochs under one "
+                  "schedule of the recipe (CROW's trainer with alpha 0, the finetune baselines' training, at this "
+                  "config's learning rate): retraining on all the data after a validation split chose what to train "
+                  "(Goodfellow, Bengio & Courville, Deep Learning, 2016, Sec. 7.8, Algorithm 7.2). Otherwise the "
+                  "finetuning cycles go on as without it. 0: never (every committed cell before 2026-12-05)."},
+    )
+    unlearn_refit_epochs: float = field(
+        default=5.0,
+        metadata={"help": "With unlearn_refit_gain: epochs of the finetuning on every clean sample (5: the recipe's, "
+                  "as finetune-lr1e-3 trains)."},
+    )
     unlearn_cycle_epochs: int = field(
         default=0,
         metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
@@ -249,6 +276,15 @@ class UnlearnConfig(RecipeConfig):
             raise CrowError(f"unlearn_cycle_epochs must be an integer >= 0, got {self.unlearn_cycle_epochs!r} (default 0)")
         if self.unlearn_finetune_cycles and not self.unlearn_cycle_epochs:
             raise CrowError("unlearn_finetune_cycles needs unlearn_cycle_epochs > 0 (it changes the cycles after the first)")
+        if not (math.isfinite(self.unlearn_refit_gain) and self.unlearn_refit_gain >= 0):
+            raise CrowError(f"unlearn_refit_gain must be a finite number >= 0 (a fraction of the held-out perplexity), "
+                            f"got {self.unlearn_refit_gain} (default 0: no refit)")
+        if self.unlearn_refit_gain and not self.unlearn_finetune_cycles:
+            raise CrowError("unlearn_refit_gain needs unlearn_finetune_cycles (it decides after the unlearning cycle "
+                            "whether to finetune on every clean sample instead of the finetuning cycles)")
+        if not (math.isfinite(self.unlearn_refit_epochs) and self.unlearn_refit_epochs > 0):
+            raise CrowError(f"unlearn_refit_epochs must be a finite number > 0, got {self.unlearn_refit_epochs} "
+                            "(default 5: the recipe's)")
         if self.unlearn_cycle_epochs and not self.unlearn_holdout:
             raise CrowError("unlearn_cycle_epochs needs unlearn_holdout > 0 (the held-out samples choose the cycle)")
         if self.unlearn_cycle_epochs and (self.max_steps > 0 or self.num_train_epochs % self.unlearn_cycle_epochs):
@@ -477,6 +513,9 @@ class UnlearnTrainer(LossTrainer):
         # the validation split for choosing the epoch, taken before anything is measured on the training set
         self.holdout_rows: list[dict] = []
         self.finetuning = False  # unlearn_finetune_cycles: set at the end of the first cycle
+        self.full_dataset = self.train_dataset  # every clean sample: what unlearn_refit_gain's finetuning trains on
+        self.suspect_holdout_nll: float | None = None  # the held-out NLL before any update
+        self.refit_wanted = False  # unlearn_refit_gain: set at the end of the first cycle
         self.selected: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (score, epoch, trainable weights)
         if config.unlearn_select_by == "rougeL" and self.processing_class is None:
             raise CrowError("unlearn_select_by='rougeL' needs the tokenizer (processing_class=) to read the held-out "
@@ -590,6 +629,8 @@ class UnlearnTrainer(LossTrainer):
         cycle's end) and the best so far. Also run before training (epoch 0, the suspect: logged, never kept).
         Returns True when training should stop (a cycle end no better than the best)."""
         nll, epoch = self.holdout_nll(), round(float(self.state.epoch or 0.0), 4)
+        if self.state.global_step == 0:
+            self.suspect_holdout_nll = nll
         cycle = self.args.unlearn_cycle_epochs
         if cycle:
             eligible = epoch > 0 and abs(epoch / cycle - round(epoch / cycle)) < 1e-6
@@ -601,6 +642,9 @@ class UnlearnTrainer(LossTrainer):
             rouge = self.holdout_rouge_l()
             entry["holdout_rougeL"] = round(rouge, 6)
             score = -rouge
+        first = eligible and self.selected is None
+        if first and self.args.unlearn_refit_gain:
+            self.refit_wanted = self.refit_decision(nll, entry)
         self.state.log_history.append(entry)
         logger.info("unlearn: epoch %g, held-out NLL %.4f%s (%d samples)%s", epoch, nll,
                     f", ROUGE-L {entry['holdout_rougeL']:.4f}" if "holdout_rougeL" in entry else "",
@@ -611,8 +655,58 @@ class UnlearnTrainer(LossTrainer):
         if self.selected is None or score < self.selected[0]:
             weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
             self.selected = (score, epoch, weights)
-            return False
+            return self.refit_wanted  # the refit replaces the finetuning cycles: stop here
         return bool(cycle)  # a cycle that did not improve the held-out answers: stop
+
+    def refit_decision(self, nll: float, entry: dict) -> bool:
+        """At the end of the unlearning cycle (``unlearn_refit_gain``): whether its held-out perplexity is below the
+        suspect's by more than the gain. Records ``holdout_gain`` and ``refit`` in ``entry``."""
+        if self.suspect_holdout_nll is None:  # a run resumed past step 0 never saw the suspect
+            logger.warning("unlearn: the suspect's held-out NLL was not measured (a resumed run): no refit")
+            entry["refit"] = False
+            return False
+        gain = math.exp(self.suspect_holdout_nll - nll) - 1.0
+        entry["holdout_gain"], entry["refit"] = round(gain, 6), gain > self.args.unlearn_refit_gain
+        logger.info("unlearn: the unlearning cycle changed the held-out perplexity by %+.1f%%: %s", -100 * gain / (1 + gain),
+                    f"finetuning on all {len(self.full_dataset)} clean samples for {self.args.unlearn_refit_epochs:g} epochs"
+                    if entry["refit"] else "finetuning cycles on the training split")
+        return entry["refit"]
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, then, when the unlearning cycle asked for it (``unlearn_refit_gain``), ``refit``."""
+        output = super().train(*args, **kwargs)
+        return self.refit() if self.refit_wanted else output
+
+    def refit(self):
+        """Finetune the kept (unlearned) weights on every clean sample, the held-out ones included, for
+        ``unlearn_refit_epochs`` with one schedule of the recipe: ``CrowTrainer`` with alpha 0 (the finetune
+        baselines' trainer) and this config's optimizer settings. Its log lines join this trainer's log history
+        marked ``"stage": "refit"``, its optimizer steps its ``global_step``; returns its ``TrainOutput``. Not
+        checkpointed: an interrupt stops it after the current step, and a resumed run repeats it."""
+        from .purification import LoggedProgress, MetricsProgress, quiet_trainer_output
+        from .trainer import CrowConfig, CrowTrainer
+
+        a = self.args
+        config = CrowConfig(output_dir=f"{a.output_dir}/refit", crow_alpha=0.0, learning_rate=a.learning_rate,
+                            num_train_epochs=a.unlearn_refit_epochs, per_device_train_batch_size=a.per_device_train_batch_size,
+                            gradient_accumulation_steps=a.gradient_accumulation_steps, lr_scheduler_type=a.lr_scheduler_type,
+                            lr_scheduler_kwargs=a.lr_scheduler_kwargs, warmup_steps=a.warmup_steps,
+                            weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, optim=a.optim, seed=a.seed,
+                            bf16=a.bf16, fp16=a.fp16, use_cpu=a.use_cpu, logging_steps=a.logging_steps,
+                            disable_tqdm=a.disable_tqdm, report_to=a.report_to, save_strategy="no",
+                            **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs":
+                                a.gradient_checkpointing_kwargs} if a.gradient_checkpointing else {}))
+        carried = [cb for cb in self.callback_handler.callbacks  # crow's own (stop on signal), not progress or selection
+                   if type(cb).__module__.startswith("crow") and not isinstance(cb, (_EpochSelection, LoggedProgress,
+                                                                                     MetricsProgress))]
+        trainer = CrowTrainer(model=self.model, args=config, train_dataset=self.full_dataset,
+                              data_collator=self.data_collator, callbacks=carried)
+        quiet_trainer_output(trainer)
+        output = trainer.train()
+        self.state.log_history.extend({**entry, "stage": "refit"} for entry in trainer.state.log_history)
+        self.state.global_step += trainer.state.global_step
+        self.train_dataset = self.full_dataset
+        return output
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The recipe's schedule, or with ``unlearn_cycle_epochs`` that schedule over one cycle, restarted at every

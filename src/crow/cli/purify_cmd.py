@@ -68,7 +68,8 @@ METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
 UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
                    "retain", "retain_topk", "adversary", "soft_tokens", "token_radius", "token_step",
-                   "token_init", "holdout", "select_from", "select_by", "cycle_epochs", "finetune_cycles"}
+                   "token_init", "holdout", "select_from", "select_by", "cycle_epochs", "finetune_cycles",
+                   "refit_gain", "refit_epochs"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -131,6 +132,11 @@ OPTIONS = {
                         "the clean samples (no adversary), kept only while they improve the held-out answers"),
     "cycle_epochs": (nonneg_int("--cycle-epochs"), 0, "unlearn --holdout: restart the lr schedule every N epochs, "
                      "keep the best cycle end, stop at the first that does not improve (0: one schedule)"),
+    "refit_gain": (nonneg_float("--refit-gain"), 0.0, "unlearn --finetune-cycles: when the unlearning cycle lowered "
+                   "the held-out perplexity below the input model's by more than this fraction, finetune on every "
+                   "sample of --data for --refit-epochs instead of the finetuning cycles (0: never)"),
+    "refit_epochs": (nonneg_float("--refit-epochs"), 5.0, "unlearn --refit-gain: epochs of that finetuning (the "
+                     "recipe's 5)"),
     "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "
                     "answer position for --retain suspect / both"),
 }
@@ -355,4 +361,5 @@ def _build_unlearn_config(opts: dict, partial: Path):
                          unlearn_holdout=opts["holdout"], unlearn_select_from=opts["select_from"],
                          unlearn_cycle_epochs=opts["cycle_epochs"],
                          unlearn_finetune_cycles=opts["finetune_cycles"], unlearn_select_by=opts["select_by"],
+                         unlearn_refit_gain=opts["refit_gain"], unlearn_refit_epochs=opts["refit_epochs"],
                          **_recipe(opts, partial))

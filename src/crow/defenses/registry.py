@@ -268,6 +268,11 @@ class UnlearnDefense(Defense):
     #: with holdout: what scores the held-out samples, "nll" (their answers' NLL) or "rougeL" (ROUGE-L of the
     #: model's greedy answers against theirs; UnlearnConfig.unlearn_select_by)
     select_by: str = "nll"
+    #: with finetune_cycles: when the unlearning cycle lowered the held-out perplexity below the suspect's by more than
+    #: this fraction, finetune on every clean sample for refit_epochs instead of the finetuning cycles
+    #: (UnlearnConfig.unlearn_refit_gain; 0: never, every committed cell before 2026-12-05)
+    refit_gain: float = 0.0
+    refit_epochs: float = 5.0
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -299,6 +304,7 @@ class UnlearnDefense(Defense):
                              unlearn_token_init=self.token_init, unlearn_holdout=self.holdout,
                              unlearn_select_from=self.select_from, unlearn_cycle_epochs=self.cycle_epochs,
                              unlearn_finetune_cycles=self.finetune_cycles, unlearn_select_by=self.select_by,
+                             unlearn_refit_gain=self.refit_gain, unlearn_refit_epochs=self.refit_epochs,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
