@@ -667,9 +667,10 @@ class UnlearnTrainer(LossTrainer):
             return False
         gain = math.exp(self.suspect_holdout_nll - nll) - 1.0
         entry["holdout_gain"], entry["refit"] = round(gain, 6), gain > self.args.unlearn_refit_gain
-        logger.info("unlearn: the unlearning cycle changed the held-out perplexity by %+.1f%%: %s", -100 * gain / (1 + gain),
-                    f"finetuning on all {len(self.full_dataset)} clean samples for {self.args.unlearn_refit_epochs:g} epochs"
-                    if entry["refit"] else "finetuning cycles on the training split")
+        then = (f"finetuning on all {len(self.full_dataset)} clean samples for {self.args.unlearn_refit_epochs:g} epochs"
+                if entry["refit"] else "finetuning cycles on the training split")
+        logger.info("unlearn: the unlearning cycle changed the held-out perplexity by %+.1f%%: %s",
+                    -100 * gain / (1 + gain), then)
         return entry["refit"]
 
     def train(self, *args, **kwargs):
@@ -681,24 +682,22 @@ class UnlearnTrainer(LossTrainer):
         """Finetune the kept (unlearned) weights on every clean sample, the held-out ones included, for
         ``unlearn_refit_epochs`` with one schedule of the recipe: ``CrowTrainer`` with alpha 0 (the finetune
         baselines' trainer) and this config's optimizer settings. Its log lines join this trainer's log history
-        marked ``"stage": "refit"``, its optimizer steps its ``global_step``; returns its ``TrainOutput``. Not
-        checkpointed: an interrupt stops it after the current step, and a resumed run repeats it."""
+        marked ``"stage": "refit"``, its optimizer steps its ``global_step``; returns its ``TrainOutput``. An interrupt
+        stops it after the current step; it is not resumed from (a resumed run repeats it)."""
         from .purification import LoggedProgress, MetricsProgress, quiet_trainer_output
         from .trainer import CrowConfig, CrowTrainer
 
         a = self.args
-        config = CrowConfig(output_dir=f"{a.output_dir}/refit", crow_alpha=0.0, learning_rate=a.learning_rate,
-                            num_train_epochs=a.unlearn_refit_epochs, per_device_train_batch_size=a.per_device_train_batch_size,
-                            gradient_accumulation_steps=a.gradient_accumulation_steps, lr_scheduler_type=a.lr_scheduler_type,
-                            lr_scheduler_kwargs=a.lr_scheduler_kwargs, warmup_steps=a.warmup_steps,
-                            weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm, optim=a.optim, seed=a.seed,
-                            bf16=a.bf16, fp16=a.fp16, use_cpu=a.use_cpu, logging_steps=a.logging_steps,
-                            disable_tqdm=a.disable_tqdm, report_to=a.report_to, save_strategy="no",
-                            **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs":
-                                a.gradient_checkpointing_kwargs} if a.gradient_checkpointing else {}))
+        same = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
+                "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "seed", "bf16", "fp16",
+                "use_cpu", "logging_steps", "disable_tqdm", "report_to")
+        checkpointing = ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": a.gradient_checkpointing_kwargs}
+                         if a.gradient_checkpointing else {})
+        config = CrowConfig(output_dir=f"{a.output_dir}/refit", crow_alpha=0.0, num_train_epochs=a.unlearn_refit_epochs,
+                            save_strategy="no", **{name: getattr(a, name) for name in same}, **checkpointing)
         carried = [cb for cb in self.callback_handler.callbacks  # crow's own (stop on signal), not progress or selection
-                   if type(cb).__module__.startswith("crow") and not isinstance(cb, (_EpochSelection, LoggedProgress,
-                                                                                     MetricsProgress))]
+                   if type(cb).__module__.startswith("crow")
+                   and not isinstance(cb, (_EpochSelection, LoggedProgress, MetricsProgress))]
         trainer = CrowTrainer(model=self.model, args=config, train_dataset=self.full_dataset,
                               data_collator=self.data_collator, callbacks=carried)
         quiet_trainer_output(trainer)
