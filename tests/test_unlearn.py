@@ -622,7 +622,18 @@ def test_refit_finetunes_every_sample_after_an_unlearning_cycle_that_lowered_the
         restore()
         kept.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     monkeypatch.setattr(trainer, "restore_selected", remember)
+    from crow.trainer import CrowConfig, CrowTrainer
+
+    built = []
+    init = CrowTrainer.__init__
+    monkeypatch.setattr(CrowTrainer, "__init__", lambda self, *a, **k: (built.append(k["args"]), init(self, *a, **k))[1])
     trainer.train()
+    # the finetune baselines' training: CrowConfig with alpha 0 and the unlearn config's recipe, for refit_epochs
+    (refit_args,) = built
+    baseline = CrowConfig(output_dir=refit_args.output_dir, crow_alpha=0.0, num_train_epochs=2, learning_rate=1e-3,
+                          per_device_train_batch_size=2, gradient_accumulation_steps=1, seed=cfg.seed,
+                          save_strategy="no", logging_steps=cfg.logging_steps, disable_tqdm=cfg.disable_tqdm)
+    assert refit_args.to_dict() == baseline.to_dict()
     log = trainer.state.log_history
     assert [h["epoch"] for h in log if "holdout_nll" in h] == [0.0, 1.0, 2.0]  # no finetuning cycle
     decision = next(h for h in log if "refit" in h)
