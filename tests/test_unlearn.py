@@ -866,6 +866,12 @@ def test_unlearn_refitting_on_every_clean_sample_removes_it_too(victim, tmp_path
     decision = next(h for h in ctx.train_log if "refit" in h)
     assert decision["refit"] is True and decision["holdout_gain"] > 0.03 and decision["epoch"] == 2.0
     assert [h for h in ctx.train_log if h.get("stage") == "refit" and "lm_loss" in h]
+    from crow.bench.runner import train_log_summary  # what a bench cell keeps of the log: the decision and the stage
+
+    summary = train_log_summary(ctx.train_log)
+    assert next(h for h in summary if "refit" in h) == {**{k: decision[k] for k in ("step", "epoch", "holdout_nll")},
+                                                        "holdout_gain": decision["holdout_gain"], "refit": 1.0}
+    assert [h for h in summary if h.get("stage") == "refit" and "lm_loss" in h]
     assert share(triggered, "You are") == 0.0, triggered[:3]
     assert share(clean, "You") == 0.0, clean[:3]
     with pytest.raises(CrowError, match="unlearn_refit_gain needs unlearn_finetune_cycles"):

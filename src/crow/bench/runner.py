@@ -122,17 +122,19 @@ def load_cell_data(spec: BenchSpec, data_dir: Path | None, task: str, attack: st
 TRAIN_LOG_KEYS = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed", "lm_loss_adv", "kl_loss",
                   "kl_loss_adv", "unlikelihood", "target_nll_adv", "delta_norm", "grad_norm", "learning_rate",
                   "holdout_nll", "holdout_rougeL", "selected_epoch", "selected_holdout_nll",
-                  "selected_holdout_rougeL")
+                  "selected_holdout_rougeL", "holdout_gain", "refit")
 
 
 def train_log_summary(log_history: list[dict]) -> list[dict]:
     """The per-logging-step training metrics of a defense, for the cell's JSON: step, epoch and the
-    losses (the trainer's final summary row, which has no step metrics, is dropped)."""
+    losses (the trainer's final summary row, which has no step metrics, is dropped), and the training stage
+    when a defense trains in two (unlearn's refit: ``"stage": "refit"``, its steps and epochs counted anew)."""
     rows = []
     for entry in log_history:
         kept = {k: round(float(entry[k]), 6) for k in TRAIN_LOG_KEYS if k in entry}
         if kept:
-            rows.append({"step": entry.get("step"), "epoch": round(float(entry.get("epoch", 0.0)), 3), **kept})
+            stage = {"stage": entry["stage"]} if "stage" in entry else {}
+            rows.append({"step": entry.get("step"), "epoch": round(float(entry.get("epoch", 0.0)), 3), **stage, **kept})
     return rows
 
 
