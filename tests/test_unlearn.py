@@ -626,7 +626,11 @@ def test_refit_finetunes_every_sample_after_an_unlearning_cycle_that_lowered_the
 
     built = []
     init = CrowTrainer.__init__
-    monkeypatch.setattr(CrowTrainer, "__init__", lambda self, *a, **k: (built.append(k["args"]), init(self, *a, **k))[1])
+
+    def recording_init(self, *args, **kwargs):
+        built.append(kwargs["args"])
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(CrowTrainer, "__init__", recording_init)
     trainer.train()
     # the finetune baselines' training: CrowConfig with alpha 0 and the unlearn config's recipe, for refit_epochs
     (refit_args,) = built
