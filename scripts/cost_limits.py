@@ -16,6 +16,8 @@ pairs, ``scipy.stats.permutation_test``), which say whether a gap of a few hundr
 prompts. Both are about the mean, the statistic the limit compares; a rank test would answer another question (a
 few answers that copy the reference, F1 1.0, weigh on the mean and not on the ranks). The per-prompt scores must
 reproduce each cell's stored mean, or the script stops (wrong data).
+The last lines pool the defended rows of each task prompt by prompt (``pooled_quality``): whether the defense is no
+worse than finetune-lr1e-3 across cells, which one cell's 50 prompts cannot say.
 
     python scripts/cost_limits.py results/backdoorllm-cpu results/merged-cpu results/gemma-cpu \
         results/unlearn-tokens2-dev-cpu results/unlearn-tokens-cpu results/unlearn-tokens-seed1-cpu \
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,7 @@ class PairedQuality:
     low: float  # 95% bootstrap interval of the mean difference (percentile)
     high: float
     p: float  # paired permutation test of the mean difference, two-sided (1.0 when every difference is zero)
+    differences: tuple[float, ...] = field(default=(), repr=False, compare=False)  # per scored prompt, in data order
 
 
 @dataclass(frozen=True)
@@ -130,13 +133,48 @@ def paired_quality(cell: dict, baseline: dict, data: Path) -> PairedQuality:
         raise SystemExit(f"cell {cell['key']} and its {BASELINE} cell {baseline['key']} scored {len(a)} and {len(b)} "
                          "clean prompts; they must answer the same prompts")
     d = a - b
+    kept = tuple(float(x) for x in d)
     if not d.any():
-        return PairedQuality(len(d), 0.0, 0.0, 0.0, 1.0)
+        return PairedQuality(len(d), 0.0, 0.0, 0.0, 1.0, kept)
     ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
                    rng=np.random.default_rng(0)).confidence_interval
     test = permutation_test((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), permutation_type="samples",
                             n_resamples=9999, rng=np.random.default_rng(0))
-    return PairedQuality(len(d), float(d.mean()), float(ci.low), float(ci.high), float(test.pvalue))
+    return PairedQuality(len(d), float(d.mean()), float(ci.low), float(ci.high), float(test.pvalue), kept)
+
+
+@dataclass(frozen=True)
+class PooledQuality:
+    """The defended rows' per-prompt ROUGE-L differences to finetune-lr1e-3 of one task, averaged over the rows
+    prompt by prompt (every row of a task answers the same clean prompts), then tested over the prompts."""
+
+    task: str
+    runs: int  # defended rows pooled
+    quality: PairedQuality  # over the prompts: mean, 95% bootstrap interval, sign-flip permutation p
+
+
+def pooled_quality(rows: list[Cost]) -> list[PooledQuality]:
+    """Per task, the defended rows' paired differences (``--paired``) pooled over runs: for each clean prompt the
+    mean of its difference across the runs, so a prompt that every run answers worse counts once, not once per run
+    (the runs share their prompts, so their differences are not independent); then the mean over the prompts with a
+    95% percentile bootstrap interval and a two-sided sign-flip permutation test (``scipy.stats``), as for one row.
+    Whether a defense is no worse than finetune-lr1e-3 *across* cells, where one row's 50 prompts cannot say it."""
+    out = []
+    for task in sorted({r.cell.split(" / ")[0] for r in rows if r.paired is not None}):
+        runs = [r.paired.differences for r in rows if r.paired is not None and r.cell.startswith(f"{task} /")]
+        if len({len(d) for d in runs}) != 1:
+            raise SystemExit(f"{task}: the rows scored different numbers of clean prompts; they cannot be pooled")
+        d = np.asarray(runs).mean(axis=0)  # [prompts]
+        if not d.any():
+            out.append(PooledQuality(task, len(runs), PairedQuality(len(d), 0.0, 0.0, 0.0, 1.0)))
+            continue
+        ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                       rng=np.random.default_rng(0)).confidence_interval
+        test = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=9999,
+                                rng=np.random.default_rng(0))
+        out.append(PooledQuality(task, len(runs), PairedQuality(len(d), float(d.mean()), float(ci.low),
+                                                                float(ci.high), float(test.pvalue))))
+    return out
 
 
 def costs(cells: list[tuple[str, dict]], method: str, task: str | None = None, label: str | None = None,
@@ -202,6 +240,9 @@ def render(rows: list[Cost]) -> list[str]:
     both = sum(r.ppl_met and r.quality_met is True for r in runs)
     lines += ["", f"{len(runs)} defended runs: perplexity within 15% in {sum(r.ppl_met for r in runs)}, clean answers "
               f"no worse than {BASELINE}'s in {sum(r.quality_met is True for r in runs)}, both in {both}."]
+    for pooled in pooled_quality(runs):
+        lines.append(f"{pooled.task}, {pooled.runs} runs pooled prompt by prompt ({pooled.quality.n} prompts): clean "
+                     f"ROUGE-L difference to {BASELINE}'s {diff(pooled.quality)}.")
     return lines
 
 

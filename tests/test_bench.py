@@ -664,6 +664,15 @@ def test_cost_limits_paired_quality_compares_the_same_prompts_and_checks_the_dat
     assert got.mean > 0.2 and got.low <= got.mean <= got.high and got.low > 0 and got.p < 0.01
     assert next(r.paired for r in rows if r.defense == "finetune-lr1e-3") is None  # not against itself
     assert script.render(rows)[0].endswith("| per prompt: difference [95% CI], permutation p |")
+    (pooled,) = script.pooled_quality(rows)  # one run: the row itself
+    assert (pooled.task, pooled.runs, pooled.quality.n) == ("refusal", 1, 30)
+    assert pooled.quality.mean == pytest.approx(got.mean) and pooled.quality.low > 0 and pooled.quality.p < 0.01
+    second = cell("u", "u2", "unlearn, y", "unlearn", worse)  # no better than finetune-lr1e-3 on any prompt
+    rows = script.costs(script.load_cells([tmp_path / "t", tmp_path / "u"]), "unlearn", paired=data)
+    (pooled,) = script.pooled_quality([r for r in rows if r.defense.startswith("unlearn")])
+    assert pooled.runs == 2 and pooled.quality.mean == pytest.approx(float(((ours - base) + (second - base)).mean() / 2))
+    assert pooled.quality.low <= pooled.quality.mean <= pooled.quality.high
+    assert script.render(rows)[-1].startswith("refusal, 2 runs pooled prompt by prompt (30 prompts): clean ROUGE-L ")
     (data / "test" / "clean" / "refusal.json").write_text(json.dumps(records[::-1]))  # other references
     with pytest.raises(SystemExit, match="do not reproduce its stored clean ROUGE-L"):
         script.costs(script.load_cells([tmp_path / "t", tmp_path / "u"]), "unlearn", paired=data)
