@@ -145,35 +145,47 @@ def paired_quality(cell: dict, baseline: dict, data: Path) -> PairedQuality:
 
 @dataclass(frozen=True)
 class PooledQuality:
-    """The defended rows' per-prompt ROUGE-L differences to finetune-lr1e-3 of one task, averaged over the rows
-    prompt by prompt (every row of a task answers the same clean prompts), then tested over the prompts."""
+    """The defended rows' per-prompt ROUGE-L differences to finetune-lr1e-3 of one task (in one model and victim form,
+    or in all), averaged over the rows prompt by prompt (every row of a task answers the same clean prompts), then
+    tested over the prompts."""
 
     task: str
+    group: str  # "MODEL, FORM", or "all" for every row of the task
     runs: int  # defended rows pooled
     quality: PairedQuality  # over the prompts: mean, 95% bootstrap interval, sign-flip permutation p
 
 
+def _pool(task: str, group: str, runs: list[tuple[float, ...]]) -> PooledQuality:
+    if len({len(d) for d in runs}) != 1:
+        raise SystemExit(f"{task} ({group}): the rows scored different numbers of clean prompts; they cannot be pooled")
+    d = np.asarray(runs).mean(axis=0)  # [prompts]
+    if not d.any():
+        return PooledQuality(task, group, len(runs), PairedQuality(len(d), 0.0, 0.0, 0.0, 1.0))
+    ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                   rng=np.random.default_rng(0)).confidence_interval
+    test = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=9999, rng=np.random.default_rng(0))
+    return PooledQuality(task, group, len(runs), PairedQuality(len(d), float(d.mean()), float(ci.low), float(ci.high),
+                                                              float(test.pvalue)))
+
+
 def pooled_quality(rows: list[Cost]) -> list[PooledQuality]:
-    """Per task, the defended rows' paired differences (``--paired``) pooled over runs: for each clean prompt the
-    mean of its difference across the runs, so a prompt that every run answers worse counts once, not once per run
-    (the runs share their prompts, so their differences are not independent); then the mean over the prompts with a
-    95% percentile bootstrap interval and a two-sided sign-flip permutation test (``scipy.stats``), as for one row.
-    Whether a defense is no worse than finetune-lr1e-3 *across* cells, where one row's 50 prompts cannot say it."""
+    """Per task, and per model and victim form within it, the defended rows' paired differences (``--paired``) pooled
+    over runs: for each clean prompt the mean of its difference across the runs, so a prompt that every run answers
+    worse counts once, not once per run (the runs share their prompts, so their differences are not independent);
+    then the mean over the prompts with a 95% percentile bootstrap interval and a two-sided sign-flip permutation test
+    (``scipy.stats``), as for one row. A task whose rows span several models or forms also gets the pool of all of
+    them (``group`` "all"). Whether a defense is no worse than finetune-lr1e-3 *across* cells, which one row's 50
+    prompts cannot say."""
     out = []
-    for task in sorted({r.cell.split(" / ")[0] for r in rows if r.paired is not None}):
-        runs = [r.paired.differences for r in rows if r.paired is not None and r.cell.startswith(f"{task} /")]
-        if len({len(d) for d in runs}) != 1:
-            raise SystemExit(f"{task}: the rows scored different numbers of clean prompts; they cannot be pooled")
-        d = np.asarray(runs).mean(axis=0)  # [prompts]
-        if not d.any():
-            out.append(PooledQuality(task, len(runs), PairedQuality(len(d), 0.0, 0.0, 0.0, 1.0)))
-            continue
-        ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
-                       rng=np.random.default_rng(0)).confidence_interval
-        test = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=9999,
-                                rng=np.random.default_rng(0))
-        out.append(PooledQuality(task, len(runs), PairedQuality(len(d), float(d.mean()), float(ci.low),
-                                                                float(ci.high), float(test.pvalue))))
+    paired = [r for r in rows if r.paired is not None]
+    for task in sorted({r.cell.split(" / ")[0] for r in paired}):
+        of_task = [r for r in paired if r.cell.startswith(f"{task} /")]
+        groups = sorted({(r.model, r.form) for r in of_task})
+        for model, form in groups:
+            runs = [r.paired.differences for r in of_task if (r.model, r.form) == (model, form)]
+            out.append(_pool(task, f"{model}, {form}", runs))
+        if len(groups) > 1:
+            out.append(_pool(task, "all", [r.paired.differences for r in of_task]))
     return out
 
 
@@ -241,8 +253,8 @@ def render(rows: list[Cost]) -> list[str]:
     lines += ["", f"{len(runs)} defended runs: perplexity within 15% in {sum(r.ppl_met for r in runs)}, clean answers "
               f"no worse than {BASELINE}'s in {sum(r.quality_met is True for r in runs)}, both in {both}."]
     for pooled in pooled_quality(runs):
-        lines.append(f"{pooled.task}, {pooled.runs} runs pooled prompt by prompt ({pooled.quality.n} prompts): clean "
-                     f"ROUGE-L difference to {BASELINE}'s {diff(pooled.quality)}.")
+        lines.append(f"{pooled.task} ({pooled.group}), {pooled.runs} runs pooled prompt by prompt ({pooled.quality.n} "
+                     f"prompts): clean ROUGE-L difference to {BASELINE}'s {diff(pooled.quality)}.")
     return lines
 
 

@@ -665,19 +665,45 @@ def test_cost_limits_paired_quality_compares_the_same_prompts_and_checks_the_dat
     assert next(r.paired for r in rows if r.defense == "finetune-lr1e-3") is None  # not against itself
     assert script.render(rows)[0].endswith("| per prompt: difference [95% CI], permutation p |")
     (pooled,) = script.pooled_quality(rows)  # one run: the row itself
-    assert (pooled.task, pooled.runs, pooled.quality.n) == ("refusal", 1, 30)
+    assert (pooled.task, pooled.group, pooled.runs, pooled.quality.n) == ("refusal", "m, adapter", 1, 30)
     assert pooled.quality.mean == pytest.approx(got.mean) and pooled.quality.low > 0 and pooled.quality.p < 0.01
     second = cell("u", "u2", "unlearn, y", "unlearn", worse)  # no better than finetune-lr1e-3 on any prompt
     rows = script.costs(script.load_cells([tmp_path / "t", tmp_path / "u"]), "unlearn", paired=data)
     (pooled,) = script.pooled_quality([r for r in rows if r.defense.startswith("unlearn")])
     assert pooled.runs == 2 and pooled.quality.mean == pytest.approx(float(((ours - base) + (second - base)).mean() / 2))
     assert pooled.quality.low <= pooled.quality.mean <= pooled.quality.high
-    assert script.render(rows)[-1].startswith("refusal, 2 runs pooled prompt by prompt (30 prompts): clean ROUGE-L ")
+    assert script.render(rows)[-1].startswith("refusal (m, adapter), 2 runs pooled prompt by prompt (30 prompts): "
+                                              "clean ROUGE-L ")
     (data / "test" / "clean" / "refusal.json").write_text(json.dumps(records[::-1]))  # other references
     with pytest.raises(SystemExit, match="do not reproduce its stored clean ROUGE-L"):
         script.costs(script.load_cells([tmp_path / "t", tmp_path / "u"]), "unlearn", paired=data)
     with pytest.raises(SystemExit, match="is missing; --paired takes the BackdoorLLM data"):
         script.costs(script.load_cells([tmp_path / "t", tmp_path / "u"]), "unlearn", paired=tmp_path / "nowhere")
+
+
+def test_cost_limits_pool_per_model_and_form_and_over_all_of_a_task():
+    """pooled_quality groups a task's rows by model and victim form, adds the pool of all of them when there are
+    several, averages each prompt's difference over the runs before testing (so two runs with opposite differences
+    on every prompt pool to zero), and refuses rows that scored different prompts."""
+    script = load_script("cost_limits")
+
+    def row(model, form, cell, differences):
+        d = tuple(differences)
+        quality = script.PairedQuality(len(d), sum(d) / len(d), 0.0, 0.0, 1.0, d)
+        return script.Cost("f", model, form, cell, "unlearn", 0.0, 6.0, 6.0, 0.3, 0.3, quality)
+
+    up, down = [0.1, 0.2, 0.0, 0.3], [-0.1, -0.2, -0.0, -0.3]
+    rows = [row("a", "adapter", "negsentiment / vpi", up), row("a", "merged", "negsentiment / vpi", down),
+            row("a", "adapter", "refusal / vpi", up)]
+    pools = {(p.task, p.group): p for p in script.pooled_quality(rows)}
+    assert set(pools) == {("negsentiment", "a, adapter"), ("negsentiment", "a, merged"), ("negsentiment", "all"),
+                          ("refusal", "a, adapter")}
+    assert pools["negsentiment", "all"].runs == 2 and pools["negsentiment", "all"].quality.mean == 0.0
+    assert pools["negsentiment", "all"].quality.p == 1.0  # every averaged difference is zero
+    assert pools["refusal", "a, adapter"].quality.mean == pytest.approx(0.15)
+    assert pools["negsentiment", "a, merged"].quality.high < 0  # -0.15 on average, every prompt at or below zero
+    with pytest.raises(SystemExit, match="different numbers of clean prompts"):
+        script.pooled_quality(rows + [row("a", "adapter", "refusal / badnet", up[:3])])
 
 
 def committed_costs(folders: list[str], label: str):
