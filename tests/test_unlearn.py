@@ -873,8 +873,9 @@ def test_unlearn_refitting_on_every_clean_sample_removes_it_too(victim, tmp_path
     from crow.bench.runner import train_log_summary  # what a bench cell keeps of the log: the decision and the stage
 
     summary = train_log_summary(ctx.train_log)
+    assert next(h for h in summary if "refit" in h)["refit"] is True  # kept as a bool, not 1.0
     assert next(h for h in summary if "refit" in h) == {**{k: decision[k] for k in ("step", "epoch", "holdout_nll")},
-                                                        "holdout_gain": decision["holdout_gain"], "refit": 1.0}
+                                                        "holdout_gain": decision["holdout_gain"], "refit": True}
     assert [h for h in summary if h.get("stage") == "refit" and "lm_loss" in h]
     assert share(triggered, "You are") == 0.0, triggered[:3]
     assert share(clean, "You") == 0.0, clean[:3]

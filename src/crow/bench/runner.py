@@ -131,7 +131,8 @@ def train_log_summary(log_history: list[dict]) -> list[dict]:
     when a defense trains in two (unlearn's refit: ``"stage": "refit"``, its steps and epochs counted anew)."""
     rows = []
     for entry in log_history:
-        kept = {k: round(float(entry[k]), 6) for k in TRAIN_LOG_KEYS if k in entry}
+        kept = {k: entry[k] if isinstance(entry[k], bool) else round(float(entry[k]), 6)  # a decision stays a bool
+                for k in TRAIN_LOG_KEYS if k in entry}
         if kept:
             stage = {"stage": entry["stage"]} if "stage" in entry else {}
             rows.append({"step": entry.get("step"), "epoch": round(float(entry.get("epoch", 0.0)), 3), **stage, **kept})
