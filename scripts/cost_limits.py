@@ -136,11 +136,17 @@ def paired_quality(cell: dict, baseline: dict, data: Path) -> PairedQuality:
     kept = tuple(float(x) for x in d)
     if not d.any():
         return PairedQuality(len(d), 0.0, 0.0, 0.0, 1.0, kept)
-    ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
-                   rng=np.random.default_rng(0)).confidence_interval
+    low, high = mean_interval(d)
     test = permutation_test((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), permutation_type="samples",
                             n_resamples=9999, rng=np.random.default_rng(0))
-    return PairedQuality(len(d), float(d.mean()), float(ci.low), float(ci.high), float(test.pvalue), kept)
+    return PairedQuality(len(d), float(d.mean()), low, high, float(test.pvalue), kept)
+
+
+def mean_interval(d: np.ndarray) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``d`` (9999 resamples, seeded)."""
+    ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
+                   rng=np.random.default_rng(0)).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 @dataclass(frozen=True)
@@ -161,11 +167,9 @@ def _pool(task: str, group: str, runs: list[tuple[float, ...]]) -> PooledQuality
     d = np.asarray(runs).mean(axis=0)  # [prompts]
     if not d.any():
         return PooledQuality(task, group, len(runs), PairedQuality(len(d), 0.0, 0.0, 0.0, 1.0))
-    ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, method="percentile",
-                   rng=np.random.default_rng(0)).confidence_interval
+    low, high = mean_interval(d)
     test = permutation_test((d,), np.mean, permutation_type="samples", n_resamples=9999, rng=np.random.default_rng(0))
-    return PooledQuality(task, group, len(runs), PairedQuality(len(d), float(d.mean()), float(ci.low), float(ci.high),
-                                                              float(test.pvalue)))
+    return PooledQuality(task, group, len(runs), PairedQuality(len(d), float(d.mean()), low, high, float(test.pvalue)))
 
 
 def pooled_quality(rows: list[Cost]) -> list[PooledQuality]:
