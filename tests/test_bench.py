@@ -706,11 +706,11 @@ def test_cost_limits_pool_per_model_and_form_and_over_all_of_a_task():
         script.pooled_quality(rows + [row("a", "adapter", "refusal / badnet", up[:3])])
 
 
-def committed_costs(folders: list[str], label: str):
+def committed_costs(folders: list[str], label: str, task: str | None = None, paired: Path | None = None):
     """scripts/cost_limits.py on committed result folders (names under results/): the script and its rows."""
     script = load_script("cost_limits")
     root = Path(__file__).resolve().parents[1] / "results"
-    return script, script.costs(script.load_cells([root / f for f in folders]), "unlearn", label=label)
+    return script, script.costs(script.load_cells([root / f for f in folders]), "unlearn", task, label, paired)
 
 
 def test_cost_limits_reproduce_the_committed_soft_token_figures():
@@ -869,15 +869,12 @@ TRY_5_NEGSENTIMENT = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "unlearn-ref
 def try_5_column(paired=None):
     """The frozen try 5's runs on every victim of issue 17 (RESULTS.md, "Try 5 on every victim"): refusal runs (try 5's
     own cells where they exist, try 3's otherwise; the rule refits on none) and negsentiment runs (refit on all)."""
-    script = load_script("cost_limits")
-    root = Path(__file__).resolve().parents[1] / "results"
-
     def runs(folders, task, label):
-        rows = script.costs(script.load_cells([root / f for f in folders]), "unlearn", task, label, paired)
-        return [r for r in rows if r.defense not in script.REFERENCES]
+        script, rows = committed_costs(folders, label, task, paired)
+        return script, [r for r in rows if r.defense not in script.REFERENCES]
 
-    return script, runs(TRY_5_REFUSAL, "refusal", "cycles chosen"), runs(TRY_5_NEGSENTIMENT, "negsentiment",
-                                                                          "every clean sample")
+    script, refusal = runs(TRY_5_REFUSAL, "refusal", "cycles chosen")
+    return script, refusal, runs(TRY_5_NEGSENTIMENT, "negsentiment", "every clean sample")[1]
 
 
 def test_cost_limits_reproduce_the_committed_try_5_column():
