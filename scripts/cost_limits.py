@@ -19,6 +19,12 @@ reproduce each cell's stored mean, or the script stops (wrong data).
 The last lines pool the defended rows of each task prompt by prompt (``pooled_quality``): whether the defense is no
 worse than finetune-lr1e-3 across cells, which one cell's 50 prompts cannot say.
 
+The quality limit is a point comparison per run. How much one such comparison moves by chance is measured by judging
+finetune-lr1e-3 itself, run again with another training seed, against its committed cells (``--method
+finetune-lr1e-3 --label 'seed 1'``): every difference is then noise. ``--margin-design 9x2,9x1`` adds what that noise
+means for a column of runs (nine victims with two runs, nine with one): the true advantage over finetune-lr1e-3 a
+defense with the same run-to-run noise needs for every run to pass (``pass_all_chance``, ``pass_all_margin``).
+
     python scripts/cost_limits.py results/backdoorllm-cpu results/merged-cpu results/gemma-cpu \
         results/unlearn-tokens2-dev-cpu results/unlearn-tokens-cpu results/unlearn-tokens-seed1-cpu \
         results/unlearn-tokens-negsentiment-cpu results/unlearn-tokens-merged-cpu results/unlearn-tokens-merged-more-cpu \
@@ -35,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import bootstrap, permutation_test
+from scipy.optimize import brentq
+from scipy.stats import bootstrap, norm, permutation_test
 
 from crow.data.records import load_records
 from crow.evaluation.quality import references, rouge_l
@@ -193,6 +200,66 @@ def pooled_quality(rows: list[Cost]) -> list[PooledQuality]:
     return out
 
 
+@dataclass(frozen=True)
+class PointNoise:
+    """How far a point comparison of clean ROUGE-L moves between two runs of one method on one victim: the judged
+    rows' differences to finetune-lr1e-3 when the judged rows are finetune-lr1e-3 itself with another training seed
+    (``--method finetune-lr1e-3 --label 'seed 1'``), so every difference is noise."""
+
+    runs: int
+    below: int  # judged rows whose point comparison fails (clean ROUGE-L below the reference's)
+    rms: float  # root mean square of the differences: their sd about the zero that equal methods have
+
+    @property
+    def run_sd(self) -> float:
+        """One run's sd about its method's mean: a difference of two independent runs has sd ``rms``."""
+        return self.rms / np.sqrt(2)
+
+
+def pass_all_chance(margin: float, sd: float, runs_per_reference: list[int]) -> float:
+    """P(every run scores at least its reference's) when each victim has one reference run and k defended runs
+    (``runs_per_reference``: k per victim), every run normal with sd ``sd`` about its method's mean, the defense's
+    mean ``margin`` above the reference's. The runs of one victim share their reference, so they pass together more
+    often than independent comparisons: per victim E_f[P(run >= f) ** k] over the reference's run f (Gauss-Hermite
+    quadrature), the victims independent. Exactly as good (margin 0): 1 / (k + 1) per victim."""
+    if sd <= 0 or not runs_per_reference or min(runs_per_reference) < 1:
+        raise ValueError(f"pass_all_chance needs sd > 0 and at least one run per victim, got {sd}, {runs_per_reference}")
+    x, w = np.polynomial.hermite_e.hermegauss(96)  # nodes and weights for exp(-x^2 / 2)
+    w = w / w.sum()
+    reference = sd * x  # [nodes] the reference run's score about its mean
+    per_run = norm.sf((reference - margin) / sd)  # [nodes] P(a defended run >= that score)
+    return float(np.prod([np.sum(w * per_run ** k) for k in runs_per_reference]))
+
+
+def pass_all_margin(sd: float, runs_per_reference: list[int], chance: float) -> float:
+    """The true advantage over the reference at which ``pass_all_chance`` equals ``chance`` (``brentq``)."""
+    if not 0 < chance < 1:
+        raise ValueError(f"pass_all_margin needs 0 < chance < 1, got {chance}")
+    return float(brentq(lambda m: pass_all_chance(m, sd, runs_per_reference) - chance, -20 * sd, 20 * sd))
+
+
+def parse_design(text: str) -> list[int]:
+    """``--margin-design``: "VICTIMSxRUNS[,VICTIMSxRUNS...]", e.g. "9x2,9x1" (nine victims with two defended runs, nine
+    with one) -> [2] * 9 + [1] * 9."""
+    out = []
+    for part in text.split(","):
+        victims, _, runs = part.strip().partition("x")
+        if not (victims.isdigit() and runs.isdigit() and int(victims) > 0 and int(runs) > 0):
+            raise ValueError(f"--margin-design: {part.strip()!r} is not VICTIMSxRUNS with two positive whole numbers "
+                             "(say 9x2,9x1)")
+        out += [int(runs)] * int(victims)
+    return out
+
+
+def point_noise(rows: list[Cost]) -> PointNoise:
+    """``PointNoise`` of the judged rows (the references excluded) that have a clean ROUGE-L and a reference's."""
+    d = np.asarray([r.rouge - r.baseline_rouge for r in rows if r.defense not in REFERENCES
+                    and r.rouge is not None and r.baseline_rouge is not None])
+    if not len(d):
+        raise SystemExit("no judged row has a clean ROUGE-L and a finetune-lr1e-3 cell on its victim")
+    return PointNoise(len(d), int((d < 0).sum()), float(np.sqrt(np.mean(d ** 2))))
+
+
 def costs(cells: list[tuple[str, dict]], method: str, task: str | None = None, label: str | None = None,
           paired: Path | None = None) -> list[Cost]:
     """One row per cell of ``method`` (and, for the victims those cells defend, the reference rows), each
@@ -234,7 +301,7 @@ def costs(cells: list[tuple[str, dict]], method: str, task: str | None = None, l
     return sorted(rows, key=lambda r: (r.model, r.form, r.cell, order.get(r.defense, len(order)), r.defense))
 
 
-def render(rows: list[Cost]) -> list[str]:
+def render(rows: list[Cost], design: list[int] | None = None) -> list[str]:
     def mark(ok: bool | None) -> str:
         return "-" if ok is None else ("met" if ok else "**missed**")
 
@@ -259,6 +326,15 @@ def render(rows: list[Cost]) -> list[str]:
     for pooled in pooled_quality(runs):
         lines.append(f"{pooled.task} ({pooled.group}), {pooled.runs} runs pooled prompt by prompt ({pooled.quality.n} "
                      f"prompts): clean ROUGE-L difference to {BASELINE}'s {diff(pooled.quality)}.")
+    if design:
+        noise = point_noise(rows)
+        sd, runs, victims = noise.run_sd, sum(design), len(design)
+        lines.append(f"Point comparison noise: {noise.below} of {noise.runs} judged rows below {BASELINE}'s clean ROUGE-L, "
+                     f"root mean square difference {noise.rms:.4f} (one run's sd {sd:.4f}). For {runs} defended runs on "
+                     f"{victims} victims to all score at least {BASELINE}'s, a defense with the same run-to-run noise needs "
+                     f"a true advantage of {pass_all_margin(sd, design, 0.5):+.3f} ROUGE-L (even odds) or "
+                     f"{pass_all_margin(sd, design, 0.9):+.3f} (9 in 10); exactly as good, it passes all with "
+                     f"probability {pass_all_chance(0.0, sd, design):.1e}.")
     return lines
 
 
@@ -272,8 +348,17 @@ def main() -> None:
     ap.add_argument("--paired", type=Path, default=None, metavar="DATA",
                     help="the BackdoorLLM data directory the bench ran on: add the prompt-by-prompt clean ROUGE-L "
                          "difference to finetune-lr1e-3 (bootstrap interval, paired permutation p)")
+    ap.add_argument("--margin-design", default=None, metavar="VxK[,VxK]",
+                    help="with the judged rows being finetune-lr1e-3 itself with another seed (--method finetune-lr1e-3 "
+                         "--label 'seed 1'): their spread, and the true advantage a defense needs for every run of a "
+                         "column of V victims with K runs each to score at least finetune-lr1e-3's (say 9x2,9x1)")
     args = ap.parse_args()
-    print("\n".join(render(costs(load_cells(args.folders), args.method, args.task, args.label, args.paired))))
+    try:
+        design = parse_design(args.margin_design) if args.margin_design else None
+    except ValueError as e:
+        ap.error(str(e))
+    rows = costs(load_cells(args.folders), args.method, args.task, args.label, args.paired)
+    print("\n".join(render(rows, design)))
 
 
 if __name__ == "__main__":

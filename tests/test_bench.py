@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from crow import CrowError
@@ -704,6 +705,39 @@ def test_cost_limits_pool_per_model_and_form_and_over_all_of_a_task():
     assert pools["negsentiment", "a, merged"].quality.high < 0  # -0.15 on average, every prompt at or below zero
     with pytest.raises(SystemExit, match="different numbers of clean prompts"):
         script.pooled_quality(rows + [row("a", "adapter", "refusal / badnet", up[:3])])
+
+
+def test_cost_limits_point_comparison_chance_and_margin():
+    """pass_all_chance: 1 / (k + 1) per victim when the defense is exactly as good (k runs against one shared
+    reference), a product over victims, a Monte Carlo draw of the same design agrees; pass_all_margin inverts it;
+    point_noise counts the rows below the reference and their root mean square; bad designs are refused."""
+    script = load_script("cost_limits")
+    assert script.pass_all_chance(0.0, 0.02, [1]) == pytest.approx(0.5)
+    assert script.pass_all_chance(0.0, 0.02, [2]) == pytest.approx(1 / 3)
+    assert script.pass_all_chance(0.0, 0.02, [1] * 27) == pytest.approx(0.5 ** 27)
+    assert script.pass_all_chance(0.01, 0.02, [2, 1]) == pytest.approx(
+        script.pass_all_chance(0.01, 0.02, [2]) * script.pass_all_chance(0.01, 0.02, [1]))
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0.0, 0.02, (200_000, 1))
+    runs = rng.normal(0.015, 0.02, (200_000, 2))
+    assert script.pass_all_chance(0.015, 0.02, [2]) == pytest.approx((runs >= reference).all(axis=1).mean(), abs=0.005)
+    margin = script.pass_all_margin(0.02, [2] * 9 + [1] * 9, 0.9)
+    assert margin > 0 and script.pass_all_chance(margin, 0.02, [2] * 9 + [1] * 9) == pytest.approx(0.9)
+    assert script.pass_all_margin(0.02, [1], 0.5) == pytest.approx(0.0, abs=1e-9)
+    assert script.parse_design("9x2, 9x1") == [2] * 9 + [1] * 9
+    for bad in ("9x0", "x2", "9*2", "9x2,"):
+        with pytest.raises(ValueError, match="VICTIMSxRUNS"):
+            script.parse_design(bad)
+    with pytest.raises(ValueError, match="sd > 0"):
+        script.pass_all_chance(0.0, 0.0, [1])
+
+    def row(rouge, baseline, defense="finetune-lr1e-3, seed 1"):
+        return script.Cost("f", "m", "adapter", "refusal / vpi", defense, 0.0, 6.0, 6.0, rouge, baseline)
+
+    noise = script.point_noise([row(0.30, 0.33), row(0.34, 0.30), row(0.3, 0.3, "finetune-lr1e-3"), row(None, 0.3)])
+    assert (noise.runs, noise.below) == (2, 1)
+    assert noise.rms == pytest.approx(np.sqrt((0.03 ** 2 + 0.04 ** 2) / 2))
+    assert noise.run_sd == pytest.approx(noise.rms / np.sqrt(2))
 
 
 def committed_costs(folders: list[str], label: str, task: str | None = None, paired: Path | None = None):
