@@ -78,7 +78,9 @@ baseline's answers reach (RESULTS.md: the cycle curve), so the unlearned weights
 sample, the held-out ones included, with the baseline's own training (``CrowTrainer``, alpha 0, one schedule of
 ``unlearn_refit_epochs``): early stopping's "retrain on all the data" (Goodfellow, Bengio & Courville, Deep Learning,
 2016, Algorithm 7.2). A victim whose clean answers the unlearning cycle barely moves (the refusal victims: their
-perplexity rises with every finetuning epoch) keeps the cycles.
+perplexity rises with every finetuning epoch) keeps the cycles. ``unlearn_refit_alpha`` makes that finetuning CROW's
+own (its consistency term on FGSM-perturbed embeddings, weight alpha, the paper's epsilon): the toolkit's two methods
+in sequence, unlearning for the backdoor, then CROW as the regularized finetuning that restores the clean answers.
 
 The budget is measured once, before training, with no grad: the mean L2 norm of layer
 ``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
@@ -229,6 +231,12 @@ class UnlearnConfig(RecipeConfig):
         metadata={"help": "With unlearn_refit_gain: epochs of the finetuning on every clean sample (5: the recipe's, "
                   "as finetune-lr1e-3 trains)."},
     )
+    unlearn_refit_alpha: float = field(
+        default=0.0,
+        metadata={"help": "With unlearn_refit_gain: the weight of CROW's consistency term in that finetuning (CrowConfig"
+                  ".crow_alpha, on FGSM-perturbed embeddings with CROW's epsilon 0.1; Min et al., ICML 2025). 0: the "
+                  "finetune baselines' training, as finetune-lr1e-3 trains; 5.5: CROW's (the paper's default)."},
+    )
     unlearn_cycle_epochs: int = field(
         default=0,
         metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
@@ -285,6 +293,12 @@ class UnlearnConfig(RecipeConfig):
         if not (math.isfinite(self.unlearn_refit_epochs) and self.unlearn_refit_epochs > 0):
             raise CrowError(f"unlearn_refit_epochs must be a finite number > 0, got {self.unlearn_refit_epochs} "
                             "(default 5: the recipe's)")
+        if not (math.isfinite(self.unlearn_refit_alpha) and self.unlearn_refit_alpha >= 0):
+            raise CrowError(f"unlearn_refit_alpha must be a finite number >= 0 (CROW's alpha in the refit), got "
+                            f"{self.unlearn_refit_alpha} (default 0: the finetune baselines' training)")
+        if self.unlearn_refit_alpha and not self.unlearn_refit_gain:
+            raise CrowError("unlearn_refit_alpha needs unlearn_refit_gain > 0 (it weighs CROW's term in the refit, "
+                            "which runs only when the gain decides so)")
         if self.unlearn_cycle_epochs and not self.unlearn_holdout:
             raise CrowError("unlearn_cycle_epochs needs unlearn_holdout > 0 (the held-out samples choose the cycle)")
         if self.unlearn_cycle_epochs and (self.max_steps > 0 or self.num_train_epochs % self.unlearn_cycle_epochs):
@@ -680,8 +694,9 @@ class UnlearnTrainer(LossTrainer):
 
     def refit(self):
         """Finetune the kept (unlearned) weights on every clean sample, the held-out ones included, for
-        ``unlearn_refit_epochs`` with one schedule of the recipe: ``CrowTrainer`` with alpha 0 (the finetune
-        baselines' trainer) and this config's optimizer settings. Its log lines join this trainer's log history
+        ``unlearn_refit_epochs`` with one schedule of the recipe: ``CrowTrainer`` with ``unlearn_refit_alpha`` (0: the
+        finetune baselines' training; above 0: CROW's, with its default epsilon and layers) and this config's
+        optimizer settings. Its log lines join this trainer's log history
         marked ``"stage": "refit"``, its optimizer steps its ``global_step``; returns its ``TrainOutput``. An interrupt
         stops it after the current step; it is not resumed from (a resumed run repeats it)."""
         from .purification import LoggedProgress, MetricsProgress, quiet_trainer_output
@@ -693,7 +708,8 @@ class UnlearnTrainer(LossTrainer):
                 "use_cpu", "logging_steps", "disable_tqdm", "report_to")
         checkpointing = ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": a.gradient_checkpointing_kwargs}
                          if a.gradient_checkpointing else {})
-        config = CrowConfig(output_dir=f"{a.output_dir}/refit", crow_alpha=0.0, num_train_epochs=a.unlearn_refit_epochs,
+        config = CrowConfig(output_dir=f"{a.output_dir}/refit", crow_alpha=a.unlearn_refit_alpha,
+                            num_train_epochs=a.unlearn_refit_epochs,
                             save_strategy="no", **{name: getattr(a, name) for name in same}, **checkpointing)
         carried = [cb for cb in self.callback_handler.callbacks  # crow's own (stop on signal), not progress or selection
                    if type(cb).__module__.startswith("crow")
