@@ -946,6 +946,52 @@ def test_cost_limits_reproduce_the_committed_try_5_column():
         assert (own[cell].asr, own[cell].ppl, own[cell].rouge) == (try3[cell].asr, try3[cell].ppl, try3[cell].rouge)
 
 
+def test_cost_limits_reproduce_the_committed_reference_against_itself():
+    """RESULTS.md's "The quality limit's reference against itself": finetune-lr1e-3 with seed 1 against its seed-0
+    cells on 14 victims fails the point comparison on 6, root mean square 0.0127; the margin a 27-run column needs;
+    unlearn's own two refusal seeds differ by 0.0144."""
+    script = load_script("cost_limits")
+    root = Path(__file__).resolve().parents[1] / "results"
+    folders = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "finetune-seed1-merged-cpu",
+               "gemma-seed1-cpu"]
+    rows = script.costs(script.load_cells([root / f for f in folders]), "finetune-lr1e-3", label="seed 1")
+    noise = script.point_noise(rows)
+    assert (noise.runs, noise.below, round(noise.rms, 4)) == (14, 6, 0.0127)
+    design = script.parse_design("9x2,9x1")
+    assert round(script.pass_all_margin(noise.run_sd, design, 0.5), 3) == 0.024
+    assert round(script.pass_all_margin(noise.run_sd, design, 0.9), 3) == 0.034
+    assert f"{script.pass_all_chance(0.0, noise.run_sd, design):.0e}" == "1e-07"
+    judged = [r for r in rows if r.defense not in script.REFERENCES]
+    assert {(r.form, r.cell) for r in judged if not r.quality_met} == {
+        ("adapter", "negsentiment / badnet"), ("adapter", "negsentiment / vpi"), ("merged", "refusal / vpi"),
+        ("merged", "refusal / badnet"), ("merged", "negsentiment / badnet"), ("adapter", "refusal / vpi")}
+    assert [r.model for r in judged if (r.form, r.cell) == ("adapter", "refusal / vpi") and not r.quality_met] == [
+        "gemma3-270m-gguf"]
+    refusal = {(r.model, r.form): [] for r in judged}
+    for r in judged:
+        if r.cell.startswith("refusal"):
+            refusal[r.model, r.form].append(r.asr)
+    assert [round(sum(v) / len(v), 1) for k, v in sorted(refusal.items()) if k[0].startswith("smollm2")] == [90.7, 94.7]
+    _, unlearn = committed_costs(TRY_5_REFUSAL, "cycles chosen", "refusal")
+    assert script.seed_spread(unlearn)[0] == 9 and round(script.seed_spread(unlearn)[1], 4) == 0.0144
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs shared/data/backdoorllm")
+def test_cost_limits_reproduce_the_committed_reference_against_itself_pooled():
+    """The same, pooled prompt by prompt per task: seed 1 is as good as seed 0 (-0.002 on refusal, +0.004 on
+    negsentiment, both intervals spanning zero)."""
+    script = load_script("cost_limits")
+    root = Path(__file__).resolve().parents[1] / "results"
+    folders = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "finetune-seed1-merged-cpu",
+               "gemma-seed1-cpu"]
+    rows = script.costs(script.load_cells([root / f for f in folders]), "finetune-lr1e-3", label="seed 1",
+                        paired=SHARED_DATA)
+    judged = [r for r in rows if r.defense not in script.REFERENCES]
+    pools = {(p.task, p.group): p.quality for p in script.pooled_quality(judged)}
+    assert (round(pools["refusal", "all"].mean, 3), round(pools["negsentiment", "all"].mean, 3)) == (-0.002, 0.004)
+    assert all(q.low < 0 < q.high for key, q in pools.items() if key[1] == "all")
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs shared/data/backdoorllm")
 def test_cost_limits_reproduce_the_committed_try_5_pooled_quality():
     """RESULTS.md's pooled answer quality of try 5 against finetune-lr1e-3 (prompt by prompt over each setting's runs):
