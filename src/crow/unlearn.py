@@ -696,9 +696,9 @@ class UnlearnTrainer(LossTrainer):
         """Finetune the kept (unlearned) weights on every clean sample, the held-out ones included, for
         ``unlearn_refit_epochs`` with one schedule of the recipe: ``CrowTrainer`` with ``unlearn_refit_alpha`` (0: the
         finetune baselines' training; above 0: CROW's, with its default epsilon and layers) and this config's
-        optimizer settings. Its log lines join this trainer's log history
-        marked ``"stage": "refit"``, its optimizer steps its ``global_step``; returns its ``TrainOutput``. An interrupt
-        stops it after the current step; it is not resumed from (a resumed run repeats it)."""
+        optimizer settings. Its log lines join this trainer's log history marked ``"stage": "refit"``, its optimizer
+        steps its ``global_step``; returns its ``TrainOutput``. An interrupt stops it after the current step; it is
+        not resumed from (a resumed run repeats it)."""
         from .purification import LoggedProgress, MetricsProgress, quiet_trainer_output
         from .trainer import CrowConfig, CrowTrainer
 
