@@ -601,29 +601,19 @@ def test_finetune_cycles_train_the_lm_term_alone(tiny_dir, tmp_path, monkeypatch
         config(tmp_path, unlearn_finetune_cycles=True)
 
 
-def test_refit_finetunes_every_sample_after_an_unlearning_cycle_that_lowered_the_holdout_perplexity(tiny_dir, tmp_path,
-                                                                                                       monkeypatch):
-    """Held-out NLL 5.0 (suspect) -> 3.0 at the end of the unlearning cycle: the perplexity fell by 1 - e^-2 (a gain of
-    e^2 - 1 > 0.15), so training stops there and CROW's trainer with alpha 0 finetunes the kept weights on all 8 samples
-    (the 2 held out included) for refit_epochs under one schedule: its steps are plain LM steps, they change the
-    weights, and they are counted and logged as the refit."""
+def refit_trainer(tiny_dir, tmp_path, monkeypatch, **settings):
+    """An unlearn trainer on the tiny model whose held-out NLL falls 5.0 -> 4.0 -> 3.0 (a refit after the 2-epoch
+    unlearning cycle), and the list that collects the args of every CrowTrainer built (the refit's)."""
+    from crow.trainer import CrowTrainer
+
     loaded = load_model(str(tiny_dir))
     model = make_trainable(loaded.model, lora=LoraSettings())
     cfg = config(tmp_path, num_train_epochs=6, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                  unlearn_holdout=2, unlearn_cycle_epochs=2, unlearn_finetune_cycles=True, unlearn_refit_gain=0.15,
-                 unlearn_refit_epochs=2)
+                 **settings)
     trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
     curve = iter([5.0, 4.0, 3.0])
     monkeypatch.setattr(trainer, "holdout_nll", lambda: next(curve))
-    kept = {}
-    restore = trainer.restore_selected
-
-    def remember():
-        restore()
-        kept.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    monkeypatch.setattr(trainer, "restore_selected", remember)
-    from crow.trainer import CrowConfig, CrowTrainer
-
     built = []
     init = CrowTrainer.__init__
 
@@ -631,6 +621,25 @@ def test_refit_finetunes_every_sample_after_an_unlearning_cycle_that_lowered_the
         built.append(kwargs["args"])
         init(self, *args, **kwargs)
     monkeypatch.setattr(CrowTrainer, "__init__", recording_init)
+    return model, cfg, trainer, built
+
+
+def test_refit_finetunes_every_sample_after_an_unlearning_cycle_that_lowered_the_holdout_perplexity(tiny_dir, tmp_path,
+                                                                                                       monkeypatch):
+    """Held-out NLL 5.0 (suspect) -> 3.0 at the end of the unlearning cycle: the perplexity fell by 1 - e^-2 (a gain of
+    e^2 - 1 > 0.15), so training stops there and CROW's trainer with alpha 0 finetunes the kept weights on all 8 samples
+    (the 2 held out included) for refit_epochs under one schedule: its steps are plain LM steps, they change the
+    weights, and they are counted and logged as the refit."""
+    model, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=2)
+    kept = {}
+    restore = trainer.restore_selected
+
+    def remember():
+        restore()
+        kept.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    monkeypatch.setattr(trainer, "restore_selected", remember)
+    from crow.trainer import CrowConfig
+
     trainer.train()
     # the finetune baselines' training: CrowConfig with alpha 0 and the unlearn config's recipe, for refit_epochs
     (refit_args,) = built
@@ -654,23 +663,10 @@ def test_refit_alpha_makes_the_refit_crow(tiny_dir, tmp_path, monkeypatch):
     """unlearn_refit_alpha 5.5: the refit is CROW's training (CrowConfig with that alpha, the rest as with alpha 0), so
     its steps add the consistency term of FGSM-perturbed inputs to the LM loss (loss = lm_loss + alpha * consistency
     per logged step, a positive term), where the alpha-0 refit's loss is its LM loss alone."""
-    loaded = load_model(str(tiny_dir))
-    model = make_trainable(loaded.model, lora=LoraSettings())
-    cfg = config(tmp_path, num_train_epochs=6, per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                 unlearn_holdout=2, unlearn_cycle_epochs=2, unlearn_finetune_cycles=True, unlearn_refit_gain=0.15,
-                 unlearn_refit_epochs=1, unlearn_refit_alpha=5.5)
-    trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8))
-    curve = iter([5.0, 4.0, 3.0])
-    monkeypatch.setattr(trainer, "holdout_nll", lambda: next(curve))
-    from crow.trainer import CrowConfig, CrowTrainer
+    _, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=1,
+                                           unlearn_refit_alpha=5.5)
+    from crow.trainer import CrowConfig
 
-    built = []
-    init = CrowTrainer.__init__
-
-    def recording_init(self, *args, **kwargs):
-        built.append(kwargs["args"])
-        init(self, *args, **kwargs)
-    monkeypatch.setattr(CrowTrainer, "__init__", recording_init)
     trainer.train()
     (refit_args,) = built
     assert refit_args.crow_alpha == 5.5 and refit_args.crow_epsilon == CrowConfig(output_dir="x").crow_epsilon
