@@ -750,11 +750,18 @@ def test_cost_limits_point_comparison_chance_and_margin():
         script.seed_spread(pairs[-1:])
 
 
-def committed_costs(folders: list[str], label: str, task: str | None = None, paired: Path | None = None):
+def committed_costs(folders: list[str], label: str, task: str | None = None, paired: Path | None = None,
+                    method: str = "unlearn"):
     """scripts/cost_limits.py on committed result folders (names under results/): the script and its rows."""
     script = load_script("cost_limits")
     root = Path(__file__).resolve().parents[1] / "results"
-    return script, script.costs(script.load_cells([root / f for f in folders]), "unlearn", task, label, paired)
+    return script, script.costs(script.load_cells([root / f for f in folders]), method, task, label, paired)
+
+
+#: finetune-lr1e-3's seed-1 cells and the folders of their seed-0 references (RESULTS.md, "The quality limit's
+#: reference against itself")
+SEED_1_REFERENCE = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "finetune-seed1-merged-cpu",
+                    "gemma-seed1-cpu"]
 
 
 def test_cost_limits_reproduce_the_committed_soft_token_figures():
@@ -950,11 +957,7 @@ def test_cost_limits_reproduce_the_committed_reference_against_itself():
     """RESULTS.md's "The quality limit's reference against itself": finetune-lr1e-3 with seed 1 against its seed-0
     cells on 14 victims fails the point comparison on 6, root mean square 0.0127; the margin a 27-run column needs;
     unlearn's own two refusal seeds differ by 0.0144."""
-    script = load_script("cost_limits")
-    root = Path(__file__).resolve().parents[1] / "results"
-    folders = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "finetune-seed1-merged-cpu",
-               "gemma-seed1-cpu"]
-    rows = script.costs(script.load_cells([root / f for f in folders]), "finetune-lr1e-3", label="seed 1")
+    script, rows = committed_costs(SEED_1_REFERENCE, "seed 1", method="finetune-lr1e-3")
     noise = script.point_noise(rows)
     assert (noise.runs, noise.below, round(noise.rms, 4)) == (14, 6, 0.0127)
     design = script.parse_design("9x2,9x1")
@@ -998,12 +1001,7 @@ def test_cost_limits_reproduce_the_committed_try_6_figures():
 def test_cost_limits_reproduce_the_committed_reference_against_itself_pooled():
     """The same, pooled prompt by prompt per task: seed 1 is as good as seed 0 (-0.002 on refusal, +0.004 on
     negsentiment, both intervals spanning zero)."""
-    script = load_script("cost_limits")
-    root = Path(__file__).resolve().parents[1] / "results"
-    folders = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "finetune-seed1-merged-cpu",
-               "gemma-seed1-cpu"]
-    rows = script.costs(script.load_cells([root / f for f in folders]), "finetune-lr1e-3", label="seed 1",
-                        paired=SHARED_DATA)
+    script, rows = committed_costs(SEED_1_REFERENCE, "seed 1", paired=SHARED_DATA, method="finetune-lr1e-3")
     judged = [r for r in rows if r.defense not in script.REFERENCES]
     pools = {(p.task, p.group): p.quality for p in script.pooled_quality(judged)}
     assert (round(pools["refusal", "all"].mean, 3), round(pools["negsentiment", "all"].mean, 3)) == (-0.002, 0.004)
