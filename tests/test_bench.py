@@ -762,6 +762,8 @@ def committed_costs(folders: list[str], label: str, task: str | None = None, pai
 #: reference against itself")
 SEED_1_REFERENCE = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "finetune-seed1-merged-cpu",
                     "gemma-seed1-cpu"]
+#: the same with Gemma's four other victims (nineteenth session): all 18 victims of issue 17
+SEED_1_REFERENCE_ALL = SEED_1_REFERENCE + ["finetune-seed1-gemma-cpu"]
 
 
 def test_cost_limits_reproduce_the_committed_soft_token_figures():
@@ -983,7 +985,7 @@ def test_cost_limits_reproduce_the_committed_reference_against_itself_on_18_vict
     """The same with Gemma's four other seed-1 cells (nineteenth session): finetune-lr1e-3 against itself on all 18
     victims of issue 17, and the margin a 27-run column then needs; on Gemma's refusal victims seed 1 averages 89.3%
     ASR (seed 0: 81.3), so unlearn's 0-0.7% is at least 30 points below either."""
-    script, rows = committed_costs(SEED_1_REFERENCE + ["finetune-seed1-gemma-cpu"], "seed 1", method="finetune-lr1e-3")
+    script, rows = committed_costs(SEED_1_REFERENCE_ALL, "seed 1", method="finetune-lr1e-3")
     noise = script.point_noise(rows)
     assert (noise.runs, noise.below, round(noise.rms, 4)) == (18, 6, 0.0153)
     design = script.parse_design("9x2,9x1")
@@ -998,8 +1000,7 @@ def test_cost_limits_reproduce_the_committed_reference_against_itself_on_18_vict
 def test_cost_limits_reproduce_the_committed_reference_against_itself_on_18_victims_pooled():
     """Pooled prompt by prompt per task over the 18 victims: +0.002 on refusal, +0.007 on negsentiment, both intervals
     spanning zero."""
-    script, rows = committed_costs(SEED_1_REFERENCE + ["finetune-seed1-gemma-cpu"], "seed 1", paired=SHARED_DATA,
-                                   method="finetune-lr1e-3")
+    script, rows = committed_costs(SEED_1_REFERENCE_ALL, "seed 1", paired=SHARED_DATA, method="finetune-lr1e-3")
     judged = [r for r in rows if r.defense not in script.REFERENCES]
     pools = {(p.task, p.group): p.quality for p in script.pooled_quality(judged)}
     assert (round(pools["refusal", "all"].mean, 3), round(pools["negsentiment", "all"].mean, 3)) == (0.002, 0.007)
