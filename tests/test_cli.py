@@ -176,6 +176,26 @@ def test_attack_merge_writes_a_loadable_victim_model(tiny_dir, data_files, tmp_p
     assert code == 2 and "--merge applies to the trained victim" in err and not (tmp_path / "x").exists()
 
 
+def test_eval_max_length_truncates_the_perplexity_samples(tiny_dir, tiny, data_files, tmp_path, capsys):
+    from crow.data.records import load_records
+    from crow.evaluation.generate import perplexity
+
+    clean, _ = data_files
+    reports = {}
+    for length in ("40", None):
+        extra = ["--max-length", length] if length else []
+        code, stdout, err = run_cli(["eval", "--model", tiny_dir, "--task", "negsentiment", "--clean", clean, "--out",
+                                     tmp_path / f"r{length}.json", "--max-new-tokens", "2", "--format", "template",
+                                     *extra], capsys)
+        assert code == 0, err
+        reports[length] = json.loads((tmp_path / f"r{length}.json").read_text())
+    records = load_records(clean)
+    assert reports["40"]["settings"]["max_length"] == 40 and reports[None]["settings"]["max_length"] == 512
+    assert reports["40"]["clean_perplexity"] == pytest.approx(perplexity(tiny.model, tiny.tokenizer, records,
+                                                                         max_length=40, batch_size=64), rel=1e-5)
+    assert reports["40"]["clean_perplexity"] != pytest.approx(reports[None]["clean_perplexity"], rel=1e-3)
+
+
 def test_profile_writes_json_and_png(tiny_dir, data_files, tmp_path, capsys):
     clean, trig = data_files
     out = tmp_path / "profile"

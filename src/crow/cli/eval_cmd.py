@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
                    help="prompts generated together (finished ones leave the batch); lower it if memory is short")
     p.add_argument("--limit", type=positive_int("--limit"), help="use only the first N prompts of each set")
     p.add_argument("--no-perplexity", action="store_true", help="skip clean perplexity")
+    p.add_argument("--max-length", type=positive_int("--max-length"), default=512,
+                   help="truncate each clean sample (prompt + reference answer) to this many tokens for the perplexity "
+                        "(crow bench: its spec's max_length)")
     p.add_argument("--outputs", action="store_true", help="also store every generation in the report")
     p.add_argument("--guard", metavar="DETECTOR_DIR",
                    help="also score the prompts with a crow guard detector: ASR with flagged prompts blocked, clean "
@@ -72,10 +75,11 @@ def run(args) -> int:
         check_model_fits(detector, report_model, "--guard")  # before minutes of generation
     report = evaluate(report_model, loaded.tokenizer, triggered=triggered, clean=clean, judge=judge,
                       prompt_format=args.prompt_format, template=args.template, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, with_perplexity=not args.no_perplexity, progress=True)
+                      batch_size=args.batch_size, with_perplexity=not args.no_perplexity,
+                      perplexity_max_length=args.max_length, progress=True)
     data = report.to_dict(with_outputs=args.outputs)
     data["settings"].update({"model": args.model, "adapter": args.adapter, "triggered": args.triggered,
-                             "clean": args.clean, "limit": args.limit})
+                             "clean": args.clean, "limit": args.limit, "max_length": args.max_length})
     if detector is not None:
         from ..detection.guard import guard_evaluation
         from .guard_cmd import scoring_model
