@@ -237,3 +237,31 @@ def test_kill_and_resume_gives_the_same_adapter(tiny_dir, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_outputs_get_the_modes_of_ordinary_files_under_the_umask(tmp_path):
+    import stat
+
+    from safetensors.torch import save_file
+
+    from crow.outputs import staged_dir, write_json_atomic
+
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "adapter"
+        with staged_dir(out) as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))  # safetensors' writer: 0600
+            (tmp / "sub").mkdir()
+            write_json_atomic(tmp / "sub" / "crow_config.json", {"a": 1})
+        modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in (out, *out.rglob("*"))}
+        assert modes == {"adapter": 0o750, "adapter/adapter_model.safetensors": 0o640, "adapter/sub": 0o750,
+                         "adapter/sub/crow_config.json": 0o640}
+        report = tmp_path / "report.json"
+        write_json_atomic(report, {})
+        assert stat.S_IMODE(report.stat().st_mode) == 0o640
+        os.chmod(report, 0o600)  # a mode the user gave the file survives a rewrite
+        write_json_atomic(report, {"b": 2})
+        assert stat.S_IMODE(report.stat().st_mode) == 0o600 and json.loads(report.read_text()) == {"b": 2}
+    finally:
+        os.umask(old)

@@ -1,7 +1,11 @@
 """Writing outputs so that a failure never leaves a half-written result.
 
 Directories are built in a hidden temporary sibling and renamed into place when complete; files
-are written to a temporary name and renamed. Inputs are never written to.
+are written to a temporary name and renamed. Inputs are never written to. What is renamed into place gets the
+permissions an ordinary ``open()`` / ``mkdir`` would have given it under the process umask: ``mkdtemp`` and
+``mkstemp`` create 0700 / 0600, and safetensors' writer creates every weights file 0600 since 0.8
+(safetensors/safetensors#782), which left a purified adapter unreadable to the other users of a shared machine (a
+serving process under another account finds "no adapter").
 """
 
 from __future__ import annotations
@@ -50,9 +54,29 @@ def staged_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_modes(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def umask() -> int:
+    """The process umask (read by setting a restrictive one for an instant and restoring it)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes of a plain ``mkdir`` (0777) or ``open()`` (0666, or 0777 where
+    the owner may execute) under the umask; symlinks are left alone."""
+    mask = umask()
+    for path in (root, *root.rglob("*")):
+        if path.is_symlink():
+            continue
+        st = path.stat()
+        full = 0o777 if path.is_dir() or st.st_mode & 0o100 else 0o666
+        os.chmod(path, full & ~mask)
 
 
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
@@ -65,6 +89,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        # the replaced file's mode, else what open() gives a new file (mkstemp creates 0600)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
