@@ -60,14 +60,18 @@ def test_a_recipe_trains_as_its_bench_cells_did(recipe, spec_file, tmp_path):
     assert entry.n_clean == 100 and opts["holdout"] == 20
 
 
-def test_the_command_line_recipe_reproduced_its_bench_cell():
-    """results/unlearn-recipe-cli/eval.json: `crow purify --config configs/purify/unlearn_smollm2.yaml` on the committed
-    negsentiment / BadNets victim, then `crow eval` with the bench's evaluation settings (RESULTS.md, "The measured
-    recipe from the command line"): the same answers, word for word, as try 6's bench cell of that victim."""
+@pytest.mark.parametrize("report,folder", [("eval.json", "unlearn-refit-crow-cpu"),
+                                           ("eval_gemma.json", "unlearn-refit-crow-gemma-cpu")])
+def test_the_command_line_recipe_reproduced_its_bench_cell(report, folder):
+    """results/unlearn-recipe-cli: `crow purify --config configs/purify/unlearn_*.yaml` on the committed
+    negsentiment / BadNets victim of SmolLM2 and of Gemma-3-270M, then `crow eval` with the bench's evaluation settings
+    (RESULTS.md, "The measured recipe from the command line"): the same answers, word for word, as try 6's bench cell
+    of that victim."""
     results = ROOT / "results"
-    report = json.loads((results / "unlearn-recipe-cli" / "eval.json").read_text())
-    cells = [json.loads(p.read_text()) for p in (results / "unlearn-refit-crow-cpu" / "cells").glob("*.json")]
+    report = json.loads((results / "unlearn-recipe-cli" / report).read_text())
+    cells = [json.loads(p.read_text()) for p in (results / folder / "cells").glob("*.json")]
     (cell,) = [c for c in cells if (c["task"], c["attack"], c["seed"]) == ("negsentiment", "badnet", 0)]
+    assert report["settings"]["model"] == cell["model"]
     bench = cell["by_format"]["template"]
     settings = report["settings"]
     assert (settings["prompt_format"], settings["max_new_tokens"], settings["max_length"], settings["limit"]) == \
