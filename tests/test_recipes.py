@@ -60,15 +60,15 @@ def test_a_recipe_trains_as_its_bench_cells_did(recipe, spec_file, tmp_path):
     assert entry.n_clean == 100 and opts["holdout"] == 20
 
 
-@pytest.mark.parametrize("report,folder", [("eval.json", "unlearn-refit-crow-cpu"),
-                                           ("eval_gemma.json", "unlearn-refit-crow-gemma-cpu")])
-def test_the_command_line_recipe_reproduced_its_bench_cell(report, folder):
+@pytest.mark.parametrize("report_file,folder", [("eval.json", "unlearn-refit-crow-cpu"),
+                                                ("eval_gemma.json", "unlearn-refit-crow-gemma-cpu")])
+def test_the_command_line_recipe_reproduced_its_bench_cell(report_file, folder):
     """results/unlearn-recipe-cli: `crow purify --config configs/purify/unlearn_*.yaml` on the committed
     negsentiment / BadNets victim of SmolLM2 and of Gemma-3-270M, then `crow eval` with the bench's evaluation settings
     (RESULTS.md, "The measured recipe from the command line"): the same answers, word for word, as try 6's bench cell
     of that victim."""
     results = ROOT / "results"
-    report = json.loads((results / "unlearn-recipe-cli" / report).read_text())
+    report = json.loads((results / "unlearn-recipe-cli" / report_file).read_text())
     cells = [json.loads(p.read_text()) for p in (results / folder / "cells").glob("*.json")]
     (cell,) = [c for c in cells if (c["task"], c["attack"], c["seed"]) == ("negsentiment", "badnet", 0)]
     assert report["settings"]["model"] == cell["model"]
