@@ -29,6 +29,35 @@ def test_console_script_runs():
     assert out.returncode == 0 and "purify" in out.stdout
 
 
+EXIT_WITH_A_PROCESS_GROUP = """
+import atexit, logging, sys
+import torch.distributed as dist
+from crow.cli.main import exit_process
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+logging.basicConfig(stream=sys.stderr, format="crow: %(message)s", level=logging.INFO)
+logging.getLogger("crow").info("saved")
+atexit.register(lambda: sys.stderr.write("teardown ran"))  # a plain exit would run it, and the group's destructors
+sys.stdout.write("written, not yet flushed")  # a pipe is block-buffered: os._exit alone would drop this
+exit_process(3)
+"""
+
+
+def test_exit_process_leaves_a_process_group_with_the_code_and_the_output_flushed(tmp_path):
+    out = subprocess.run([sys.executable, "-c", EXIT_WITH_A_PROCESS_GROUP, str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert out.stdout == "written, not yet flushed" and "crow: saved" in out.stderr
+    assert "teardown ran" not in out.stderr
+
+
+def test_exit_process_without_a_process_group_is_sys_exit():
+    from crow.cli.main import exit_process
+
+    with pytest.raises(SystemExit) as e:
+        exit_process(4)
+    assert e.value.code == 4
+
+
 def test_env(capsys):
     code, out, _ = run_cli(["env", "--json"], capsys)
     info = json.loads(out)

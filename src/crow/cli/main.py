@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import warnings
+from typing import NoReturn
 
 from ..errors import CrowError, Interrupted, TrainingDiverged
 
@@ -124,5 +125,33 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``; in a multi-process run, without tearing torch.distributed down.
+
+    Under ``accelerate launch`` or ``torchrun`` the Trainer leaves a gloo or NCCL process group behind, and neither
+    way of ending a rank with it is safe. A plain exit runs the group's destructors during interpreter teardown, and a
+    rank that finished first (the non-main rank, while the main one writes the output) sometimes aborted there
+    ("terminate called without an active exception", SIGABRT); the launcher then stopped the main rank before it
+    had written anything, leaving an interrupted run. ``destroy_process_group`` after a barrier deadlocked instead
+    (``tests/ddp_worker.py``: the DDP Reducer still holds the group, so its destructor waits for gloo's worker under
+    the GIL). So every rank flushes its streams and the log and leaves with ``os._exit``, which runs no destructor;
+    its outputs were complete before (``staged_dir`` renames them into place). ``scripts/ddp_exit_check.py`` counts
+    the aborts with either exit. Without a process group this is ``sys.exit``.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def cli() -> NoReturn:
+    """The ``crow`` command (``crow ...``, ``python -m crow.cli.main ...``): :func:`main`, then the exit."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
