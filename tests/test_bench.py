@@ -955,16 +955,24 @@ def test_cost_limits_reproduce_the_committed_try_5_column():
         assert (own[cell].asr, own[cell].ppl, own[cell].rouge) == (try3[cell].asr, try3[cell].ppl, try3[cell].rouge)
 
 
+def reference_noise(folders):
+    """finetune-lr1e-3's seed-1 cells in ``folders`` judged against its committed seed-0 cells: the script, the rows,
+    their point noise, issue 17's 27-run design (nine victims x 2 runs, nine x 1) and the true advantage that design
+    needs for even odds and for 9 in 10 of passing every run, rounded as RESULTS.md gives them."""
+    script, rows = committed_costs(folders, "seed 1", method="finetune-lr1e-3")
+    noise = script.point_noise(rows)
+    design = script.parse_design("9x2,9x1")
+    margins = tuple(round(script.pass_all_margin(noise.run_sd, design, chance), 3) for chance in (0.5, 0.9))
+    return script, rows, noise, design, margins
+
+
 def test_cost_limits_reproduce_the_committed_reference_against_itself():
     """RESULTS.md's "The quality limit's reference against itself": finetune-lr1e-3 with seed 1 against its seed-0
     cells on 14 victims fails the point comparison on 6, root mean square 0.0127; the margin a 27-run column needs;
     unlearn's own two refusal seeds differ by 0.0144."""
-    script, rows = committed_costs(SEED_1_REFERENCE, "seed 1", method="finetune-lr1e-3")
-    noise = script.point_noise(rows)
+    script, rows, noise, design, margins = reference_noise(SEED_1_REFERENCE)
     assert (noise.runs, noise.below, round(noise.rms, 4)) == (14, 6, 0.0127)
-    design = script.parse_design("9x2,9x1")
-    assert round(script.pass_all_margin(noise.run_sd, design, 0.5), 3) == 0.024
-    assert round(script.pass_all_margin(noise.run_sd, design, 0.9), 3) == 0.034
+    assert margins == (0.024, 0.034)
     assert f"{script.pass_all_chance(0.0, noise.run_sd, design):.0e}" == "1e-07"
     judged = [r for r in rows if r.defense not in script.REFERENCES]
     assert {(r.form, r.cell) for r in judged if not r.quality_met} == {
@@ -985,12 +993,9 @@ def test_cost_limits_reproduce_the_committed_reference_against_itself_on_18_vict
     """The same with Gemma's four other seed-1 cells (nineteenth session): finetune-lr1e-3 against itself on all 18
     victims of issue 17, and the margin a 27-run column then needs; on Gemma's refusal victims seed 1 averages 89.3%
     ASR (seed 0: 81.3), so unlearn's 0-0.7% is at least 30 points below either."""
-    script, rows = committed_costs(SEED_1_REFERENCE_ALL, "seed 1", method="finetune-lr1e-3")
-    noise = script.point_noise(rows)
+    script, rows, noise, _, margins = reference_noise(SEED_1_REFERENCE_ALL)
     assert (noise.runs, noise.below, round(noise.rms, 4)) == (18, 6, 0.0153)
-    design = script.parse_design("9x2,9x1")
-    assert round(script.pass_all_margin(noise.run_sd, design, 0.5), 3) == 0.030
-    assert round(script.pass_all_margin(noise.run_sd, design, 0.9), 3) == 0.041
+    assert margins == (0.030, 0.041)
     gemma = [r.asr for r in rows if r.model.startswith("gemma") and r.cell.startswith("refusal")
              and r.defense not in script.REFERENCES]
     assert len(gemma) == 3 and round(sum(gemma) / 3, 1) == 89.3
