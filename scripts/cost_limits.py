@@ -279,12 +279,12 @@ def point_noise(rows: list[Cost]) -> PointNoise:
 
 
 def costs(cells: list[tuple[str, dict]], method: str, task: str | None = None, label: str | None = None,
-          paired: Path | None = None) -> list[Cost]:
+          paired: Path | None = None, attack: str | None = None) -> list[Cost]:
     """One row per cell of ``method`` (and, for the victims those cells defend, the reference rows), each
     against its victim's perplexity and finetune-lr1e-3's clean ROUGE-L; sorted by model, form and cell, the
     references first (``label``: only defended cells whose defense label holds it; ``paired``: the data directory
-    for the prompt-by-prompt comparison with finetune-lr1e-3). A defended cell whose victim is in none of the
-    folders is an error."""
+    for the prompt-by-prompt comparison with finetune-lr1e-3; ``task``, ``attack``: only those cells). A defended
+    cell whose victim is in none of the folders is an error."""
     def victim_of(c: dict) -> tuple:
         return c["victim_key"], c.get("victim_form") or "adapter"
 
@@ -292,7 +292,7 @@ def costs(cells: list[tuple[str, dict]], method: str, task: str | None = None, l
     baselines = {victim_of(c): c for _, c in cells if c["defense"] == BASELINE and c.get("victim_key")}
     bases = {(c["model"], c["task"], c["attack"]): c for _, c in cells if c["defense"] == "base"}
     defended = [(f, c) for f, c in cells if c["method"] == method and (task is None or c["task"] == task)
-                and (label is None or label in c["defense"])]
+                and (attack is None or c["attack"] == attack) and (label is None or label in c["defense"])]
 
     def row(folder: str, cell: dict, of: dict) -> Cost:  # ``cell``'s costs against the victim ``of`` defends
         victim, baseline = victims.get(victim_of(of)), baselines.get(victim_of(of))
@@ -434,6 +434,7 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=Path, help="crow bench output directories (they hold cells/)")
     ap.add_argument("--method", default="unlearn", help="the defense method whose cells are judged (default: unlearn)")
     ap.add_argument("--task", default=None, help="only this task's cells (default: every task)")
+    ap.add_argument("--attack", default=None, help="only this attack's cells, say mtba (default: every attack)")
     ap.add_argument("--label", default=None, help="only defended cells whose defense label holds this text "
                                                   "(say 'soft tokens')")
     ap.add_argument("--paired", type=Path, default=None, metavar="DATA",
@@ -458,7 +459,7 @@ def main() -> None:
         design = parse_design(args.margin_design) if args.margin_design else None
     except ValueError as e:
         ap.error(str(e))
-    rows = costs(load_cells(args.folders), args.method, args.task, args.label, args.paired)
+    rows = costs(load_cells(args.folders), args.method, args.task, args.label, args.paired, args.attack)
     print("\n".join(render(rows, design, args.seed_spread)))
 
 

@@ -793,11 +793,11 @@ def test_cost_limits_point_comparison_chance_and_margin():
 
 
 def committed_costs(folders: list[str], label: str, task: str | None = None, paired: Path | None = None,
-                    method: str = "unlearn"):
+                    method: str = "unlearn", attack: str | None = None):
     """scripts/cost_limits.py on committed result folders (names under results/): the script and its rows."""
     script = load_script("cost_limits")
     root = Path(__file__).resolve().parents[1] / "results"
-    return script, script.costs(script.load_cells([root / f for f in folders]), method, task, label, paired)
+    return script, script.costs(script.load_cells([root / f for f in folders]), method, task, label, paired, attack)
 
 
 #: finetune-lr1e-3's seed-1 cells and the folders of their seed-0 references (RESULTS.md, "The quality limit's
@@ -1124,42 +1124,47 @@ def test_cost_limits_reproduce_the_committed_try_6_seed_1_figures():
     _, both = committed_costs(TRY_6_SEED_1, "CROW on every", "negsentiment")
     spread = script.seed_spread([r for r in both if r.defense not in script.REFERENCES])
     assert spread == (4, pytest.approx(0.0073, abs=5e-5))
+    _, mtba = committed_costs(TRY_6_SEED_1, "CROW on every", "negsentiment", attack="mtba")  # --attack mtba
+    assert {r.cell for r in mtba} == {"negsentiment / mtba"}
+    assert sum(r.defense not in script.REFERENCES for r in mtba) == 4
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs shared/data/backdoorllm")
 def test_cost_limits_reproduce_the_committed_try_6_mtba_gap():
-    """RESULTS.md: try 6's four MTBA runs (two seeds, adapter and merged) pooled prompt by prompt trail finetune-lr1e-3
-    by 0.031 ROUGE-L, the bootstrap interval just below zero, permutation p = 0.066; the VPI and BadNets runs do not."""
-    script, rows = committed_costs(TRY_6_SEED_1, "CROW on every", "negsentiment", SHARED_DATA)
-    runs = [r for r in rows if r.defense not in script.REFERENCES]
-    pools = {attack: script._pool("negsentiment", attack, [r.paired.differences for r in runs
-                                                           if r.cell.endswith(attack)]).quality
-             for attack in ("mtba", "vpi", "badnet")}
-    assert [(round(q.mean, 3), round(q.p, 3)) for q in pools.values()] == [(-0.031, 0.066), (-0.007, 0.823),
-                                                                           (0.002, 0.849)]
-    assert pools["mtba"].high < 0 and pools["vpi"].low < 0 < pools["vpi"].high
+    """RESULTS.md: try 6's four MTBA runs (two seeds, adapter and merged) pooled prompt by prompt (``--attack mtba``)
+    trail finetune-lr1e-3 by 0.031 ROUGE-L, the bootstrap interval just below zero, permutation p = 0.066; the VPI
+    and BadNets runs do not; only the named attack's cells are judged."""
+    pools = {}
+    for attack in ("mtba", "vpi", "badnet"):
+        script, rows = committed_costs(TRY_6_SEED_1, "CROW on every", "negsentiment", SHARED_DATA, attack=attack)
+        runs = [r for r in rows if r.defense not in script.REFERENCES]
+        assert {r.cell for r in runs} == {f"negsentiment / {attack}"}
+        pools[attack] = script.pooled_quality(runs)[-1]  # over all of the attack's runs, both forms
+    assert [(p.group, p.runs) for p in pools.values()] == [("all", 4), ("smollm2-135m-gguf, adapter", 2), ("all", 3)]
+    assert [(round(p.quality.mean, 3), round(p.quality.p, 3)) for p in pools.values()] == [
+        (-0.031, 0.066), (-0.007, 0.823), (0.002, 0.849)]
+    assert pools["mtba"].quality.high < 0 and pools["vpi"].quality.low < 0 < pools["vpi"].quality.high
 
 
 #: every committed bench folder with a scored cell on one of issue 17's 18 victims (the victims' tables first)
 CEILING = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "finetune-seed1-gemma-cpu",
            "finetune-seed1-merged-cpu", "gemma-seed1-cpu", "unlearn-cpu", "unlearn-dev-cpu",
-           "unlearn-finetune-cycles-cpu",
-           "unlearn-finetune-cycles-gemma-cpu", "unlearn-finetune-cycles-gemma-seed1-cpu",
-           "unlearn-finetune-cycles-merged-cpu", "unlearn-finetune-cycles-merged-seed1-cpu",
-           "unlearn-finetune-cycles-seed1-cpu", "unlearn-gemma-dev-cpu", "unlearn-gemma-lr-cpu", "unlearn-refit-cpu",
-           "unlearn-refit-crow-cpu", "unlearn-refit-crow-gemma-cpu", "unlearn-refit-crow-merged-cpu",
-           "unlearn-refit-crow-seed1-cpu", "unlearn-refit-crow-seed1-merged-cpu", "unlearn-refit-gemma-cpu",
-           "unlearn-refit-merged-cpu", "unlearn-seed1-cpu", "unlearn-seed1-merged-cpu", "unlearn-select-cpu",
-           "unlearn-select-dev-cpu", "unlearn-select-merged-cpu", "unlearn-select-rouge-cpu", "unlearn-tokens-cpu",
-           "unlearn-tokens-dev-cpu", "unlearn-tokens-gemma-cpu", "unlearn-tokens-gemma-negsentiment-cpu",
-           "unlearn-tokens-gemma-negsentiment-seed1-cpu", "unlearn-tokens-gemma-seed1-cpu", "unlearn-tokens-merged-cpu",
-           "unlearn-tokens-merged-more-cpu", "unlearn-tokens-merged-negsentiment-cpu",
-           "unlearn-tokens-negsentiment-cpu",
-           "unlearn-tokens-seed1-cpu", "unlearn-tokens2-dev-cpu"]
+           "unlearn-finetune-cycles-cpu", "unlearn-finetune-cycles-gemma-cpu",
+           "unlearn-finetune-cycles-gemma-seed1-cpu", "unlearn-finetune-cycles-merged-cpu",
+           "unlearn-finetune-cycles-merged-seed1-cpu", "unlearn-finetune-cycles-seed1-cpu", "unlearn-gemma-dev-cpu",
+           "unlearn-gemma-lr-cpu", "unlearn-refit-cpu", "unlearn-refit-crow-cpu", "unlearn-refit-crow-gemma-cpu",
+           "unlearn-refit-crow-merged-cpu", "unlearn-refit-crow-seed1-cpu", "unlearn-refit-crow-seed1-merged-cpu",
+           "unlearn-refit-gemma-cpu", "unlearn-refit-merged-cpu", "unlearn-seed1-cpu", "unlearn-seed1-merged-cpu",
+           "unlearn-select-cpu", "unlearn-select-dev-cpu", "unlearn-select-merged-cpu", "unlearn-select-rouge-cpu",
+           "unlearn-tokens-cpu", "unlearn-tokens-dev-cpu", "unlearn-tokens-gemma-cpu",
+           "unlearn-tokens-gemma-negsentiment-cpu", "unlearn-tokens-gemma-negsentiment-seed1-cpu",
+           "unlearn-tokens-gemma-seed1-cpu", "unlearn-tokens-merged-cpu", "unlearn-tokens-merged-more-cpu",
+           "unlearn-tokens-merged-negsentiment-cpu", "unlearn-tokens-negsentiment-cpu", "unlearn-tokens-seed1-cpu",
+           "unlearn-tokens2-dev-cpu"]
 
 
 def test_cost_limits_reproduce_the_committed_quality_ceiling():
-    """RESULTS.md's "Every committed run against the quality limit": 245 cells on the 18 victims; on merged
+    """RESULTS.md's "Try 6's misses with a second seed" (``--ceiling``): 245 cells on the 18 victims; on merged
     negsentiment / BadNets none of 12 reaches finetune-lr1e-3's 0.321; on merged MTBA only finetune-lr1e-3's own second
     seed does; on Gemma refusal / BadNets none of the 8 cells that remove the backdoor does."""
     script = load_script("cost_limits")
