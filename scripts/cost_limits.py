@@ -278,6 +278,11 @@ def point_noise(rows: list[Cost]) -> PointNoise:
     return PointNoise(len(d), int((d < 0).sum()), float(np.sqrt(np.mean(d ** 2))))
 
 
+def victim_of(cell: dict) -> tuple[str, str]:
+    """The victim a cell ran on: its key and form (cells from before the merged form say nothing: adapter)."""
+    return cell["victim_key"], cell.get("victim_form") or "adapter"
+
+
 def costs(cells: list[tuple[str, dict]], method: str, task: str | None = None, label: str | None = None,
           paired: Path | None = None, attack: str | None = None) -> list[Cost]:
     """One row per cell of ``method`` (and, for the victims those cells defend, the reference rows), each
@@ -285,9 +290,6 @@ def costs(cells: list[tuple[str, dict]], method: str, task: str | None = None, l
     references first (``label``: only defended cells whose defense label holds it; ``paired``: the data directory
     for the prompt-by-prompt comparison with finetune-lr1e-3; ``task``, ``attack``: only those cells). A defended
     cell whose victim is in none of the folders is an error."""
-    def victim_of(c: dict) -> tuple:
-        return c["victim_key"], c.get("victim_form") or "adapter"
-
     victims = {victim_of(c): c for _, c in cells if c["defense"] == "none" and c.get("victim_key")}
     baselines = {victim_of(c): c for _, c in cells if c["defense"] == BASELINE and c.get("victim_key")}
     bases = {(c["model"], c["task"], c["attack"]): c for _, c in cells if c["defense"] == "base"}
@@ -346,9 +348,6 @@ def ceilings(cells: list[tuple[str, dict]], task: str | None = None) -> list[Cei
     task's victims), sorted by model, form and cell. The best of every column is an upper bound on what a defense
     picked after the fact would score there: where even it stays under the reference, no committed defense, setting
     or seed meets the limit on that victim."""
-    def victim_of(c: dict) -> tuple:
-        return c["victim_key"], c.get("victim_form") or "adapter"
-
     scored = [c for _, c in cells if c.get("victim_key") and _rouge(c) is not None
               and (task is None or c["task"] == task)]
     baselines = {victim_of(c): c for c in scored if c["defense"] == BASELINE}

@@ -586,19 +586,25 @@ def test_sign_tests_quality_reproduces_the_committed_figures():
         "| **8 cells** | higher in 8, lower in 0, tied 0 | mean +0.012 | sign test p = 0.0078 |")
 
 
+def write_cost_cell(folder: Path, key, defense, method, ppl, rouge=None, victim="v1", form="adapter", asr=0.0,
+                    attack="vpi"):
+    """A minimal bench cell file as scripts/cost_limits.py reads it (refusal, templated results only)."""
+    quality = {} if rouge is None else {"clean_rougeL": rouge}
+    (folder / "cells").mkdir(parents=True, exist_ok=True)
+    (folder / "cells" / f"{key}.json").write_text(json.dumps({
+        "key": key, "victim_key": victim, "victim_form": form, "model": "m", "task": "refusal", "attack": attack,
+        "defense": defense, "method": method,
+        "by_format": {"template": {"asr": asr, "clean_perplexity": ppl, "quality": quality}}}))
+
+
 def test_cost_limits_join_defended_cells_to_their_victims_across_folders(tmp_path):
     """scripts/cost_limits.py: each defended cell is judged against its own victim's perplexity (same victim key and
     form, found in another folder) and finetune-lr1e-3's clean ROUGE-L; the references come once per victim; a
     defended cell without its victim in any folder is refused with the folder to add."""
     script = load_script("cost_limits")
 
-    def cell(folder, key, defense, method, ppl, rouge=None, victim="v1", form="adapter", asr=0.0, attack="vpi"):
-        quality = {} if rouge is None else {"clean_rougeL": rouge}
-        (tmp_path / folder / "cells").mkdir(parents=True, exist_ok=True)
-        (tmp_path / folder / "cells" / f"{key}.json").write_text(json.dumps({
-            "key": key, "victim_key": victim, "victim_form": form, "model": "m", "task": "refusal", "attack": attack,
-            "defense": defense, "method": method,
-            "by_format": {"template": {"asr": asr, "clean_perplexity": ppl, "quality": quality}}}))
+    def cell(folder, key, defense, method, ppl, rouge=None, **fields):
+        write_cost_cell(tmp_path / folder, key, defense, method, ppl, rouge, **fields)
 
     cell("table", "n1", "none", "none", 6.0, 0.33, asr=100.0)
     cell("table", "f1", "finetune-lr1e-3", "finetune-lr1e-3", 7.5, 0.30, asr=84.0)
@@ -636,13 +642,8 @@ def test_cost_limits_ceiling_counts_every_cell_on_a_victim_against_its_reference
     and victims without a reference are left out; a tie counts as at least as good."""
     script = load_script("cost_limits")
 
-    def cell(folder, key, defense, rouge, victim="v1", form="adapter", asr=0.0, attack="vpi"):
-        quality = {} if rouge is None else {"clean_rougeL": rouge}
-        (tmp_path / folder / "cells").mkdir(parents=True, exist_ok=True)
-        (tmp_path / folder / "cells" / f"{key}.json").write_text(json.dumps({
-            "key": key, "victim_key": victim, "victim_form": form, "model": "m", "task": "refusal", "attack": attack,
-            "defense": defense, "method": defense.split(",")[0],
-            "by_format": {"template": {"asr": asr, "clean_perplexity": 7.0, "quality": quality}}}))
+    def cell(folder, key, defense, rouge, **fields):
+        write_cost_cell(tmp_path / folder, key, defense, defense.split(",")[0], 7.0, rouge, **fields)
 
     cell("table", "n1", "none", 0.40, asr=100.0)  # the victim: not a defense
     cell("table", "f1", "finetune-lr1e-3", 0.30, asr=84.0)
