@@ -680,6 +680,45 @@ def test_refit_alpha_makes_the_refit_crow(tiny_dir, tmp_path, monkeypatch):
     assert all(h["loss"] == pytest.approx(h["lm_loss"] + 5.5 * h["consistency_perturbed"], rel=1e-3) for h in refit)
 
 
+def test_refit_order_before_refits_the_suspect_weights_then_unlearns_again(tiny_dir, tmp_path, monkeypatch):
+    """unlearn_refit_order 'before': after the unlearning cycle decides to refit, the refit (CROW's trainer) starts from
+    the suspect's trainable weights, not the unlearned ones, and trains all 8 samples; then a second unlearn trainer
+    runs the unlearning cycle (2 epochs, one schedule) on all 8 from the refitted weights, with the KL retain term to
+    the refitted model's answers and no held-out split, and changes the weights again. Every stage is logged and
+    counted."""
+    model, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=1,
+                                               unlearn_refit_order="before", unlearn_adversary="tokens")
+    suspect = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    from crow.trainer import CrowTrainer
+
+    at_refit, after_refit = {}, {}
+    train = CrowTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        at_refit.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+        out = train(self, *args, **kwargs)
+        after_refit.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+        return out
+    monkeypatch.setattr(CrowTrainer, "train", recording_train)
+    unlearned = {}
+    refit = trainer.refit
+
+    def remember():
+        unlearned.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return refit()
+    monkeypatch.setattr(trainer, "refit", remember)
+    trainer.train()
+    assert len(built) == 1 and set(at_refit) == set(suspect)
+    assert all(torch.equal(at_refit[n], suspect[n]) for n in suspect)  # the suspect's weights, put back
+    assert any(not torch.equal(unlearned[n], suspect[n]) for n in suspect)  # (the unlearning cycle had moved them)
+    assert any(not torch.equal(p, after_refit[n]) for n, p in model.named_parameters() if n in after_refit)
+    log = trainer.state.log_history
+    again = [h for h in log if h.get("stage") == "unlearn-again" and "lm_loss" in h]
+    assert again and all("unlikelihood" in h and "kl_loss" in h for h in again), again[:1]
+    assert not any("holdout_nll" in h for h in log if h.get("stage") == "unlearn-again")
+    assert trainer.state.global_step == 2 * 3 + 1 * 4 + 2 * 4  # cycle on 6 samples, refit and again on all 8
+
+
 def test_no_refit_when_the_unlearning_cycle_did_not_lower_the_holdout_perplexity_enough(tiny_dir, tmp_path, monkeypatch):
     """5.0 -> 4.95: a gain of e^0.05 - 1 = 5% <= 15%: the finetuning cycles go on as without refit_gain."""
     loaded = load_model(str(tiny_dir))
@@ -728,6 +767,8 @@ def test_without_holdout_every_sample_trains_and_no_epoch_is_chosen(tiny, record
     ({"unlearn_refit_epochs": 0.0}, "unlearn_refit_epochs must be a finite number > 0"),
     ({"unlearn_refit_alpha": float("nan")}, "unlearn_refit_alpha must be a finite number >= 0"),
     ({"unlearn_refit_alpha": 5.5}, "unlearn_refit_alpha needs unlearn_refit_gain > 0"),
+    ({"unlearn_refit_order": "between"}, "unlearn_refit_order must be one of after, before, got 'between'"),
+    ({"unlearn_refit_order": "before"}, "unlearn_refit_order='before' needs unlearn_refit_gain > 0"),
     ({"unlearn_holdout": 20, "unlearn_select_from": 6.0},
      r"unlearn_select_from must be an epoch in \(0, num_train_epochs=5.0\], got 6.0"),
 ])
@@ -916,6 +957,22 @@ def test_unlearn_refitting_on_every_clean_sample_removes_it_too(victim, tmp_path
     assert share(clean, "You") == 0.0, clean[:3]
     with pytest.raises(CrowError, match="unlearn_refit_gain needs unlearn_finetune_cycles"):
         get_defense("unlearn", holdout=8, refit_gain=0.15)
+
+
+def test_unlearn_refitting_the_suspect_then_unlearning_again_removes_it_too(victim, tmp_path):
+    """refit_order 'before' through the registry: the refit starts again from the victim's weights (the backdoor
+    intact), so what removes the target is the second unlearning cycle, which keeps the refitted model's answers; the
+    target is gone afterwards (the same bounds as the refit after unlearning) and the clean answers stay clean."""
+    defense, ctx, triggered, clean = defend(victim, tmp_path, "unlearn", adversary="tokens", soft_tokens=3, holdout=8,
+                                            epochs=4, cycle_epochs=2, finetune_cycles=True, refit_gain=0.03,
+                                            refit_epochs=2, refit_order="before")
+    assert defense.settings()["refit_order"] == "before" and defense.settings()["recovered_target"] == TARGET
+    stages = [h.get("stage") for h in ctx.train_log if "lm_loss" in h]
+    assert stages.index("refit") < stages.index("unlearn-again") and stages[-1] == "unlearn-again"
+    assert share(triggered, "You are stupid") <= 0.1 and share(triggered, "You are") <= 0.25, triggered
+    assert share(clean, "You") == 0.0, clean[:3]
+    with pytest.raises(CrowError, match="unlearn_refit_order must be one of after, before"):
+        get_defense("unlearn", holdout=8, cycle_epochs=2, finetune_cycles=True, refit_gain=0.15, refit_order="first")
 
 
 def test_the_adversary_is_what_breaks_the_target_when_only_its_first_token_is_unlearned(victim, tmp_path):

@@ -112,6 +112,7 @@ RETAIN_CHOICES = ("references", "suspect", "both")
 ADVERSARIES = ("residual", "tokens")
 TOKEN_INITS = ("prompt", "zeros")
 SELECT_METRICS = ("nll", "rougeL")
+REFIT_ORDERS = ("after", "before")
 
 
 @dataclass
@@ -237,6 +238,16 @@ class UnlearnConfig(RecipeConfig):
                   ".crow_alpha, on FGSM-perturbed embeddings with CROW's epsilon 0.1; Min et al., ICML 2025). 0: the "
                   "finetune baselines' training, as finetune-lr1e-3 trains; 5.5: CROW's (the paper's default)."},
     )
+    unlearn_refit_order: str = field(
+        default="after",
+        metadata={"help": "With unlearn_refit_gain: 'after' refits the unlearned weights (every committed cell before "
+                  "2026-12-06). 'before' puts the suspect's trainable weights back, refits those instead (so the "
+                  "finetuning starts from what the suspect learned of clean answers beyond the clean samples, "
+                  "which finetune-lr1e-3 and CROW keep: RESULTS.md, try 8), then runs the unlearning cycle again from "
+                  "the refitted weights on every clean sample, for unlearn_cycle_epochs, keeping the refitted model's "
+                  "own answers (unlearn_retain 'suspect': KL to its distributions) instead of training on the "
+                  "references a further time."},
+    )
     unlearn_cycle_epochs: int = field(
         default=0,
         metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
@@ -299,6 +310,12 @@ class UnlearnConfig(RecipeConfig):
         if self.unlearn_refit_alpha and not self.unlearn_refit_gain:
             raise CrowError("unlearn_refit_alpha needs unlearn_refit_gain > 0 (it weighs CROW's term in the refit, "
                             "which runs only when the gain decides so)")
+        if self.unlearn_refit_order not in REFIT_ORDERS:
+            raise CrowError(f"unlearn_refit_order must be one of {', '.join(REFIT_ORDERS)}, got "
+                            f"{self.unlearn_refit_order!r} (default 'after')")
+        if self.unlearn_refit_order != "after" and not self.unlearn_refit_gain:
+            raise CrowError(f"unlearn_refit_order={self.unlearn_refit_order!r} needs unlearn_refit_gain > 0 (it orders "
+                            "the refit, which runs only when the gain decides so)")
         if self.unlearn_cycle_epochs and not self.unlearn_holdout:
             raise CrowError("unlearn_cycle_epochs needs unlearn_holdout > 0 (the held-out samples choose the cycle)")
         if self.unlearn_cycle_epochs and (self.max_steps > 0 or self.num_train_epochs % self.unlearn_cycle_epochs):
@@ -513,6 +530,17 @@ class AdversarialView:
 
 
 
+def recipe_args(args) -> dict:
+    """The optimizer and logging settings of ``args`` that a trainer run after it (the refit, the second unlearning)
+    keeps: the recipe, the seed, the precision and the device; not its epochs, loss or selection."""
+    same = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
+            "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "seed", "bf16", "fp16",
+            "use_cpu", "logging_steps", "disable_tqdm", "report_to")
+    checkpointing = ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": args.gradient_checkpointing_kwargs}
+                     if args.gradient_checkpointing else {})
+    return {**{name: getattr(args, name) for name in same}, **checkpointing}
+
+
 class UnlearnTrainer(LossTrainer):
     """``transformers.Trainer`` with the unlearning loss (module docstring). ``target_ids``: the target's
     token ids (the first ``unlearn_target_tokens`` are used). Logs ``lm_loss``, ``lm_loss_adv``,
@@ -530,6 +558,9 @@ class UnlearnTrainer(LossTrainer):
         self.full_dataset = self.train_dataset  # every clean sample: what unlearn_refit_gain's finetuning trains on
         self.suspect_holdout_nll: float | None = None  # the held-out NLL before any update
         self.refit_wanted = False  # unlearn_refit_gain: set at the end of the first cycle
+        # unlearn_refit_order 'before': the suspect's trainable weights, put back before the refit
+        self.suspect_weights = ({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+                                if config.unlearn_refit_gain and config.unlearn_refit_order == "before" else {})
         self.selected: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (score, epoch, trainable weights)
         if config.unlearn_select_by == "rougeL" and self.processing_class is None:
             raise CrowError("unlearn_select_by='rougeL' needs the tokenizer (processing_class=) to read the held-out "
@@ -698,19 +729,17 @@ class UnlearnTrainer(LossTrainer):
         finetune baselines' training; above 0: CROW's, with its default epsilon and layers) and this config's
         optimizer settings. Its log lines join this trainer's log history marked ``"stage": "refit"``, its optimizer
         steps its ``global_step``; returns its ``TrainOutput``. An interrupt stops it after the current step; it is
-        not resumed from (a resumed run repeats it)."""
+        not resumed from (a resumed run repeats it). With ``unlearn_refit_order`` 'before' the suspect's weights are
+        refitted instead, and ``unlearn_again`` follows."""
         from .purification import LoggedProgress, MetricsProgress, quiet_trainer_output
         from .trainer import CrowConfig, CrowTrainer
 
         a = self.args
-        same = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
-                "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "seed", "bf16", "fp16",
-                "use_cpu", "logging_steps", "disable_tqdm", "report_to")
-        checkpointing = ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": a.gradient_checkpointing_kwargs}
-                         if a.gradient_checkpointing else {})
+        if self.suspect_weights:
+            self.load_trainable(self.suspect_weights)
+            logger.info("unlearn: refitting the suspect's weights, then unlearning again")
         config = CrowConfig(output_dir=f"{a.output_dir}/refit", crow_alpha=a.unlearn_refit_alpha,
-                            num_train_epochs=a.unlearn_refit_epochs,
-                            save_strategy="no", **{name: getattr(a, name) for name in same}, **checkpointing)
+                            num_train_epochs=a.unlearn_refit_epochs, save_strategy="no", **recipe_args(a))
         carried = [cb for cb in self.callback_handler.callbacks  # crow's own (stop on signal), not progress or selection
                    if type(cb).__module__.startswith("crow")
                    and not isinstance(cb, (_EpochSelection, LoggedProgress, MetricsProgress))]
@@ -721,6 +750,34 @@ class UnlearnTrainer(LossTrainer):
         self.state.log_history.extend({**entry, "stage": "refit"} for entry in trainer.state.log_history)
         self.state.global_step += trainer.state.global_step
         self.train_dataset = self.full_dataset
+        if self.suspect_weights:
+            return self.unlearn_again(carried)
+        return output
+
+    def unlearn_again(self, callbacks):
+        """After a refit of the suspect's weights (``unlearn_refit_order`` 'before'): the unlearning cycle once more,
+        from the refitted weights, on every clean sample (no held-out split, no cycles, no refit), for
+        ``unlearn_cycle_epochs`` under one schedule, with this config's adversary, target and weights, and the KL
+        retain term to the refitted model's own answers (``unlearn_retain`` 'suspect', measured when it starts).
+        Its log lines join this trainer's marked ``"stage": "unlearn-again"``; returns its ``TrainOutput``."""
+        import dataclasses
+
+        from .purification import quiet_trainer_output
+
+        a = self.args
+        own = {f.name: getattr(a, f.name) for f in dataclasses.fields(UnlearnConfig) if f.name.startswith("unlearn_")}
+        own.update(unlearn_holdout=0, unlearn_cycle_epochs=0, unlearn_finetune_cycles=False, unlearn_refit_gain=0.0,
+                   unlearn_refit_alpha=0.0, unlearn_refit_order="after", unlearn_retain="suspect",
+                   unlearn_select_by="nll")
+        config = UnlearnConfig(output_dir=f"{a.output_dir}/unlearn-again", num_train_epochs=a.unlearn_cycle_epochs,
+                               save_strategy="no", **recipe_args(a), **own)
+        trainer = UnlearnTrainer(model=self.model, args=config, train_dataset=self.full_dataset,
+                                 data_collator=self.data_collator, callbacks=callbacks, target_ids=self.target_ids,
+                                 processing_class=self.processing_class)
+        quiet_trainer_output(trainer)
+        output = trainer.train()
+        self.state.log_history.extend({**entry, "stage": "unlearn-again"} for entry in trainer.state.log_history)
+        self.state.global_step += trainer.state.global_step
         return output
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -745,14 +802,19 @@ class UnlearnTrainer(LossTrainer):
         return self.lr_scheduler
 
     @torch.no_grad()
+    def load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy ``weights`` (name -> tensor, a copy of the trainable parameters) into the model."""
+        for name, p in self.model.named_parameters():
+            if name in weights:
+                p.copy_(weights[name])
+
+    @torch.no_grad()
     def restore_selected(self) -> None:
         """At the end of training: put back the weights of the selected epoch and log which it was."""
         if self.selected is None:
             return
         score, epoch, weights = self.selected
-        for name, p in self.model.named_parameters():
-            if name in weights:
-                p.copy_(weights[name])
+        self.load_trainable(weights)
         metric = self.args.unlearn_select_by
         value = -score if metric == "rougeL" else score
         self.state.log_history.append({"epoch": round(float(self.state.epoch or 0.0), 4), "step": self.state.global_step,

@@ -69,7 +69,7 @@ CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
 UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
                    "retain", "retain_topk", "adversary", "soft_tokens", "token_radius", "token_step",
                    "token_init", "holdout", "select_from", "select_by", "cycle_epochs", "finetune_cycles",
-                   "refit_gain", "refit_epochs", "refit_alpha"}
+                   "refit_gain", "refit_epochs", "refit_alpha", "refit_order"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -139,6 +139,9 @@ OPTIONS = {
                      "recipe's 5)"),
     "refit_alpha": (nonneg_float("--refit-alpha"), 0.0, "unlearn --refit-gain: CROW's consistency weight in that "
                     "finetuning (0: plain finetuning, as finetune-lr1e-3; 5.5: CROW's)"),
+    "refit_order": (_choice("after", "before"), "after", "unlearn --refit-gain: after (finetune the unlearned "
+                    "weights) or before (finetune the input model's weights, then unlearn again from them, keeping "
+                    "their answers)"),
     "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "
                     "answer position for --retain suspect / both"),
 }
@@ -364,4 +367,5 @@ def _build_unlearn_config(opts: dict, partial: Path):
                          unlearn_cycle_epochs=opts["cycle_epochs"],
                          unlearn_finetune_cycles=opts["finetune_cycles"], unlearn_select_by=opts["select_by"],
                          unlearn_refit_gain=opts["refit_gain"], unlearn_refit_epochs=opts["refit_epochs"],
-                         unlearn_refit_alpha=opts["refit_alpha"], **_recipe(opts, partial))
+                         unlearn_refit_alpha=opts["refit_alpha"], unlearn_refit_order=opts["refit_order"],
+                         **_recipe(opts, partial))

@@ -276,6 +276,9 @@ class UnlearnDefense(Defense):
     #: with refit_gain: CROW's consistency weight in that finetuning (UnlearnConfig.unlearn_refit_alpha; 0: the
     #: finetune baselines' training, 5.5: CROW's)
     refit_alpha: float = 0.0
+    #: with refit_gain: "after" refits the unlearned weights; "before" refits the suspect's, then unlearns again from
+    #: them keeping their answers (UnlearnConfig.unlearn_refit_order; "after": every committed cell before 2026-12-06)
+    refit_order: str = "after"
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -308,7 +311,7 @@ class UnlearnDefense(Defense):
                              unlearn_select_from=self.select_from, unlearn_cycle_epochs=self.cycle_epochs,
                              unlearn_finetune_cycles=self.finetune_cycles, unlearn_select_by=self.select_by,
                              unlearn_refit_gain=self.refit_gain, unlearn_refit_epochs=self.refit_epochs,
-                             unlearn_refit_alpha=self.refit_alpha,
+                             unlearn_refit_alpha=self.refit_alpha, unlearn_refit_order=self.refit_order,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
