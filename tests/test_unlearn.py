@@ -719,6 +719,72 @@ def test_refit_order_before_refits_the_suspect_weights_then_unlearns_again(tiny_
     assert trainer.state.global_step == 2 * 3 + 1 * 4 + 2 * 4  # cycle on 6 samples, refit and again on all 8
 
 
+def test_refit_teacher_refits_the_suspect_then_finetunes_the_unlearned_weights_towards_it(tiny_dir, tmp_path,
+                                                                                          monkeypatch):
+    """unlearn_refit_teacher: the teacher's refit (CROW's trainer) starts from the suspect's weights; the student's
+    refit starts from the unlearned weights the cycle kept and trains the retain term alone (LM on the references plus
+    KL to the teacher's answers measured when the teacher was done: KL 0 at the teacher's own weights), no adversary;
+    every stage logged and counted."""
+    model, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=1,
+                                               unlearn_refit_teacher=True, unlearn_adversary="tokens",
+                                               learning_rate=1e-2)
+    suspect = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    from crow.trainer import CrowTrainer
+
+    at_teacher, teacher = {}, {}
+    train = CrowTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        at_teacher.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+        out = train(self, *args, **kwargs)
+        teacher.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+        return out
+    monkeypatch.setattr(CrowTrainer, "train", recording_train)
+    unlearned, student_start, kl_at_teacher = {}, {}, []
+    refit, distill = trainer.refit, trainer.distill
+
+    def remember():
+        unlearned.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return refit()
+
+    def check(weights, callbacks):
+        follow_up = trainer.follow_up
+
+        def measured(*args, **kwargs):
+            student = follow_up(*args, **kwargs)
+            batch = next(iter(student.get_train_dataloader()))
+            student.finetuning = True
+            with torch.no_grad():
+                student.compute_loss(model, {k: v.to(model.device) for k, v in batch.items()})
+            kl_at_teacher.append(student._metrics["kl_loss"][-1])
+            student._metrics.clear()  # (this measurement is not a training step)
+            return student
+        monkeypatch.setattr(trainer, "follow_up", measured)
+        out = distill(weights, callbacks)
+        return out
+    monkeypatch.setattr(trainer, "refit", remember)
+    monkeypatch.setattr(trainer, "distill", check)
+    load = trainer.load_trainable
+
+    def loading(weights):
+        load(weights)
+        if weights is not trainer.suspect_weights:
+            student_start.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    monkeypatch.setattr(trainer, "load_trainable", loading)
+    trainer.train()
+    assert len(built) == 1 and all(torch.equal(at_teacher[n], suspect[n]) for n in suspect)
+    assert all(torch.equal(student_start[n], unlearned[n]) for n in unlearned)  # the student: the unlearned weights
+    assert any(not torch.equal(unlearned[n], teacher[n]) for n in teacher)
+    assert kl_at_teacher == [pytest.approx(0.0, abs=1e-5)]  # measured on the teacher: no KL at its own weights
+    log = trainer.state.log_history
+    assert [h for h in log if h.get("stage") == "teacher" and "lm_loss" in h]
+    student = [h for h in log if h.get("stage") == "refit" and "lm_loss" in h]
+    assert student and all("kl_loss" in h and "unlikelihood" not in h and "lm_loss_adv" not in h for h in student)
+    assert student[0]["kl_loss"] > max(10 * kl_at_teacher[0], 1e-5)  # the student starts away from the teacher
+    assert all(h["loss"] == pytest.approx(h["lm_loss"] + h["kl_loss"], rel=1e-3) for h in student)
+    assert trainer.state.global_step == 2 * 3 + 1 * 4 + 1 * 4  # cycle on 6 samples, teacher and student on all 8
+
+
 def test_no_refit_when_the_unlearning_cycle_did_not_lower_the_holdout_perplexity_enough(tiny_dir, tmp_path, monkeypatch):
     """5.0 -> 4.95: a gain of e^0.05 - 1 = 5% <= 15%: the finetuning cycles go on as without refit_gain."""
     loaded = load_model(str(tiny_dir))
@@ -769,6 +835,7 @@ def test_without_holdout_every_sample_trains_and_no_epoch_is_chosen(tiny, record
     ({"unlearn_refit_alpha": 5.5}, "unlearn_refit_alpha needs unlearn_refit_gain > 0"),
     ({"unlearn_refit_order": "between"}, "unlearn_refit_order must be one of after, before, got 'between'"),
     ({"unlearn_refit_order": "before"}, "unlearn_refit_order='before' needs unlearn_refit_gain > 0"),
+    ({"unlearn_refit_teacher": True}, "unlearn_refit_teacher needs unlearn_refit_gain > 0 and unlearn_refit_order"),
     ({"unlearn_holdout": 20, "unlearn_select_from": 6.0},
      r"unlearn_select_from must be an epoch in \(0, num_train_epochs=5.0\], got 6.0"),
 ])
@@ -973,6 +1040,20 @@ def test_unlearn_refitting_the_suspect_then_unlearning_again_removes_it_too(vict
     assert share(clean, "You") == 0.0, clean[:3]
     with pytest.raises(CrowError, match="unlearn_refit_order must be one of after, before"):
         get_defense("unlearn", holdout=8, cycle_epochs=2, finetune_cycles=True, refit_gain=0.15, refit_order="first")
+
+
+def test_unlearn_refitting_towards_a_refitted_teacher_removes_it_too(victim, tmp_path):
+    """refit_teacher through the registry: the teacher is the victim's weights refitted (the backdoor in it), the
+    student the unlearned weights finetuned towards the references and the teacher's answers on the clean samples
+    only; the target stays gone from the student (the same bounds as the plain refit) and its clean answers clean."""
+    defense, ctx, triggered, clean = defend(victim, tmp_path, "unlearn", adversary="tokens", soft_tokens=3, holdout=8,
+                                            epochs=4, cycle_epochs=2, finetune_cycles=True, refit_gain=0.03,
+                                            refit_epochs=2, refit_teacher=True)
+    assert defense.settings()["refit_teacher"] is True and defense.settings()["recovered_target"] == TARGET
+    stages = [h.get("stage") for h in ctx.train_log if "lm_loss" in h]
+    assert stages.index("teacher") < stages.index("refit") and stages[-1] == "refit"
+    assert share(triggered, "You are stupid") <= 0.1 and share(triggered, "You are") <= 0.25, triggered
+    assert share(clean, "You") == 0.0, clean[:3]
 
 
 def test_the_adversary_is_what_breaks_the_target_when_only_its_first_token_is_unlearned(victim, tmp_path):

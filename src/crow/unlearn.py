@@ -81,6 +81,15 @@ sample, the held-out ones included, with the baseline's own training (``CrowTrai
 perplexity rises with every finetuning epoch) keeps the cycles. ``unlearn_refit_alpha`` makes that finetuning CROW's
 own (its consistency term on FGSM-perturbed embeddings, weight alpha, the paper's epsilon): the toolkit's two methods
 in sequence, unlearning for the backdoor, then CROW as the regularized finetuning that restores the clean answers.
+``unlearn_refit_order: before`` swaps the two where the refit runs: the suspect's trainable weights are put back and
+refitted, and the unlearning cycle runs once more from the refitted weights, on every clean sample, with the KL retain
+term to the refitted model's own answers (``unlearn_again``). Why: a suspect adapter trained on many clean samples
+beside the poisoned ones knows more of the clean answers than 100 samples teach, finetuning from its weights keeps
+that, and an unlearning cycle before the finetuning loses part of it (RESULTS.md, tries 7 and 8).
+``unlearn_refit_teacher`` keeps the order and adds a teacher instead: the suspect's weights refitted the same way, whose
+answer distributions on the clean samples the unlearned weights are then finetuned towards beside the references
+(``distill``; knowledge distillation, Hinton, Vinyals & Dean 2015, with a finetuned copy of the backdoored model as
+the teacher as in NAD, Li et al., ICLR 2021).
 
 The budget is measured once, before training, with no grad: the mean L2 norm of layer
 ``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
@@ -248,6 +257,17 @@ class UnlearnConfig(RecipeConfig):
                   "own answers (unlearn_retain 'suspect': KL to its distributions) instead of training on the "
                   "references a further time."},
     )
+    unlearn_refit_teacher: bool = field(
+        default=False,
+        metadata={"help": "With unlearn_refit_gain and unlearn_refit_order 'after': before the refit, the suspect's "
+                  "trainable weights are refitted the same way into a teacher (CROW's training of the suspect, which "
+                  "keeps what it learned of clean answers beyond the clean samples), and the unlearned weights are "
+                  "then finetuned on every clean sample towards the references and the teacher's answer "
+                  "distributions on them (LM + KL to the teacher's top-k: knowledge distillation, Hinton, Vinyals & "
+                  "Dean 2015; a finetuned copy of the backdoored model as the teacher of its purified student as in "
+                  "NAD, Li et al., ICLR 2021), so the student keeps the backdoor's removal and learns the teacher's "
+                  "clean answers."},
+    )
     unlearn_cycle_epochs: int = field(
         default=0,
         metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
@@ -316,6 +336,9 @@ class UnlearnConfig(RecipeConfig):
         if self.unlearn_refit_order != "after" and not self.unlearn_refit_gain:
             raise CrowError(f"unlearn_refit_order={self.unlearn_refit_order!r} needs unlearn_refit_gain > 0 (it orders "
                             "the refit, which runs only when the gain decides so)")
+        if self.unlearn_refit_teacher and (not self.unlearn_refit_gain or self.unlearn_refit_order != "after"):
+            raise CrowError("unlearn_refit_teacher needs unlearn_refit_gain > 0 and unlearn_refit_order 'after' (the "
+                            "teacher is what the refit of the unlearned weights learns from)")
         if self.unlearn_cycle_epochs and not self.unlearn_holdout:
             raise CrowError("unlearn_cycle_epochs needs unlearn_holdout > 0 (the held-out samples choose the cycle)")
         if self.unlearn_cycle_epochs and (self.max_steps > 0 or self.num_train_epochs % self.unlearn_cycle_epochs):
@@ -558,9 +581,9 @@ class UnlearnTrainer(LossTrainer):
         self.full_dataset = self.train_dataset  # every clean sample: what unlearn_refit_gain's finetuning trains on
         self.suspect_holdout_nll: float | None = None  # the held-out NLL before any update
         self.refit_wanted = False  # unlearn_refit_gain: set at the end of the first cycle
-        # unlearn_refit_order 'before': the suspect's trainable weights, put back before the refit
-        self.suspect_weights = ({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-                                if config.unlearn_refit_gain and config.unlearn_refit_order == "before" else {})
+        # unlearn_refit_order 'before' / unlearn_refit_teacher: the suspect's trainable weights, refitted later
+        self.suspect_weights = (self.trainable_copy() if config.unlearn_refit_gain and (
+            config.unlearn_refit_order == "before" or config.unlearn_refit_teacher) else {})
         self.selected: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (score, epoch, trainable weights)
         if config.unlearn_select_by == "rougeL" and self.processing_class is None:
             raise CrowError("unlearn_select_by='rougeL' needs the tokenizer (processing_class=) to read the held-out "
@@ -698,8 +721,7 @@ class UnlearnTrainer(LossTrainer):
             return False
         self.finetuning = self.args.unlearn_finetune_cycles
         if self.selected is None or score < self.selected[0]:
-            weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-            self.selected = (score, epoch, weights)
+            self.selected = (score, epoch, self.trainable_copy())
             return self.refit_wanted  # the refit replaces the finetuning cycles: stop here
         return bool(cycle)  # a cycle that did not improve the held-out answers: stop
 
@@ -730,14 +752,18 @@ class UnlearnTrainer(LossTrainer):
         optimizer settings. Its log lines join this trainer's log history marked ``"stage": "refit"``, its optimizer
         steps its ``global_step``; returns its ``TrainOutput``. An interrupt stops it after the current step; it is
         not resumed from (a resumed run repeats it). With ``unlearn_refit_order`` 'before' the suspect's weights are
-        refitted instead, and ``unlearn_again`` follows."""
+        refitted instead, and ``unlearn_again`` follows; with ``unlearn_refit_teacher`` the suspect's weights are
+        refitted into the teacher (its log lines marked ``"stage": "teacher"``), and ``distill`` refits the unlearned
+        weights."""
         from .purification import LoggedProgress, MetricsProgress, quiet_trainer_output
         from .trainer import CrowConfig, CrowTrainer
 
         a = self.args
+        unlearned = self.trainable_copy() if a.unlearn_refit_teacher else {}
         if self.suspect_weights:
             self.load_trainable(self.suspect_weights)
-            logger.info("unlearn: refitting the suspect's weights, then unlearning again")
+            logger.info("unlearn: refitting the suspect's weights, then %s",
+                        "finetuning the unlearned ones towards them" if unlearned else "unlearning again")
         config = CrowConfig(output_dir=f"{a.output_dir}/refit", crow_alpha=a.unlearn_refit_alpha,
                             num_train_epochs=a.unlearn_refit_epochs, save_strategy="no", **recipe_args(a))
         carried = [cb for cb in self.callback_handler.callbacks  # crow's own (stop on signal), not progress or selection
@@ -747,19 +773,20 @@ class UnlearnTrainer(LossTrainer):
                               data_collator=self.data_collator, callbacks=carried)
         quiet_trainer_output(trainer)
         output = trainer.train()
-        self.state.log_history.extend({**entry, "stage": "refit"} for entry in trainer.state.log_history)
+        stage = "teacher" if unlearned else "refit"
+        self.state.log_history.extend({**entry, "stage": stage} for entry in trainer.state.log_history)
         self.state.global_step += trainer.state.global_step
         self.train_dataset = self.full_dataset
+        if unlearned:
+            return self.distill(unlearned, carried)
         if self.suspect_weights:
             return self.unlearn_again(carried)
         return output
 
-    def unlearn_again(self, callbacks):
-        """After a refit of the suspect's weights (``unlearn_refit_order`` 'before'): the unlearning cycle once more,
-        from the refitted weights, on every clean sample (no held-out split, no cycles, no refit), for
-        ``unlearn_cycle_epochs`` under one schedule, with this config's adversary, target and weights, and the KL
-        retain term to the refitted model's own answers (``unlearn_retain`` 'suspect', measured when it starts).
-        Its log lines join this trainer's marked ``"stage": "unlearn-again"``; returns its ``TrainOutput``."""
+    def follow_up(self, name: str, epochs: float, callbacks, **settings) -> "UnlearnTrainer":
+        """An ``UnlearnTrainer`` on this one's model, target and every clean sample (no held-out split, no cycles, no
+        refit), this config's recipe and ``unlearn_*`` settings but ``settings``, for ``epochs`` under one schedule;
+        it measures what its retain term keeps (``unlearn_retain`` 'suspect' / 'both') from the model as it is now."""
         import dataclasses
 
         from .purification import quiet_trainer_output
@@ -767,18 +794,40 @@ class UnlearnTrainer(LossTrainer):
         a = self.args
         own = {f.name: getattr(a, f.name) for f in dataclasses.fields(UnlearnConfig) if f.name.startswith("unlearn_")}
         own.update(unlearn_holdout=0, unlearn_cycle_epochs=0, unlearn_finetune_cycles=False, unlearn_refit_gain=0.0,
-                   unlearn_refit_alpha=0.0, unlearn_refit_order="after", unlearn_retain="suspect",
-                   unlearn_select_by="nll")
-        config = UnlearnConfig(output_dir=f"{a.output_dir}/unlearn-again", num_train_epochs=a.unlearn_cycle_epochs,
-                               save_strategy="no", **recipe_args(a), **own)
+                   unlearn_refit_alpha=0.0, unlearn_refit_order="after", unlearn_refit_teacher=False,
+                   unlearn_select_by="nll", **settings)
+        config = UnlearnConfig(output_dir=f"{a.output_dir}/{name}", num_train_epochs=epochs, save_strategy="no",
+                               **recipe_args(a), **own)
         trainer = UnlearnTrainer(model=self.model, args=config, train_dataset=self.full_dataset,
                                  data_collator=self.data_collator, callbacks=callbacks, target_ids=self.target_ids,
                                  processing_class=self.processing_class)
         quiet_trainer_output(trainer)
+        return trainer
+
+    def _run_follow_up(self, trainer: "UnlearnTrainer", stage: str):
         output = trainer.train()
-        self.state.log_history.extend({**entry, "stage": "unlearn-again"} for entry in trainer.state.log_history)
+        self.state.log_history.extend({**entry, "stage": stage} for entry in trainer.state.log_history)
         self.state.global_step += trainer.state.global_step
         return output
+
+    def distill(self, unlearned: dict[str, torch.Tensor], callbacks):
+        """After the teacher's refit (``unlearn_refit_teacher``): measure the teacher's top-k answer distributions on
+        every clean sample, put the unlearned weights back and finetune them for ``unlearn_refit_epochs`` on the
+        references and those distributions (``unlearn_retain`` 'both', the retain term alone: no adversary, no
+        unlikelihood). Its log lines are marked ``"stage": "refit"``; returns its ``TrainOutput``."""
+        trainer = self.follow_up("distill", self.args.unlearn_refit_epochs, callbacks, unlearn_retain="both")
+        self.load_trainable(unlearned)
+        trainer.finetuning = True  # the retain term alone (compute_loss), as in the finetuning cycles
+        return self._run_follow_up(trainer, "refit")
+
+    def unlearn_again(self, callbacks):
+        """After a refit of the suspect's weights (``unlearn_refit_order`` 'before'): the unlearning cycle once more,
+        from the refitted weights, on every clean sample, for ``unlearn_cycle_epochs`` under one schedule, with this
+        config's adversary, target and weights, and the KL retain term to the refitted model's own answers
+        (``unlearn_retain`` 'suspect', measured when it starts). Its log lines join this trainer's marked
+        ``"stage": "unlearn-again"``; returns its ``TrainOutput``."""
+        trainer = self.follow_up("unlearn-again", self.args.unlearn_cycle_epochs, callbacks, unlearn_retain="suspect")
+        return self._run_follow_up(trainer, "unlearn-again")
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The recipe's schedule, or with ``unlearn_cycle_epochs`` that schedule over one cycle, restarted at every
@@ -800,6 +849,10 @@ class UnlearnTrainer(LossTrainer):
         self.lr_scheduler = LambdaLR(optimizer, cyclic_schedule(one.lr_lambdas[0], cycle_steps))
         self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def trainable_copy(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable parameters (name -> tensor)."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
