@@ -719,15 +719,16 @@ def test_refit_order_before_refits_the_suspect_weights_then_unlearns_again(tiny_
     assert trainer.state.global_step == 2 * 3 + 1 * 4 + 2 * 4  # cycle on 6 samples, refit and again on all 8
 
 
+@pytest.mark.parametrize("only", [False, True], ids=["references-and-teacher", "teacher-only"])
 def test_refit_teacher_refits_the_suspect_then_finetunes_the_unlearned_weights_towards_it(tiny_dir, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, only):
     """unlearn_refit_teacher: the teacher's refit (CROW's trainer) starts from the suspect's weights; the student's
     refit starts from the unlearned weights the cycle kept and trains the retain term alone (LM on the references plus
-    KL to the teacher's answers measured when the teacher was done: KL 0 at the teacher's own weights), no adversary;
-    every stage logged and counted."""
+    KL to the teacher's answers measured when the teacher was done: KL 0 at the teacher's own weights; the KL alone with
+    unlearn_teacher_only), no adversary; every stage logged and counted."""
     model, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=1,
-                                               unlearn_refit_teacher=True, unlearn_adversary="tokens",
-                                               learning_rate=1e-2)
+                                               unlearn_refit_teacher=True, unlearn_teacher_only=only,
+                                               unlearn_adversary="tokens", learning_rate=1e-2)
     suspect = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     from crow.trainer import CrowTrainer
 
@@ -781,7 +782,8 @@ def test_refit_teacher_refits_the_suspect_then_finetunes_the_unlearned_weights_t
     student = [h for h in log if h.get("stage") == "refit" and "lm_loss" in h]
     assert student and all("kl_loss" in h and "unlikelihood" not in h and "lm_loss_adv" not in h for h in student)
     assert student[0]["kl_loss"] > max(10 * kl_at_teacher[0], 1e-5)  # the student starts away from the teacher
-    assert all(h["loss"] == pytest.approx(h["lm_loss"] + h["kl_loss"], rel=1e-3) for h in student)
+    assert all(h["loss"] == pytest.approx(h["kl_loss"] + (0 if only else h["lm_loss"]), rel=1e-3, abs=1e-5)
+               for h in student)  # (the log rounds to 6 decimals)
     assert trainer.state.global_step == 2 * 3 + 1 * 4 + 1 * 4  # cycle on 6 samples, teacher and student on all 8
 
 
@@ -836,6 +838,7 @@ def test_without_holdout_every_sample_trains_and_no_epoch_is_chosen(tiny, record
     ({"unlearn_refit_order": "between"}, "unlearn_refit_order must be one of after, before, got 'between'"),
     ({"unlearn_refit_order": "before"}, "unlearn_refit_order='before' needs unlearn_refit_gain > 0"),
     ({"unlearn_refit_teacher": True}, "unlearn_refit_teacher needs unlearn_refit_gain > 0 and unlearn_refit_order"),
+    ({"unlearn_teacher_only": True}, "unlearn_teacher_only needs unlearn_refit_teacher"),
     ({"unlearn_holdout": 20, "unlearn_select_from": 6.0},
      r"unlearn_select_from must be an epoch in \(0, num_train_epochs=5.0\], got 6.0"),
 ])

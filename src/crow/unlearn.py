@@ -268,6 +268,12 @@ class UnlearnConfig(RecipeConfig):
                   "NAD, Li et al., ICLR 2021), so the student keeps the backdoor's removal and learns the teacher's "
                   "clean answers."},
     )
+    unlearn_teacher_only: bool = field(
+        default=False,
+        metadata={"help": "With unlearn_refit_teacher: the student is finetuned towards the teacher's answer "
+                  "distributions alone (KL, unlearn_retain 'suspect'), not also the references (LM), so it learns the "
+                  "clean answers as the teacher generalizes them rather than fitting the 100 references further."},
+    )
     unlearn_cycle_epochs: int = field(
         default=0,
         metadata={"help": "With unlearn_holdout: the learning-rate schedule restarts every this many epochs (the "
@@ -339,6 +345,9 @@ class UnlearnConfig(RecipeConfig):
         if self.unlearn_refit_teacher and (not self.unlearn_refit_gain or self.unlearn_refit_order != "after"):
             raise CrowError("unlearn_refit_teacher needs unlearn_refit_gain > 0 and unlearn_refit_order 'after' (the "
                             "teacher is what the refit of the unlearned weights learns from)")
+        if self.unlearn_teacher_only and not self.unlearn_refit_teacher:
+            raise CrowError("unlearn_teacher_only needs unlearn_refit_teacher (it chooses what the student learns from "
+                            "the teacher)")
         if self.unlearn_cycle_epochs and not self.unlearn_holdout:
             raise CrowError("unlearn_cycle_epochs needs unlearn_holdout > 0 (the held-out samples choose the cycle)")
         if self.unlearn_cycle_epochs and (self.max_steps > 0 or self.num_train_epochs % self.unlearn_cycle_epochs):
@@ -795,7 +804,7 @@ class UnlearnTrainer(LossTrainer):
         own = {f.name: getattr(a, f.name) for f in dataclasses.fields(UnlearnConfig) if f.name.startswith("unlearn_")}
         own.update(unlearn_holdout=0, unlearn_cycle_epochs=0, unlearn_finetune_cycles=False, unlearn_refit_gain=0.0,
                    unlearn_refit_alpha=0.0, unlearn_refit_order="after", unlearn_refit_teacher=False,
-                   unlearn_select_by="nll", **settings)
+                   unlearn_teacher_only=False, unlearn_select_by="nll", **settings)
         config = UnlearnConfig(output_dir=f"{a.output_dir}/{name}", num_train_epochs=epochs, save_strategy="no",
                                **recipe_args(a), **own)
         trainer = UnlearnTrainer(model=self.model, args=config, train_dataset=self.full_dataset,
@@ -813,9 +822,11 @@ class UnlearnTrainer(LossTrainer):
     def distill(self, unlearned: dict[str, torch.Tensor], callbacks):
         """After the teacher's refit (``unlearn_refit_teacher``): measure the teacher's top-k answer distributions on
         every clean sample, put the unlearned weights back and finetune them for ``unlearn_refit_epochs`` on the
-        references and those distributions (``unlearn_retain`` 'both', the retain term alone: no adversary, no
-        unlikelihood). Its log lines are marked ``"stage": "refit"``; returns its ``TrainOutput``."""
-        trainer = self.follow_up("distill", self.args.unlearn_refit_epochs, callbacks, unlearn_retain="both")
+        references and those distributions (``unlearn_retain`` 'both'; 'suspect', the distributions alone, with
+        ``unlearn_teacher_only``; the retain term alone: no adversary, no unlikelihood). Its log lines are marked
+        ``"stage": "refit"``; returns its ``TrainOutput``."""
+        retain = "suspect" if self.args.unlearn_teacher_only else "both"
+        trainer = self.follow_up("distill", self.args.unlearn_refit_epochs, callbacks, unlearn_retain=retain)
         self.load_trainable(unlearned)
         trainer.finetuning = True  # the retain term alone (compute_loss), as in the finetuning cycles
         return self._run_follow_up(trainer, "refit")

@@ -69,7 +69,7 @@ CROW_OPTIONS = {"alpha", "epsilon", "layers", "token_scope"}
 UNLEARN_OPTIONS = {"target", "unlearn_layer", "radius", "pgd_steps", "beta", "gamma", "target_tokens", "scan_stop_rule",
                    "retain", "retain_topk", "adversary", "soft_tokens", "token_radius", "token_step",
                    "token_init", "holdout", "select_from", "select_by", "cycle_epochs", "finetune_cycles",
-                   "refit_gain", "refit_epochs", "refit_alpha", "refit_order", "refit_teacher"}
+                   "refit_gain", "refit_epochs", "refit_alpha", "refit_order", "refit_teacher", "teacher_only"}
 METHOD_OPTIONS = {"crow": CROW_OPTIONS, "finetune": set(), "finetune-lr1e-3": set(), "unlearn": UNLEARN_OPTIONS}
 
 # name: (parser, default, help). Defaults are the official CROW recipe. Each can be set on the
@@ -144,10 +144,12 @@ OPTIONS = {
                     "their answers)"),
     "refit_teacher": (_bool, False, "unlearn --refit-gain: refit the input model's weights into a teacher first, "
                       "then finetune the unlearned weights towards the clean samples and the teacher's answers"),
+    "teacher_only": (_bool, False, "unlearn --refit-teacher: the unlearned weights learn from the teacher's answers "
+                     "alone, not the clean samples' references too"),
     "retain_topk": (positive_int("--retain-topk"), 32, "unlearn: tokens of the input model's distribution kept per "
                     "answer position for --retain suspect / both"),
 }
-FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge", "finetune_cycles", "refit_teacher"}
+FLAGS = {"gradient_checkpointing", "bf16", "full_finetune", "merge", "finetune_cycles", "refit_teacher", "teacher_only"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -370,5 +372,5 @@ def _build_unlearn_config(opts: dict, partial: Path):
                          unlearn_finetune_cycles=opts["finetune_cycles"], unlearn_select_by=opts["select_by"],
                          unlearn_refit_gain=opts["refit_gain"], unlearn_refit_epochs=opts["refit_epochs"],
                          unlearn_refit_alpha=opts["refit_alpha"], unlearn_refit_order=opts["refit_order"],
-                         unlearn_refit_teacher=opts["refit_teacher"],
+                         unlearn_refit_teacher=opts["refit_teacher"], unlearn_teacher_only=opts["teacher_only"],
                          **_recipe(opts, partial))

@@ -282,6 +282,9 @@ class UnlearnDefense(Defense):
     #: with refit_gain and refit_order "after": refit the suspect's weights into a teacher first, then finetune the
     #: unlearned weights towards the references and its answers (UnlearnConfig.unlearn_refit_teacher)
     refit_teacher: bool = False
+    #: with refit_teacher: the student learns from the teacher's answers alone, not the references too
+    #: (UnlearnConfig.unlearn_teacher_only)
+    teacher_only: bool = False
     name = "unlearn"
 
     def __post_init__(self) -> None:
@@ -315,7 +318,7 @@ class UnlearnDefense(Defense):
                              unlearn_finetune_cycles=self.finetune_cycles, unlearn_select_by=self.select_by,
                              unlearn_refit_gain=self.refit_gain, unlearn_refit_epochs=self.refit_epochs,
                              unlearn_refit_alpha=self.refit_alpha, unlearn_refit_order=self.refit_order,
-                             unlearn_refit_teacher=self.refit_teacher,
+                             unlearn_refit_teacher=self.refit_teacher, unlearn_teacher_only=self.teacher_only,
                              learning_rate=self.learning_rate, num_train_epochs=self.epochs,
                              per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=self.grad_accum,
                              seed=seed, save_strategy="no", disable_tqdm=not progress, logging_steps=5)
