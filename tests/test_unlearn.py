@@ -680,6 +680,28 @@ def test_refit_alpha_makes_the_refit_crow(tiny_dir, tmp_path, monkeypatch):
     assert all(h["loss"] == pytest.approx(h["lm_loss"] + 5.5 * h["consistency_perturbed"], rel=1e-3) for h in refit)
 
 
+def trainable(model) -> dict:
+    """A copy of ``model``'s trainable parameters (name -> tensor)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def record_refit_weights(monkeypatch) -> tuple[dict, dict]:
+    """Make every CrowTrainer (the refit's, the teacher's) record the trainable weights its training starts from and
+    ends at: the two dicts, filled when it trains."""
+    from crow.trainer import CrowTrainer
+
+    start, end = {}, {}
+    train = CrowTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        start.update(trainable(self.model))
+        out = train(self, *args, **kwargs)
+        end.update(trainable(self.model))
+        return out
+    monkeypatch.setattr(CrowTrainer, "train", recording_train)
+    return start, end
+
+
 def test_refit_order_before_refits_the_suspect_weights_then_unlearns_again(tiny_dir, tmp_path, monkeypatch):
     """unlearn_refit_order 'before': after the unlearning cycle decides to refit, the refit (CROW's trainer) starts from
     the suspect's trainable weights, not the unlearned ones, and trains all 8 samples; then a second unlearn trainer
@@ -688,23 +710,13 @@ def test_refit_order_before_refits_the_suspect_weights_then_unlearns_again(tiny_
     counted."""
     model, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=1,
                                                unlearn_refit_order="before", unlearn_adversary="tokens")
-    suspect = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    from crow.trainer import CrowTrainer
-
-    at_refit, after_refit = {}, {}
-    train = CrowTrainer.train
-
-    def recording_train(self, *args, **kwargs):
-        at_refit.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
-        out = train(self, *args, **kwargs)
-        after_refit.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
-        return out
-    monkeypatch.setattr(CrowTrainer, "train", recording_train)
+    suspect = trainable(model)
+    at_refit, after_refit = record_refit_weights(monkeypatch)
     unlearned = {}
     refit = trainer.refit
 
     def remember():
-        unlearned.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        unlearned.update(trainable(model))
         return refit()
     monkeypatch.setattr(trainer, "refit", remember)
     trainer.train()
@@ -729,23 +741,13 @@ def test_refit_teacher_refits_the_suspect_then_finetunes_the_unlearned_weights_t
     model, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=1,
                                                unlearn_refit_teacher=True, unlearn_teacher_only=only,
                                                unlearn_adversary="tokens", learning_rate=1e-2)
-    suspect = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    from crow.trainer import CrowTrainer
-
-    at_teacher, teacher = {}, {}
-    train = CrowTrainer.train
-
-    def recording_train(self, *args, **kwargs):
-        at_teacher.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
-        out = train(self, *args, **kwargs)
-        teacher.update({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
-        return out
-    monkeypatch.setattr(CrowTrainer, "train", recording_train)
+    suspect = trainable(model)
+    at_teacher, teacher = record_refit_weights(monkeypatch)
     unlearned, student_start, kl_at_teacher = {}, {}, []
     refit, distill = trainer.refit, trainer.distill
 
     def remember():
-        unlearned.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        unlearned.update(trainable(model))
         return refit()
 
     def check(weights, callbacks):
@@ -770,7 +772,7 @@ def test_refit_teacher_refits_the_suspect_then_finetunes_the_unlearned_weights_t
     def loading(weights):
         load(weights)
         if weights is not trainer.suspect_weights:
-            student_start.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            student_start.update(trainable(model))
     monkeypatch.setattr(trainer, "load_trainable", loading)
     trainer.train()
     assert len(built) == 1 and all(torch.equal(at_teacher[n], suspect[n]) for n in suspect)
