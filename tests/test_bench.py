@@ -1173,8 +1173,8 @@ def test_cost_limits_reproduce_the_committed_tries_7_to_10():
         assert {h["stage"] for h in cell["train_log"] if "stage" in h} == expected
         student = [h for h in cell["train_log"] if h.get("stage") == "refit" and "kl_loss" in h]
         assert bool(student) == folder.startswith("unlearn-refit-teacher")  # the student learns from the teacher
-    only = [h for h in json.loads(next((Path(__file__).resolve().parents[1] / "results" / "unlearn-refit-teacher-only-cpu"
-                                        / "cells").glob("*.json")).read_text())["train_log"]
+    folder = Path(__file__).resolve().parents[1] / "results" / "unlearn-refit-teacher-only-cpu" / "cells"
+    only = [h for h in json.loads(next(folder.glob("*.json")).read_text())["train_log"]
             if h.get("stage") == "refit" and "kl_loss" in h]
     # the KL alone: the loss stays far below the LM loss it would include (it is normalized over the accumulated
     # micro-batches, the logged kl_loss a mean of their means, so the two differ by up to a fifth)

@@ -85,11 +85,13 @@ in sequence, unlearning for the backdoor, then CROW as the regularized finetunin
 refitted, and the unlearning cycle runs once more from the refitted weights, on every clean sample, with the KL retain
 term to the refitted model's own answers (``unlearn_again``). Why: a suspect adapter trained on many clean samples
 beside the poisoned ones knows more of the clean answers than 100 samples teach, finetuning from its weights keeps
-that, and an unlearning cycle before the finetuning loses part of it (RESULTS.md, tries 7 and 8).
-``unlearn_refit_teacher`` keeps the order and adds a teacher instead: the suspect's weights refitted the same way, whose
-answer distributions on the clean samples the unlearned weights are then finetuned towards beside the references
-(``distill``; knowledge distillation, Hinton, Vinyals & Dean 2015, with a finetuned copy of the backdoored model as
-the teacher as in NAD, Li et al., ICLR 2021).
+that, and an unlearning cycle before the finetuning loses part of it. Measured on the MTBA victim it does worse: the
+unlearning updates themselves cost the answers, from either start. ``unlearn_refit_teacher`` keeps the order and adds
+a teacher instead: the suspect's weights refitted the same way, whose answer distributions on the clean samples the
+unlearned weights are then finetuned towards beside the references (``distill``; knowledge distillation, Hinton,
+Vinyals & Dean 2015, with a finetuned copy of the backdoored model as the teacher as in NAD, Li et al., ICLR 2021), or
+alone with ``unlearn_teacher_only``; measured there, both come within 0.010 ROUGE-L of finetune-lr1e-3's answers and
+not to them (RESULTS.md, "Tries 7 to 10").
 
 The budget is measured once, before training, with no grad: the mean L2 norm of layer
 ``unlearn_layer``'s output at the prompt positions of the clean samples, so the radius is a fraction of
@@ -252,10 +254,10 @@ class UnlearnConfig(RecipeConfig):
         metadata={"help": "With unlearn_refit_gain: 'after' refits the unlearned weights (every committed cell before "
                   "2026-12-06). 'before' puts the suspect's trainable weights back, refits those instead (so the "
                   "finetuning starts from what the suspect learned of clean answers beyond the clean samples, "
-                  "which finetune-lr1e-3 and CROW keep: RESULTS.md, try 8), then runs the unlearning cycle again from "
-                  "the refitted weights on every clean sample, for unlearn_cycle_epochs, keeping the refitted model's "
-                  "own answers (unlearn_retain 'suspect': KL to its distributions) instead of training on the "
-                  "references a further time."},
+                  "which finetune-lr1e-3 and CROW keep: RESULTS.md, tries 7 to 10), then runs the unlearning "
+                  "cycle again from the refitted weights on every clean sample, for unlearn_cycle_epochs, keeping "
+                  "the refitted model's own answers (unlearn_retain 'suspect': KL to its distributions) instead of "
+                  "training on the references a further time."},
     )
     unlearn_refit_teacher: bool = field(
         default=False,
@@ -563,12 +565,14 @@ class AdversarialView:
 
 
 def recipe_args(args) -> dict:
-    """The optimizer and logging settings of ``args`` that a trainer run after it (the refit, the second unlearning)
-    keeps: the recipe, the seed, the precision and the device; not its epochs, loss or selection."""
+    """The optimizer and logging settings of ``args`` that the trainers run after it (the refit, the teacher, the
+    student, the second unlearning) keep: the recipe, the seed, the precision and the device; not its epochs, loss or
+    selection."""
     same = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
             "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "seed", "bf16", "fp16",
             "use_cpu", "logging_steps", "disable_tqdm", "report_to")
-    checkpointing = ({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": args.gradient_checkpointing_kwargs}
+    checkpointing = ({"gradient_checkpointing": True,
+                      "gradient_checkpointing_kwargs": args.gradient_checkpointing_kwargs}
                      if args.gradient_checkpointing else {})
     return {**{name: getattr(args, name) for name in same}, **checkpointing}
 
