@@ -80,3 +80,29 @@ def test_the_command_line_recipe_reproduced_its_bench_cell(report_file, folder):
     for key in ("asr", "false_trigger_rate", "clean_perplexity"):
         assert report[key] == bench[key], key
     assert report["quality"]["clean_rougeL"] == bench["quality"]["clean_rougeL"]
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--refit-order", "before"], {"unlearn_refit_order": "before", "unlearn_refit_teacher": False}),
+    (["--refit-teacher"], {"unlearn_refit_teacher": True, "unlearn_teacher_only": False}),
+    (["--refit-teacher", "--teacher-only"], {"unlearn_refit_teacher": True, "unlearn_teacher_only": True}),
+])
+def test_the_refit_variants_reach_the_training_config_from_the_command_line(flags, expected, tmp_path):
+    """`crow purify --method unlearn` with the measured recipe and one of the refit variants of RESULTS.md's "Tries 7 to
+    10": the flag sets its config field and nothing else of the recipe."""
+    base = ["purify", "--model", "m", "--data", "d.json", "--out", str(tmp_path / "o"),
+            "--config", str(ROOT / "configs/purify/unlearn_smollm2.yaml")]
+    plain = _training(_build_unlearn_config(resolve_options(build_parser().parse_args(base)), tmp_path))
+    varied = _training(_build_unlearn_config(resolve_options(build_parser().parse_args(base + flags)), tmp_path))
+    assert {k: v for k, v in varied.items() if v != plain[k]} == {k: v for k, v in expected.items() if v != plain[k]}
+    assert all(varied[k] == v for k, v in expected.items())
+
+
+def test_teacher_only_without_a_teacher_is_refused_in_one_line(tmp_path):
+    from crow.errors import CrowError
+
+    args = build_parser().parse_args(["purify", "--model", "m", "--data", "d.json", "--out", str(tmp_path / "o"),
+                                      "--config", str(ROOT / "configs/purify/unlearn_smollm2.yaml"), "--teacher-only"])
+    with pytest.raises(CrowError, match="unlearn_teacher_only needs unlearn_refit_teacher") as err:
+        _build_unlearn_config(resolve_options(args), tmp_path)
+    assert "\n" not in str(err.value)
