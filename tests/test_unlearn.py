@@ -24,7 +24,7 @@ from crow.models import load_model
 from crow.purification import LoraSettings, make_trainable, purify
 from crow.unlearn import (RETAIN_CHOICES, UnlearnConfig, UnlearnTrainer, build_target_batch, cyclic_schedule, holdout_split, insert_slots,
                           labelled_positions, pgd_step, project_to_ball, prompt_mask, random_insert_points,
-                          target_token_log_probs, topk_kl, unlikelihood)
+                          target_token_log_probs, topk_kl, trainable_weights, unlikelihood)
 
 from .conftest import make_records
 from .test_scan import TARGET, TEMPLATE, TRIGGER, task_records, train_tiny
@@ -680,11 +680,6 @@ def test_refit_alpha_makes_the_refit_crow(tiny_dir, tmp_path, monkeypatch):
     assert all(h["loss"] == pytest.approx(h["lm_loss"] + 5.5 * h["consistency_perturbed"], rel=1e-3) for h in refit)
 
 
-def trainable(model) -> dict:
-    """A copy of ``model``'s trainable parameters (name -> tensor)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def record_refit_weights(monkeypatch) -> tuple[dict, dict]:
     """Make every CrowTrainer (the refit's, the teacher's) record the trainable weights its training starts from and
     ends at: the two dicts, filled when it trains."""
@@ -694,9 +689,9 @@ def record_refit_weights(monkeypatch) -> tuple[dict, dict]:
     train = CrowTrainer.train
 
     def recording_train(self, *args, **kwargs):
-        start.update(trainable(self.model))
+        start.update(trainable_weights(self.model))
         out = train(self, *args, **kwargs)
-        end.update(trainable(self.model))
+        end.update(trainable_weights(self.model))
         return out
     monkeypatch.setattr(CrowTrainer, "train", recording_train)
     return start, end
@@ -710,13 +705,13 @@ def test_refit_order_before_refits_the_suspect_weights_then_unlearns_again(tiny_
     counted."""
     model, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=1,
                                                unlearn_refit_order="before", unlearn_adversary="tokens")
-    suspect = trainable(model)
+    suspect = trainable_weights(model)
     at_refit, after_refit = record_refit_weights(monkeypatch)
     unlearned = {}
     refit = trainer.refit
 
     def remember():
-        unlearned.update(trainable(model))
+        unlearned.update(trainable_weights(model))
         return refit()
     monkeypatch.setattr(trainer, "refit", remember)
     trainer.train()
@@ -741,13 +736,13 @@ def test_refit_teacher_refits_the_suspect_then_finetunes_the_unlearned_weights_t
     model, cfg, trainer, built = refit_trainer(tiny_dir, tmp_path, monkeypatch, unlearn_refit_epochs=1,
                                                unlearn_refit_teacher=True, unlearn_teacher_only=only,
                                                unlearn_adversary="tokens", learning_rate=1e-2)
-    suspect = trainable(model)
+    suspect = trainable_weights(model)
     at_teacher, teacher = record_refit_weights(monkeypatch)
     unlearned, student_start, kl_at_teacher = {}, {}, []
     refit, distill = trainer.refit, trainer.distill
 
     def remember():
-        unlearned.update(trainable(model))
+        unlearned.update(trainable_weights(model))
         return refit()
 
     def check(weights, callbacks):
@@ -763,8 +758,7 @@ def test_refit_teacher_refits_the_suspect_then_finetunes_the_unlearned_weights_t
             student._metrics.clear()  # (this measurement is not a training step)
             return student
         monkeypatch.setattr(trainer, "follow_up", measured)
-        out = distill(weights, callbacks)
-        return out
+        return distill(weights, callbacks)
     monkeypatch.setattr(trainer, "refit", remember)
     monkeypatch.setattr(trainer, "distill", check)
     load = trainer.load_trainable
@@ -772,7 +766,7 @@ def test_refit_teacher_refits_the_suspect_then_finetunes_the_unlearned_weights_t
     def loading(weights):
         load(weights)
         if weights is not trainer.suspect_weights:
-            student_start.update(trainable(model))
+            student_start.update(trainable_weights(model))
     monkeypatch.setattr(trainer, "load_trainable", loading)
     trainer.train()
     assert len(built) == 1 and all(torch.equal(at_teacher[n], suspect[n]) for n in suspect)

@@ -564,6 +564,11 @@ class AdversarialView:
 
 
 
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s trainable parameters (name -> tensor)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def recipe_args(args) -> dict:
     """The optimizer and logging settings of ``args`` that the trainers run after it (the refit, the teacher, the
     student, the second unlearning) keep: the recipe, the seed, the precision and the device; not its epochs, loss or
@@ -595,7 +600,7 @@ class UnlearnTrainer(LossTrainer):
         self.suspect_holdout_nll: float | None = None  # the held-out NLL before any update
         self.refit_wanted = False  # unlearn_refit_gain: set at the end of the first cycle
         # unlearn_refit_order 'before' / unlearn_refit_teacher: the suspect's trainable weights, refitted later
-        self.suspect_weights = (self.trainable_copy() if config.unlearn_refit_gain and (
+        self.suspect_weights = (trainable_weights(self.model) if config.unlearn_refit_gain and (
             config.unlearn_refit_order == "before" or config.unlearn_refit_teacher) else {})
         self.selected: tuple[float, float, dict[str, torch.Tensor]] | None = None  # (score, epoch, trainable weights)
         if config.unlearn_select_by == "rougeL" and self.processing_class is None:
@@ -734,7 +739,7 @@ class UnlearnTrainer(LossTrainer):
             return False
         self.finetuning = self.args.unlearn_finetune_cycles
         if self.selected is None or score < self.selected[0]:
-            self.selected = (score, epoch, self.trainable_copy())
+            self.selected = (score, epoch, trainable_weights(self.model))
             return self.refit_wanted  # the refit replaces the finetuning cycles: stop here
         return bool(cycle)  # a cycle that did not improve the held-out answers: stop
 
@@ -772,7 +777,7 @@ class UnlearnTrainer(LossTrainer):
         from .trainer import CrowConfig, CrowTrainer
 
         a = self.args
-        unlearned = self.trainable_copy() if a.unlearn_refit_teacher else {}
+        unlearned = self.selected[2] if a.unlearn_refit_teacher else {}  # the kept weights (restore_selected)
         if self.suspect_weights:
             self.load_trainable(self.suspect_weights)
             logger.info("unlearn: refitting the suspect's weights, then %s",
@@ -785,10 +790,7 @@ class UnlearnTrainer(LossTrainer):
         trainer = CrowTrainer(model=self.model, args=config, train_dataset=self.full_dataset,
                               data_collator=self.data_collator, callbacks=carried)
         quiet_trainer_output(trainer)
-        output = trainer.train()
-        stage = "teacher" if unlearned else "refit"
-        self.state.log_history.extend({**entry, "stage": stage} for entry in trainer.state.log_history)
-        self.state.global_step += trainer.state.global_step
+        output = self._train_stage(trainer, "teacher" if unlearned else "refit")
         self.train_dataset = self.full_dataset
         if unlearned:
             return self.distill(unlearned, carried)
@@ -817,7 +819,9 @@ class UnlearnTrainer(LossTrainer):
         quiet_trainer_output(trainer)
         return trainer
 
-    def _run_follow_up(self, trainer: "UnlearnTrainer", stage: str):
+    def _train_stage(self, trainer, stage: str):
+        """Train ``trainer`` (a stage after this trainer's own run); its log lines join this one's marked ``stage``
+        and its optimizer steps this one's ``global_step``."""
         output = trainer.train()
         self.state.log_history.extend({**entry, "stage": stage} for entry in trainer.state.log_history)
         self.state.global_step += trainer.state.global_step
@@ -833,7 +837,7 @@ class UnlearnTrainer(LossTrainer):
         trainer = self.follow_up("distill", self.args.unlearn_refit_epochs, callbacks, unlearn_retain=retain)
         self.load_trainable(unlearned)
         trainer.finetuning = True  # the retain term alone (compute_loss), as in the finetuning cycles
-        return self._run_follow_up(trainer, "refit")
+        return self._train_stage(trainer, "refit")
 
     def unlearn_again(self, callbacks):
         """After a refit of the suspect's weights (``unlearn_refit_order`` 'before'): the unlearning cycle once more,
@@ -842,7 +846,7 @@ class UnlearnTrainer(LossTrainer):
         (``unlearn_retain`` 'suspect', measured when it starts). Its log lines join this trainer's marked
         ``"stage": "unlearn-again"``; returns its ``TrainOutput``."""
         trainer = self.follow_up("unlearn-again", self.args.unlearn_cycle_epochs, callbacks, unlearn_retain="suspect")
-        return self._run_follow_up(trainer, "unlearn-again")
+        return self._train_stage(trainer, "unlearn-again")
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """The recipe's schedule, or with ``unlearn_cycle_epochs`` that schedule over one cycle, restarted at every
@@ -864,10 +868,6 @@ class UnlearnTrainer(LossTrainer):
         self.lr_scheduler = LambdaLR(optimizer, cyclic_schedule(one.lr_lambdas[0], cycle_steps))
         self._created_lr_scheduler = True
         return self.lr_scheduler
-
-    def trainable_copy(self) -> dict[str, torch.Tensor]:
-        """A copy of the trainable parameters (name -> tensor)."""
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
