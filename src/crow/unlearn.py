@@ -160,7 +160,7 @@ class UnlearnConfig(RecipeConfig):
         default=0.1,
         metadata={"help": "'tokens' adversary: PGD step, a fraction of the soft-token budget (the residual adversary "
                   "steps half its budget; in the embedding space that overshoots and raises the target's NLL on the "
-                  "development victim, scripts/soft_token_probe.py)."},
+                  "development victim, experiments/unlearn/scripts/soft_token_probe.py)."},
     )
     unlearn_layer: int | None = field(
         default=None,
@@ -498,6 +498,12 @@ def holdout_split(n: int, k: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[k:]), sorted(order[:k])
 
 
+def holdout_gain(suspect_nll: float, nll: float) -> float:
+    """How far below the suspect's held-out perplexity a model's is, as a fraction of the model's: from the mean NLLs
+    per answer token, exp(NLL_suspect - NLL) - 1 (0.15: the suspect's perplexity is 15% above the model's)."""
+    return math.exp(suspect_nll - nll) - 1.0
+
+
 def cyclic_schedule(one_cycle: Callable[[int], float], cycle_steps: int) -> Callable[[int], float]:
     """A learning-rate multiplier that repeats ``one_cycle`` (step -> multiplier over ``cycle_steps`` steps) from
     its start every ``cycle_steps`` steps: warm restarts (SGDR)."""
@@ -750,7 +756,7 @@ class UnlearnTrainer(LossTrainer):
             logger.warning("unlearn: the suspect's held-out NLL was not measured (a resumed run): no refit")
             entry["refit"] = False
             return False
-        gain = math.exp(self.suspect_holdout_nll - nll) - 1.0
+        gain = holdout_gain(self.suspect_holdout_nll, nll)
         entry["holdout_gain"], entry["refit"] = round(gain, 6), gain > self.args.unlearn_refit_gain
         then = (f"finetuning on all {len(self.full_dataset)} clean samples for {self.args.unlearn_refit_epochs:g} epochs"
                 if entry["refit"] else "finetuning cycles on the training split")
