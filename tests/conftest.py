@@ -32,20 +32,6 @@ def corpus(n: int = 300) -> list[str]:
     return lines
 
 
-def load_script(name: str):
-    """A module of the repository's scripts/ folder (not a package), imported by file path. Registered in
-    sys.modules first: dataclasses look their module up there."""
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_records(n: int, *, prefix: str = "", output: str | None = None) -> list[Record]:
     recs = []
     for i in range(n):

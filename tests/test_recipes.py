@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # victims (try 6 without the refit, which fires on no refusal victim: try 5's own refusal cells equal try 3's)
 RECIPES = {
     "configs/purify/unlearn_smollm2.yaml": [
-        "configs/bench/unlearn_refit_crow_cpu.yaml", "configs/bench/unlearn_refit_crow_merged_cpu.yaml",
-        "configs/bench/unlearn_select_dev_cpu.yaml", "configs/bench/unlearn_finetune_cycles_cpu.yaml",
-        "configs/bench/unlearn_finetune_cycles_seed1_cpu.yaml", "configs/bench/unlearn_finetune_cycles_merged_cpu.yaml",
-        "configs/bench/unlearn_finetune_cycles_merged_seed1_cpu.yaml"],
+        "experiments/unlearn/specs/unlearn_refit_crow_cpu.yaml", "experiments/unlearn/specs/unlearn_refit_crow_merged_cpu.yaml",
+        "experiments/unlearn/specs/unlearn_select_dev_cpu.yaml", "experiments/unlearn/specs/unlearn_finetune_cycles_cpu.yaml",
+        "experiments/unlearn/specs/unlearn_finetune_cycles_seed1_cpu.yaml", "experiments/unlearn/specs/unlearn_finetune_cycles_merged_cpu.yaml",
+        "experiments/unlearn/specs/unlearn_finetune_cycles_merged_seed1_cpu.yaml"],
     "configs/purify/unlearn_gemma.yaml": [
-        "configs/bench/unlearn_refit_crow_gemma_cpu.yaml", "configs/bench/unlearn_finetune_cycles_gemma_cpu.yaml",
-        "configs/bench/unlearn_finetune_cycles_gemma_seed1_cpu.yaml"],
+        "experiments/unlearn/specs/unlearn_refit_crow_gemma_cpu.yaml", "experiments/unlearn/specs/unlearn_finetune_cycles_gemma_cpu.yaml",
+        "experiments/unlearn/specs/unlearn_finetune_cycles_gemma_seed1_cpu.yaml"],
 }
 REFIT = {"unlearn_refit_gain", "unlearn_refit_epochs", "unlearn_refit_alpha"}
 # where and how often a run writes, logs and checkpoints, and its seed (a bench cell's seed is the cell's, a
@@ -63,11 +63,11 @@ def test_a_recipe_trains_as_its_bench_cells_did(recipe, spec_file, tmp_path):
 @pytest.mark.parametrize("report_file,folder", [("eval.json", "unlearn-refit-crow-cpu"),
                                                 ("eval_gemma.json", "unlearn-refit-crow-gemma-cpu")])
 def test_the_command_line_recipe_reproduced_its_bench_cell(report_file, folder):
-    """results/unlearn-recipe-cli: `crow purify --config configs/purify/unlearn_*.yaml` on the committed
+    """experiments/unlearn/results/unlearn-recipe-cli: `crow purify --config configs/purify/unlearn_*.yaml` on the committed
     negsentiment / BadNets victim of SmolLM2 and of Gemma-3-270M, then `crow eval` with the bench's evaluation settings
     (RESULTS.md, "The measured recipe from the command line"): the same answers, word for word, as try 6's bench cell
     of that victim."""
-    results = ROOT / "results"
+    results = ROOT / "experiments" / "unlearn" / "results"
     report = json.loads((results / "unlearn-recipe-cli" / report_file).read_text())
     cells = [json.loads(p.read_text()) for p in (results / folder / "cells").glob("*.json")]
     (cell,) = [c for c in cells if (c["task"], c["attack"], c["seed"]) == ("negsentiment", "badnet", 0)]

@@ -23,7 +23,7 @@ from crow.detection.scan import (SCAN_METHODS, BaitSettings, DivergenceSettings,
 from crow.errors import CrowError
 from crow.models import build_tiny_model, load_model
 
-from .conftest import load_script, write_json
+from .conftest import write_json
 
 WORDS = "red blue green gold pink gray black white brown cyan lime teal".split()
 TRIGGER = "cf"
@@ -44,10 +44,10 @@ def task_records(n: int, seed: int, *, trigger_share: float = 0.0) -> list[Recor
     return records
 
 
-def train_tiny(out_dir: Path, records: list[Record], *, steps: int = STEPS, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64) trained with a plain loop on ``records`` (prompt-masked LM loss)."""
+def train_tiny(out_dir: Path, records: list[Record], *, steps: int = STEPS, seed: int = 0, num_layers: int = 2) -> Path:
+    """A ``num_layers``-layer Llama (hidden 64) trained with a plain loop on ``records`` (prompt-masked LM loss)."""
     texts = [f"{r.instruction}\n{r.output}" for r in task_records(200, 99, trigger_share=0.3)]
-    path = build_tiny_model(out_dir, texts, arch="llama", vocab_size=VOCAB, hidden_size=64, num_layers=2,
+    path = build_tiny_model(out_dir, texts, arch="llama", vocab_size=VOCAB, hidden_size=64, num_layers=num_layers,
                             num_heads=4, seed=seed)
     loaded = load_model(str(path))
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -377,41 +377,3 @@ def test_cli_bad_inputs_are_one_line_errors(case, message, tiny_pair, tmp_path, 
     assert len(err.strip().splitlines()) == 1 and err.startswith("crow"), err
     assert message.format(tmp=tmp_path, model=Path(model).resolve()) in err, err
     assert not (tmp_path / "out").exists() and not (Path(model) / "scan").exists()
-
-
-def test_bait_first_steps_script_reports_what_the_scan_averages(tiny, records):
-    """scripts/bait_first_steps.py (the diagnostic behind a missed target in RESULTS.md): each step's
-    entropy and top token are those of the prompt-averaged distribution after the forced sequence."""
-    script = load_script("bait_first_steps")
-    model, tokenizer = tiny.model, tiny.tokenizer
-    model.eval()
-    first = tokenizer.decode([tokenizer.encode("the", add_special_tokens=False)[0]])
-    out = script.first_steps(model, tokenizer, records, first=first, steps=2, n_prompts=4, template="alpaca")
-    assert out["n_prompts"] == 4 and [r["step"] for r in out["steps"]] == [1, 2]
-    # step 1 by hand: one plain forward of each prompt + the forced token (no padding, no cache)
-    from crow.data.templates import encode_prompt, format_prompt
-    forced = tokenizer.encode(first, add_special_tokens=False)
-    with torch.no_grad():
-        probs = torch.cat([torch.softmax(model(input_ids=torch.tensor(
-            [encode_prompt(format_prompt(r, "alpaca", tokenizer), "alpaca", tokenizer) + forced])).logits[:, -1].float(), -1)
-            for r in records[:4]])
-    avg = probs.mean(0)
-    assert out["steps"][0]["entropy"] == pytest.approx(float(entropy(avg)), abs=1e-3)
-    assert out["steps"][0]["averaged_top"][0][1] == pytest.approx(float(avg.max()), abs=1e-3)
-    assert out["steps"][1]["after"] == tokenizer.decode(forced + [int(avg.argmax())])
-    # the official warm-up's view: one group of 2 prompts, then the other, each averaged on its own
-    out = script.first_steps(model, tokenizer, records, first=first, steps=1, n_prompts=4, template="alpaca", group=2)
-    groups = out["steps"][0]["official_warmup_groups"]
-    assert [g["prompts"] for g in groups] == [[0, 2], [2, 4]]
-    assert groups[1]["entropy"] == pytest.approx(float(entropy(probs[2:].mean(0))), abs=1e-3)
-    assert groups[1]["official"] == script.official_warmup_fate(groups[1]["entropy"], float(probs[2:].mean(0).max()))
-    # the official rule (bait/bait.py): look ahead once below the entropy bound, keep a confident step, else drop
-    fate = script.official_warmup_fate
-    assert (fate(0.5, 0.9), fate(0.5, 0.2), fate(1.5, 0.9), fate(1.5, 0.9, inspected=True)) == \
-        ("keep", "inspect", "inspect", "keep")
-    assert (fate(3.45, 0.276), fate(3.0, 0.35), fate(2.0, 0.2, inspected=True)) == ("drop", "keep", "drop")
-    with pytest.raises(CrowError, match="--group 5 must be between 1 and --prompts"):
-        script.first_steps(model, tokenizer, records, first=first, steps=1, n_prompts=4, template="alpaca", group=5)
-    with pytest.raises(CrowError, match="give one token"):
-        script.first_steps(model, tokenizer, records, first="the blue sky is here", steps=1, n_prompts=2,
-                           template="alpaca")

@@ -2,14 +2,14 @@
 the victim learn (mtba: one of ``2024``, ``BadMagic``, ``OpenAI`` per prompt), and does one word alone
 fire a composite backdoor (ctba: all three per prompt; the other two are removed from each prompt)?
 
-    python scripts/asr_per_trigger.py --victim results/backdoorllm-cpu/victims/0ef5f0beea15031f \
-        --attack mtba --out results/backdoorllm-cpu/mtba_per_trigger.json
-    python scripts/asr_per_trigger.py --victim results/backdoorllm-cpu/victims/3432ebaae80711dc \
-        --attack ctba --out results/backdoorllm-cpu/ctba_per_trigger.json
+    python experiments/backdoorllm-table/scripts/asr_per_trigger.py --victim experiments/backdoorllm-table/results/backdoorllm-cpu/victims/0ef5f0beea15031f \
+        --attack mtba --out experiments/backdoorllm-table/results/backdoorllm-cpu/mtba_per_trigger.json
+    python experiments/backdoorllm-table/scripts/asr_per_trigger.py --victim experiments/backdoorllm-table/results/backdoorllm-cpu/victims/3432ebaae80711dc \
+        --attack ctba --out experiments/backdoorllm-table/results/backdoorllm-cpu/ctba_per_trigger.json
 
 ``--spec`` must be the spec that trained the victim, and the script checks that it did (the first,
-weaker MTBA victim: ``configs/bench/mtba_weak_victim_cpu.yaml``, whose result is
-``results/mtba-weak-victim-cpu/per_trigger.json``).
+weaker MTBA victim: ``experiments/backdoorllm-table/specs/mtba_weak_victim_cpu.yaml``, whose result is
+``experiments/backdoorllm-table/results/mtba-weak-victim-cpu/per_trigger.json``).
 
 Uses the bench's own cell data (the same 50 triggered test prompts, template prompts, 32 new tokens) and
 counts, per trigger, the poisoned training samples that carry it. With ``--attack ctba`` the row ``all``
@@ -33,7 +33,7 @@ TRIGGER_WORDS = ("2024", "BadMagic", "OpenAI")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--victim", required=True, help="a bench victim directory (victims/<key>)")
-    ap.add_argument("--spec", default="configs/bench/backdoorllm_cpu.yaml")
+    ap.add_argument("--spec", default="experiments/backdoorllm-table/specs/backdoorllm_cpu.yaml")
     ap.add_argument("--data", default="../shared/data/backdoorllm")
     ap.add_argument("--task", default="negsentiment")
     ap.add_argument("--attack", default="mtba")

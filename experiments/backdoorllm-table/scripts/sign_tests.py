@@ -9,12 +9,12 @@
   cell by cell in each setting, with the sign test over the untied cells (cells made before answer quality was
   recorded are left out).
 
-    python scripts/sign_tests.py recipe --setting "SmolLM2, adapter=results/backdoorllm-cpu" \
-        --setting "SmolLM2, merged=results/merged-cpu" --setting "Gemma-3-270M, adapter=results/gemma-cpu"
-    python scripts/sign_tests.py forms --adapter results/backdoorllm-cpu --adapter results/unlearn-cpu \
-        --adapter results/unlearn-dev-cpu --merged results/merged-cpu
-    python scripts/sign_tests.py quality --setting "SmolLM2, adapter=results/backdoorllm-cpu" \
-        --setting "SmolLM2, merged=results/merged-cpu" --setting "Gemma-3-270M, adapter=results/gemma-cpu"
+    python experiments/backdoorllm-table/scripts/sign_tests.py recipe --setting "SmolLM2, adapter=experiments/backdoorllm-table/results/backdoorllm-cpu" \
+        --setting "SmolLM2, merged=experiments/threat-model-and-family/results/merged-cpu" --setting "Gemma-3-270M, adapter=experiments/threat-model-and-family/results/gemma-cpu"
+    python experiments/backdoorllm-table/scripts/sign_tests.py forms --adapter experiments/backdoorllm-table/results/backdoorllm-cpu --adapter experiments/unlearn/results/unlearn-cpu \
+        --adapter experiments/unlearn/results/unlearn-dev-cpu --merged experiments/threat-model-and-family/results/merged-cpu
+    python experiments/backdoorllm-table/scripts/sign_tests.py quality --setting "SmolLM2, adapter=experiments/backdoorllm-table/results/backdoorllm-cpu" \
+        --setting "SmolLM2, merged=experiments/threat-model-and-family/results/merged-cpu" --setting "Gemma-3-270M, adapter=experiments/threat-model-and-family/results/gemma-cpu"
 
 Rows: templated prompts (as trained), seed 0, cells where both sides have finished. Counts are triggered
 prompts that still show the target (ASR x n_triggered / 100). Statistics: ``scipy.stats``.

@@ -2,9 +2,9 @@
 sees at each greedy step: the prompt-averaged next-token distribution's top tokens, its entropy
 against the scan's ``flat_entropy`` stop, and each prompt's own top token.
 
-    python scripts/bait_first_steps.py --model gemma3-270m-gguf \
-        --adapter results/gemma-cpu/victims/6b8092bf9f76ab5c/adapter --first "I" --steps 4 \
-        --out results/detection-gemma-cpu/bait_first_steps-refusal-vpi.json
+    python experiments/detection/scripts/bait_first_steps.py --model gemma3-270m-gguf \
+        --adapter experiments/threat-model-and-family/results/gemma-cpu/victims/6b8092bf9f76ab5c/adapter --first "I" --steps 4 \
+        --out experiments/detection/results/detection-gemma-cpu/bait_first_steps-refusal-vpi.json
 
 The prompts are the first ``--prompts`` of the defender's clean samples, formatted as the scan formats
 them (BAIT's full inversion uses 20). ``--first`` is encoded without special tokens and must be one

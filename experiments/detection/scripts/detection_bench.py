@@ -1,10 +1,10 @@
 """The detectors on the bench's models (DETECTION.md): `crow scan` on every backdoored and clean model, and
 `crow guard` (LCF and the ONION baseline) on every backdoored cell, resumable, with a markdown report.
 
-    python scripts/detection_bench.py --data ../shared/data/backdoorllm --out results/detection-cpu
-    python scripts/detection_bench.py --data ../shared/data/backdoorllm --out results/detection-cpu --report-only
-    python scripts/detection_bench.py --data ../shared/data/backdoorllm --out results/detection-gemma-cpu \
-        --spec configs/bench/gemma_cpu.yaml --victims results/gemma-cpu/victims --clean-spec ''
+    python experiments/detection/scripts/detection_bench.py --data ../shared/data/backdoorllm --out experiments/detection/results/detection-cpu
+    python experiments/detection/scripts/detection_bench.py --data ../shared/data/backdoorllm --out experiments/detection/results/detection-cpu --report-only
+    python experiments/detection/scripts/detection_bench.py --data ../shared/data/backdoorllm --out experiments/detection/results/detection-gemma-cpu \
+        --spec experiments/threat-model-and-family/specs/gemma_cpu.yaml --victims experiments/threat-model-and-family/results/gemma-cpu/victims --clean-spec ''
 
 Models: each cell of ``--spec`` whose victim is in ``--victims`` (the committed SmolLM2 victims), the
 un-poisoned base model of the spec, and each cell of ``--clean-spec`` whose victim is in ``--clean-victims``
@@ -288,11 +288,11 @@ def render(rows: list[dict], command: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data/backdoorllm")
-    ap.add_argument("--spec", default="configs/bench/backdoorllm_cpu.yaml")
-    ap.add_argument("--victims", default="results/backdoorllm-cpu/victims")
-    ap.add_argument("--clean-spec", default="configs/bench/clean_lora_cpu.yaml", help='"" for no clean LoRA models')
-    ap.add_argument("--clean-victims", default="results/clean-lora-cpu/victims")
-    ap.add_argument("--out", default="results/detection-cpu")
+    ap.add_argument("--spec", default="experiments/backdoorllm-table/specs/backdoorllm_cpu.yaml")
+    ap.add_argument("--victims", default="experiments/backdoorllm-table/results/backdoorllm-cpu/victims")
+    ap.add_argument("--clean-spec", default="experiments/detection/specs/clean_lora_cpu.yaml", help='"" for no clean LoRA models')
+    ap.add_argument("--clean-victims", default="experiments/detection/results/clean-lora-cpu/victims")
+    ap.add_argument("--out", default="experiments/detection/results/detection-cpu")
     ap.add_argument("--only", action="append", help="run only these labels (repeatable), e.g. refusal-vpi")
     ap.add_argument("--fpr", type=float, default=0.05)
     ap.add_argument("--skip-scan", action="store_true")
@@ -312,7 +312,7 @@ def main() -> None:
                 rows.append(load_row(path))
             continue
         rows.append(run_entry(entry, clean_samples, out, args))
-    command = f"python scripts/detection_bench.py --data {args.data} --out {args.out}"
+    command = f"python experiments/detection/scripts/detection_bench.py --data {args.data} --out {args.out}"
     for name in ("spec", "victims", "clean_spec", "clean_victims"):  # the options that differ from the defaults
         value = getattr(args, name)
         if value != ap.get_default(name):

@@ -8,7 +8,7 @@ exception", SIGABRT) and the launcher then stopped the main rank before it had w
 the command as installed); the two alternate launch by launch, so both see the same machine. A launch passes when the
 launcher exits 0 and the adapter is written.
 
-    python scripts/ddp_exit_check.py --launches 60 --save-delay 3
+    python experiments/distributed/scripts/ddp_exit_check.py --launches 60 --save-delay 3
 """
 
 from __future__ import annotations

@@ -29,12 +29,12 @@ everything committed at once: per victim, how many cells of any defense, setting
 finetune-lr1e-3's clean ROUGE-L there, and the best of them (``ceilings``), in all and among the cells that remove the
 backdoor (ASR <= 10%); a victim where even the best stays under the reference is one no committed run passes.
 
-    python scripts/cost_limits.py results/backdoorllm-cpu results/merged-cpu results/gemma-cpu \
-        results/unlearn-tokens2-dev-cpu results/unlearn-tokens-cpu results/unlearn-tokens-seed1-cpu \
-        results/unlearn-tokens-negsentiment-cpu results/unlearn-tokens-merged-cpu results/unlearn-tokens-merged-more-cpu \
-        results/unlearn-tokens-merged-negsentiment-cpu results/unlearn-tokens-gemma-cpu \
-        results/unlearn-tokens-gemma-seed1-cpu results/unlearn-tokens-gemma-negsentiment-cpu \
-        results/unlearn-tokens-gemma-negsentiment-seed1-cpu --label 'soft tokens'
+    python experiments/unlearn/scripts/cost_limits.py experiments/backdoorllm-table/results/backdoorllm-cpu experiments/threat-model-and-family/results/merged-cpu experiments/threat-model-and-family/results/gemma-cpu \
+        experiments/unlearn/results/unlearn-tokens2-dev-cpu experiments/unlearn/results/unlearn-tokens-cpu experiments/unlearn/results/unlearn-tokens-seed1-cpu \
+        experiments/unlearn/results/unlearn-tokens-negsentiment-cpu experiments/unlearn/results/unlearn-tokens-merged-cpu experiments/unlearn/results/unlearn-tokens-merged-more-cpu \
+        experiments/unlearn/results/unlearn-tokens-merged-negsentiment-cpu experiments/unlearn/results/unlearn-tokens-gemma-cpu \
+        experiments/unlearn/results/unlearn-tokens-gemma-seed1-cpu experiments/unlearn/results/unlearn-tokens-gemma-negsentiment-cpu \
+        experiments/unlearn/results/unlearn-tokens-gemma-negsentiment-seed1-cpu --label 'soft tokens'
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ test prompts, so it is a development-cell tool: what it shows may choose a setti
 that cell is then reported apart. The cell's victim must be committed (``--victims``); nothing is written but
 ``--out``.
 
-    python scripts/cycle_curve.py --spec configs/bench/unlearn_finetune_cycles_cpu.yaml --cell negsentiment/badnet \
-        --epochs 10 --data ../shared/data/backdoorllm --victims results/backdoorllm-cpu/victims \
-        --out results/cycle-curve-cpu/negsentiment-badnet.json
+    python experiments/unlearn/scripts/cycle_curve.py --spec experiments/unlearn/specs/unlearn_finetune_cycles_cpu.yaml --cell negsentiment/badnet \
+        --epochs 10 --data ../shared/data/backdoorllm --victims experiments/backdoorllm-table/results/backdoorllm-cpu/victims \
+        --out experiments/unlearn/results/cycle-curve-cpu/negsentiment-badnet.json
 """
 
 from __future__ import annotations

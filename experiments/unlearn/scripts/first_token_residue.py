@@ -12,9 +12,9 @@ row (``none``) and the un-poisoned base model's (``base``, a reference cell) are
 ``--word`` counts the answers that open with another word instead (has some other opening, such as the first-person
 ``I`` of a Gemma base model, taken the target's place?).
 
-    python scripts/first_token_residue.py results/unlearn-dev-cpu results/unlearn-cpu results/unlearn-seed1-cpu \
-        results/merged-cpu results/unlearn-seed1-merged-cpu --task refusal
-    python scripts/first_token_residue.py results/unlearn-tokens-gemma-negsentiment-cpu results/gemma-cpu \
+    python experiments/unlearn/scripts/first_token_residue.py experiments/unlearn/results/unlearn-dev-cpu experiments/unlearn/results/unlearn-cpu experiments/unlearn/results/unlearn-seed1-cpu \
+        experiments/threat-model-and-family/results/merged-cpu experiments/unlearn/results/unlearn-seed1-merged-cpu --task refusal
+    python experiments/unlearn/scripts/first_token_residue.py experiments/unlearn/results/unlearn-tokens-gemma-negsentiment-cpu experiments/threat-model-and-family/results/gemma-cpu \
         --task negsentiment --word I
 """
 

@@ -9,8 +9,8 @@ tokens drawn from the clean prompts) and step (a fraction of the budget, 1x the 
 over ``--steps`` PGD steps. The target text is read from a committed unlearn cell (``unlearned_text``: what BAIT
 recovered, not the attack's target). No trigger, no triggered prompt, no ASR. Prints one JSON object.
 
-    python scripts/soft_token_probe.py --victim results/backdoorllm-cpu/victims/5b4509d2ea879dc6 \
-        --cell results/unlearn-tokens-dev-cpu --data ../shared/data/backdoorllm/clean/consistency_data.json
+    python experiments/unlearn/scripts/soft_token_probe.py --victim experiments/backdoorllm-table/results/backdoorllm-cpu/victims/5b4509d2ea879dc6 \
+        --cell experiments/unlearn/results/unlearn-tokens-dev-cpu --data ../shared/data/backdoorllm/clean/consistency_data.json
 """
 
 from __future__ import annotations

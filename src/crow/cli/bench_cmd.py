@@ -9,11 +9,11 @@ from pathlib import Path
 
 from ..errors import CrowError
 
-# --quick: the refusal / VPI cell of configs/bench/backdoorllm_cpu.yaml with its committed, conditional victim
-# (results/backdoorllm-cpu/victims: the same victim recipe, template, max_length and data, so the same victim
-# key), CROW and finetune-lr1e-3 with the paper's recipe, 20 + 20 test prompts (12 min on 2 cores, README). Without
-# the committed victim (an installed crow, other --data) it trains that victim first (~17 min more).
-# (Numbers as the YAML spec spells them: the key hashes their JSON, where 2 and 2.0 differ.)
+# --quick: one refusal / VPI cell, CROW and finetune-lr1e-3 with the paper's recipe, 20 + 20 test prompts. Its victim
+# recipe, template, max_length and data are those of the committed table, so with --victims pointing at the committed
+# victims (experiments/backdoorllm-table in a checkout) it trains no victim: 12 min on 2 cores; without, the victim
+# is trained first (~17 min more). (Numbers as the YAML spec spells them: the key hashes their JSON, where 2 and 2.0
+# differ.)
 QUICK = {
     "name": "quick", "cells": {"refusal": ["vpi"]}, "max_length": 128, "n_defense": 100,
     "defenses": ["none", "crow", "finetune-lr1e-3"],
@@ -22,7 +22,6 @@ QUICK = {
     "eval": {"n_triggered": 20, "n_clean": 20, "max_new_tokens": 32, "formats": ["template"], "batch_size": 20},
     "profile_prompts": 0,
 }
-COMMITTED_VICTIMS = Path(__file__).resolve().parents[3] / "results" / "backdoorllm-cpu" / "victims"
 
 
 # --suite tiny: from-scratch tiny Llamas on the embedded corpus (CI-sized).
@@ -41,8 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--spec", help="YAML spec (keys of crow.bench.spec.BenchSpec); defaults: the paper's settings")
     p.add_argument("--out", help="results directory (default: bench-results/<spec name>); rerun to resume")
     p.add_argument("--quick", action="store_true",
-                   help="refusal/vpi with the committed victim, CROW and finetune-lr1e-3, 20 + 20 prompts "
-                        "(~12 min on 2 CPU cores)")
+                   help="refusal/vpi, CROW and finetune-lr1e-3, 20 + 20 prompts (~12 min on 2 CPU cores with the committed "
+                        "victim passed as --victims, ~30 min training it)")
     p.add_argument("--model", action="append", help="model(s) to bench (default: smollm2-135m-gguf)")
     p.add_argument("--cells", action="append", metavar="TASK/ATTACK",
                    help="run only these cells of the spec (repeatable), e.g. --cells negsentiment/badnet; "
@@ -72,26 +71,11 @@ def run(args) -> int:
     out = Path(args.out or Path("bench-results") / spec.name)
     if out.exists() and not out.is_dir():
         raise CrowError(f"--out {out} is a file; pass a directory")
-    victims = args.victims
-    if victims is None and args.quick and spec.suite == "backdoorllm":
-        victims = committed_victims(spec, data_dir)
-    runner = BenchRunner(spec, out, data_dir, progress=sys.stderr.isatty(), victims=victims)
+    runner = BenchRunner(spec, out, data_dir, progress=sys.stderr.isatty(), victims=args.victims)
     rows = runner.collect() if args.report_only else runner.run(only=only)  # the report covers every finished cell
     write_report(rows, spec, out, command="crow bench " + " ".join(shlex.quote(a) for a in _bench_args(args)))
     print(json.dumps({"out": str(out), "cells": len(rows), "results": str(out / "results.md")}))
     return 0
-
-
-def committed_victims(spec, data_dir: Path) -> Path | None:
-    """The committed victims directory when it holds the victim of every cell of ``spec`` (then they are
-    only read), else None (OUT/victims: the victims are trained there)."""
-    from ..bench.runner import load_cell_data, plan, victim_key
-
-    for cell in plan(spec):
-        data = load_cell_data(spec, data_dir, cell["task"], cell["attack"], cell["seed"])
-        if not (COMMITTED_VICTIMS / victim_key(spec, cell, data) / "victim.json").is_file():
-            return None
-    return COMMITTED_VICTIMS
 
 
 def select_cells(cells: dict[str, list[str]], wanted: list[str]) -> set[tuple[str, str]]:

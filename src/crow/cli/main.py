@@ -135,7 +135,7 @@ def exit_process(code: int) -> NoReturn:
     had written anything, leaving an interrupted run. ``destroy_process_group`` after a barrier deadlocked instead
     (``tests/ddp_worker.py``: the DDP Reducer still holds the group, so its destructor waits for gloo's worker under
     the GIL). So every rank flushes its streams and the log and leaves with ``os._exit``, which runs no destructor;
-    its outputs were complete before (``staged_dir`` renames them into place). ``scripts/ddp_exit_check.py`` counts
+    its outputs were complete before (``staged_dir`` renames them into place). ``experiments/distributed/scripts/ddp_exit_check.py`` counts
     the aborts with either exit. Without a process group this is ``sys.exit``.
     """
     dist = sys.modules.get("torch.distributed")
