@@ -2,7 +2,7 @@
 trained as test_scan's, with fixed seeds.
 
 ``tests/data/equivalence.json`` was written by this file's ``run_all`` at the last commit before the restructure
-(the git tag ``lab-notebook``, with the then API: ``CROW_WRITE_EQUIVALENCE=1 python -m pytest
+(the git tag ``v0.1.0``, with the then API: ``CROW_WRITE_EQUIVALENCE=1 python -m pytest
 tests/test_equivalence.py``); the test runs the same defenses, scans and guards with the current API and compares
 what each wrote: the losses it logged, a fingerprint of the weights it returned, the logits of three prompts, the
 scan's and guard's scores.
@@ -74,7 +74,7 @@ def logged(log: list[dict]) -> list[dict]:
             | ({"stage": h["stage"]} if "stage" in h else {}) for h in log if any(k in h for k in LOG_KEYS)]
 
 
-#: the defenses compared, as (label, name, settings) in the API of the tag lab-notebook
+#: the defenses compared, as (label, name, settings) in the API of the tag v0.1.0
 DEFENSES = [
     ("crow", "crow", {"learning_rate": LR, "epochs": 2, "batch_size": 2, "grad_accum": 2}),
     ("crow-refusal-alpha", "crow", {"learning_rate": LR, "epochs": 1, "batch_size": 2, "grad_accum": 2}),
