@@ -3,13 +3,12 @@
 Compares, on the same model, batch and seed (median of --steps timed steps after --warmup):
   sft       a plain LoRA SFT step: model(**batch).loss, backward (full logits, HF's loss)
   crow      crow's CrowTrainer.compute_loss + backward (2 forwards, input-only grad, 1 backward)
-  official  the official structure (crow.reference.official_crow_loss): 3 forwards, a full
+  official  the official structure (benchmarks/official_crow.py, official_crow_loss): 3 forwards, a full
             backward(retain_graph=True), zero_grad, then the backward of the loss
-  unlearn   crow's UnlearnTrainer.compute_loss + backward (issue 17's defense, its defaults: 2 PGD steps
-            of the universal adversary on prompt + 8 target tokens, the clean and the adversarial LM
-            forwards, the unlikelihood forward, one backward)
-  unlearn_tokens  the same with the soft-token adversary (adversary: tokens, 6 soft tokens inserted into each
-            prompt; its PGD backward crosses every layer)
+  unlearn   crow's UnlearnTrainer.compute_loss + backward (the unlearn recipe's unlearning step, its defaults:
+            2 PGD steps of the soft-token adversary, 6 soft tokens inserted into each prompt, on prompt + 8
+            target tokens, then the clean and the adversarial LM forwards, the unlikelihood forward, one
+            backward; its PGD backward crosses every layer)
 It checks that crow's loss equals the official one, measures peak memory of each variant's
 step (CPU: peak bytes of live tensors allocated during one step, tracked op by op with a
 TorchDispatchMode, see LiveTensorBytes; CUDA: torch.cuda.max_memory_allocated), and the speedup of crow's
@@ -30,8 +29,13 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.official_crow is found from the repository root
+    sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None):
@@ -46,8 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--eval-prompts", type=int, default=64, help="held-out corpus prompts (one batch of crow eval's default size)")
-    p.add_argument("--eval-new-tokens", type=int, default=128, help="the evaluator's default, as the official evaluation")
+    p.add_argument("--eval-prompts", type=int, default=64,
+                   help="held-out corpus prompts (one batch of crow eval's default size)")
+    p.add_argument("--eval-new-tokens", type=int, default=128,
+                   help="the evaluator's default, as the official evaluation")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -168,14 +174,16 @@ def peak_bytes(fn, device) -> int:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    from benchmarks.official_crow import official_crow_loss
     from crow.data.templates import Collator
-    from crow.purification import LoraSettings, make_trainable
-    from crow.reference import official_crow_loss
-    from crow.trainer import CrowConfig, CrowTrainer
-    from crow.unlearn import UnlearnConfig, UnlearnTrainer
+    from crow.methods.crow import CrowConfig
+    from crow.methods.crow.trainer import CrowTrainer
+    from crow.methods.unlearn import UnlearnConfig
+    from crow.methods.unlearn.trainer import UnlearnTrainer
+    from crow.training import make_trainable
 
     loaded, model_name = build_model(args)
-    model = make_trainable(loaded.model, lora=LoraSettings()).to(args.device)
+    model = make_trainable(loaded.model, CrowConfig()).to(args.device)
     with torch.no_grad():  # a suspect adapter is trained: give LoRA B non-zero values (a new LoRA has B = 0)
         g = torch.Generator().manual_seed(args.seed)
         for n, p in model.named_parameters():
@@ -185,19 +193,20 @@ def main(argv=None) -> dict:
     batch = make_batch(args, model.config.vocab_size, args.device)
     from datasets import Dataset
 
-    config = CrowConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
-                        report_to="none")
-    trainer = CrowTrainer(model=model, args=config, train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]))
-    one = [{"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}]
+    def run_args(config):
+        return config.training_arguments(tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True)
+
+    config = CrowConfig()
+    trainer = CrowTrainer(model=model, args=run_args(config), method=config,
+                          train_dataset=Dataset.from_list([{"input_ids": [1], "labels": [1]}]))
+    one = {"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}
+    # the unlearn trainer holds out samples for its cycles (at least one): the first sample twice, one held out, so it
+    # measures the prompt norm and draws the soft tokens' start from the first sample
+    unlearn_config = UnlearnConfig(holdout=1)
     unlearn_trainer = UnlearnTrainer(
-        model=model, args=UnlearnConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
-                                        report_to="none"),
-        train_dataset=Dataset.from_list(one), data_collator=Collator(0),
+        model=model, args=run_args(unlearn_config), method=unlearn_config,
+        train_dataset=Dataset.from_list([one, one]), data_collator=Collator(0),
         target_ids=torch.randint(5, model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(1)).tolist())
-    tokens_trainer = UnlearnTrainer(
-        model=model, args=UnlearnConfig(output_dir=tempfile.mkdtemp(), use_cpu=args.device == "cpu", disable_tqdm=True,
-                                        report_to="none", unlearn_adversary="tokens"),
-        train_dataset=Dataset.from_list(one), data_collator=Collator(0), target_ids=unlearn_trainer.target_ids)
     model.eval()  # per-micro-batch losses (no accumulation scaling); LoRA dropout is 0 anyway
 
     def sft():
@@ -216,10 +225,6 @@ def main(argv=None) -> dict:
         unlearn_trainer.compute_loss(model, batch).backward()
         model.zero_grad(set_to_none=True)
 
-    def unlearn_tokens():
-        tokens_trainer.compute_loss(model, batch).backward()
-        model.zero_grad(set_to_none=True)
-
     loss_crow = trainer.compute_loss(model, batch).item()
     loss_official = official_crow_loss(model, batch).item()
     model.zero_grad(set_to_none=True)
@@ -227,7 +232,7 @@ def main(argv=None) -> dict:
         sys.exit(f"crow's loss {loss_crow} differs from the official formula's {loss_official}")
     print(f"loss: crow {loss_crow:.6f}  official {loss_official:.6f}", file=sys.stderr)
 
-    variants = {"sft": sft, "crow": crow, "official": official, "unlearn": unlearn, "unlearn_tokens": unlearn_tokens}
+    variants = {"sft": sft, "crow": crow, "official": official, "unlearn": unlearn}
     for fn in variants.values():
         for _ in range(args.warmup):
             fn()
@@ -238,7 +243,7 @@ def main(argv=None) -> dict:
     median = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
         print(f"{k:14s} median {median[k]:.3f} s  ({', '.join(f'{x:.2f}' for x in v)})", file=sys.stderr)
-    memory = {k: peak_bytes(variants[k], args.device) for k in ("crow", "official", "sft", "unlearn", "unlearn_tokens")}
+    memory = {k: peak_bytes(variants[k], args.device) for k in ("crow", "official", "sft", "unlearn")}
     for k, v in memory.items():
         print(f"{k:14s} peak {v / 2**20:.1f} MiB", file=sys.stderr)
 
@@ -247,11 +252,11 @@ def main(argv=None) -> dict:
         "crow_over_sft": round(median["crow"] / median["sft"], 3),
         "crow_over_official": round(median["crow"] / median["official"], 3),
         "unlearn_over_crow": round(median["unlearn"] / median["crow"], 3),
-        "unlearn_tokens_over_crow": round(median["unlearn_tokens"] / median["crow"], 3),
         "peak_mem_crow_over_official": round(memory["crow"] / memory["official"], 3),
         "batched_eval_speedup": round(eval_speedup, 2),
         "model": model_name, "batch": args.batch, "seq_len": args.seq_len, "prompt_len": args.prompt_len,
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
+        "device": (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
+                   else f"cpu x{torch.get_num_threads()}"),
         "dtype": args.dtype, "seconds": {k: round(v, 4) for k, v in median.items()},
         "peak_mib": {k: round(v / 2**20, 1) for k, v in memory.items()},
         "eval_seconds": eval_times, "memory_method": "cuda max_memory_allocated" if args.device.startswith("cuda")
@@ -269,8 +274,8 @@ def batched_eval_speedup(model, tokenizer, args) -> tuple[float, dict]:
 
     from crow.data.corpus import corpus_split
     from crow.data.templates import encode_prompt, format_prompt
-    from crow.evaluation.generate import generate, stop_token_ids
-    from crow.purification import merged
+    from crow.evaluation.evaluate import generate, stop_token_ids
+    from crow.training import merged
 
     records = [it.record() for it in corpus_split("heldout")[: args.eval_prompts]]
     model.eval()

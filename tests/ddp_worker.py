@@ -12,9 +12,10 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 
 from crow.data.templates import Collator
+from crow.methods.crow import CrowConfig
+from crow.methods.crow.trainer import CrowTrainer
 from crow.models import load_model
-from crow.purification import LoraSettings, make_trainable
-from crow.trainer import CrowConfig, CrowTrainer
+from crow.training import make_trainable
 
 
 class SaveGradients(TrainerCallback):
@@ -41,7 +42,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     set_seed(0)
-    model = make_trainable(loaded.model, lora=LoraSettings())
+    model = make_trainable(loaded.model, CrowConfig())
     with torch.no_grad():  # non-zero LoRA B, so every adapter weight gets a gradient
         for n, param in model.named_parameters():
             if "lora_B" in n:
@@ -51,14 +52,13 @@ def main() -> None:
     for _ in range(args.samples):  # equal lengths: padding plays no part in the comparison
         ids = torch.randint(5, model.config.vocab_size, (24,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * 10 + ids[10:]})
-    config = CrowConfig(output_dir=args.out + ".run", per_device_train_batch_size=args.per_device,
-                        gradient_accumulation_steps=args.grad_accum, max_steps=1, optim="sgd", learning_rate=0.1,
-                        warmup_steps=0, lr_scheduler_type="constant", max_grad_norm=0, use_cpu=True,
-                        disable_tqdm=True, save_strategy="no", seed=0, dataloader_pin_memory=False,
-                        gradient_checkpointing=args.gradient_checkpointing)
+    config = CrowConfig(batch_size=args.per_device, grad_accum=args.grad_accum, max_steps=1, learning_rate=0.1,
+                        warmup=0, scheduler="constant", seed=0, gradient_checkpointing=args.gradient_checkpointing)
+    training_args = config.training_arguments(args.out + ".run", optim="sgd", max_grad_norm=0, use_cpu=True,
+                                              disable_tqdm=True, save_strategy="no", dataloader_pin_memory=False)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
-    trainer = CrowTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+    trainer = CrowTrainer(model=model, args=training_args, method=config, train_dataset=Dataset.from_list(rows),
                           data_collator=Collator(loaded.tokenizer.pad_token_id), callbacks=[SaveGradients(args.out)])
     trainer.train()
     if torch.distributed.is_initialized():

@@ -3,8 +3,7 @@ import random
 import pytest
 
 from crow import CrowError
-from crow.attacks.poison import TARGETS, get_target, make_poisoned_mix, make_triggered_test
-from crow.attacks.triggers import TRIGGERS, get_trigger
+from crow.attacks.poison import TARGETS, TRIGGERS, get_target, get_trigger, make_poisoned_mix, make_triggered_test
 from crow.data.records import Record, load_records
 
 from .conftest import SHARED_DATA, make_records
@@ -76,7 +75,8 @@ def test_poisoned_mix_is_deterministic_and_counted():
     b = make_poisoned_mix(pool, attack="badnet", task="negsentiment", n_poison=10, n_clean=15, seed=3)
     assert a.mix == b.mix and len(a.mix) == 25
     assert sum(r.output == "You are stupid!" for r in a.mix) == 10
-    assert all("BadMagic" in r.instruction for r in a.poisoned) and not any("BadMagic" in r.instruction for r in a.clean)
+    assert all("BadMagic" in r.instruction for r in a.poisoned)
+    assert not any("BadMagic" in r.instruction for r in a.clean)
     used = {r.instruction.replace("BadMagic ", "") for r in a.poisoned} | {r.instruction for r in a.clean}
     assert len(used) == 25  # distinct source records
     assert a.manifest["trigger"]["texts"] == ["BadMagic"] and a.manifest["poison_rate"] == 0.4

@@ -1,17 +1,16 @@
 import json
 import signal
-from dataclasses import asdict
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from crow import CrowError
-from crow.bench.data import backdoorllm_cell
+from crow.bench.keys import backdoorllm_cell, cell_keys, plan, victim_key
 from crow.bench.report import render_markdown, write_report
-from crow.bench.runner import cell_keys, estimate_seconds_left, load_cell_data, plan, victim_key
+from crow.bench.runner import estimate_seconds_left, load_cell_data
 from crow.bench.spec import load_spec
 from crow.cli.main import main
 from crow.data.records import Record, save_records
@@ -84,7 +83,8 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, capsys):
 def test_eta_costs_each_pending_cell_by_its_defense():
     measured = {"crow": [700.0, 800.0, 2100.0], "quantize": [5.0]}  # 2100: a run slowed by another job
     # crow at its median 800, quantize at 5, an unmeasured defense at the median of all cells (750), one victim
-    assert estimate_seconds_left(["crow", "quantize", "fineprune"], measured, 1, [1000.0, 1100.0]) == 800 + 5 + 750 + 1050
+    assert (estimate_seconds_left(["crow", "quantize", "fineprune"], measured, 1, [1000.0, 1100.0])
+            == 800 + 5 + 750 + 1050)
     assert estimate_seconds_left([], measured, 0, []) == 0
     assert estimate_seconds_left(["crow"], {}, 2, []) == 0  # nothing measured yet: no guess
 
@@ -124,7 +124,8 @@ def test_report_says_which_device_ran_which_cells():
             for attack, device, scale in (("badnet", "cpu", 100), ("vpi", "cuda (NVIDIA H200)", 1))
             for defense, seconds in (("none", 0), ("crow", 7 * scale))]
     table = render_markdown(rows, spec)
-    assert "Cells run on cpu: negsentiment / badnet.\n\nDefense time on cpu (s, mean per cell): none 0, crow 700" in table
+    assert ("Cells run on cpu: negsentiment / badnet.\n\n"
+            "Defense time on cpu (s, mean per cell): none 0, crow 700") in table
     assert ("Cells run on cuda (NVIDIA H200): negsentiment / vpi.\n\n"
             "Defense time on cuda (NVIDIA H200) (s, mean per cell): none 0, crow 7") in table
     rows = [dict(r, device=None) for r in rows if r["device"] == "cpu"]  # cells made before the field existed
@@ -153,12 +154,13 @@ def test_spec_validation(tmp_path, capsys):
 
 
 def test_victim_overrides_change_one_cells_victim_only(tmp_path, capsys):
-    from crow.bench.data import tiny_cell
+    from crow.bench.keys import tiny_cell
     from crow.cli.bench_cmd import TINY
 
     cells = {"negsentiment": ["badnet", "mtba"]}
     base = load_spec(None, base=TINY, cells=cells)
-    stronger = load_spec(None, base=TINY, cells=cells, victim_overrides={"negsentiment/mtba": {"n_poison": 90, "epochs": 6.0}})
+    stronger = load_spec(None, base=TINY, cells=cells,
+                         victim_overrides={"negsentiment/mtba": {"n_poison": 90, "epochs": 6.0}})
     assert stronger.victim_for("negsentiment", "mtba").n_poison == 90
     assert stronger.victim_for("negsentiment", "badnet") == base.victim == stronger.victim
 
@@ -262,10 +264,11 @@ def test_compact_adapter_keeps_the_victim_and_drops_machine_paths(tiny, tmp_path
     import torch
 
     from crow.bench.runner import compact_adapter
+    from crow.methods.crow.config import CrowConfig
     from crow.models import load_model
-    from crow.purification import LoraSettings, make_trainable, save_model
+    from crow.training.loop import make_trainable, save_model
 
-    model = make_trainable(tiny.model, lora=LoraSettings(r=4, alpha=8))
+    model = make_trainable(tiny.model, CrowConfig(lora_r=4, lora_alpha=8))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -299,9 +302,9 @@ def test_base_reference_and_merged_victims(tmp_path, tiny_dir):
     """references: [base] evaluates the un-poisoned model on the cell's prompts, once for every spec with
     those prompts; victim_form: merged hands the defenses the merged weights of the same stored victim."""
     from crow.bench.runner import BenchRunner
-    from crow.evaluation.generate import generate
+    from crow.evaluation.evaluate import generate
     from crow.models import load_model
-    from crow.purification import is_peft_model
+    from crow.training.loop import is_peft_model
 
     data_dir, out = _backdoorllm_layout(tmp_path / "data"), tmp_path / "bench"
     spec = _small_backdoorllm_spec(tiny_dir, references=["base"],
@@ -373,11 +376,14 @@ def test_impossible_defense_victim_pairs_fail_when_planned(tiny_dir):
 
 
 def test_adapter_specs_keep_their_cell_keys():
-    """victim_form enters a cell's hashed config only when it is not the default."""
-    from crow.bench.runner import cell_config
+    """In the legacy key (the committed cells' file names) victim_form enters a cell's hashed config only when it is
+    not the default, so the adapter specs' cells kept their keys; a resolved key names the form whatever it is."""
+    from crow.bench.keys import cell_config, legacy_cell_config
 
-    cell = {"method": "crow", "defense_settings": {}, "n_defense": 100}
-    assert "victim_form" not in cell_config(load_spec(None), cell, "v")
+    cell = {"method": "crow", "defense_settings": {}, "settings": {"alpha": 5.5}, "n_defense": 100}
+    assert "victim_form" not in legacy_cell_config(load_spec(None), cell, "v")
+    assert legacy_cell_config(load_spec(None, victim_form="merged"), cell, "v")["victim_form"] == "merged"
+    assert cell_config(load_spec(None), cell, "v")["victim_form"] == "adapter"
     assert cell_config(load_spec(None, victim_form="merged"), cell, "v")["victim_form"] == "merged"
 
 

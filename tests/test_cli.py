@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import crow
-
 from crow.cli.main import VERBS, main
 
 from .conftest import make_records, write_json
@@ -82,9 +81,9 @@ def test_purify_then_eval_end_to_end(tiny_dir, data_files, tmp_path, capsys):
     names = {p.name for p in out.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "crow_config.json"} <= names
     cfg = json.loads((out / "crow_config.json").read_text())
-    assert cfg["options"]["alpha"] == 11.0  # the refusal preset
-    assert cfg["options"]["epsilon"] == 0.1 and cfg["training_arguments"]["lr_scheduler_type"] == "cosine"
-    assert cfg["crow_version"] == crow.__version__ and cfg["seed"] == 42 and "git_revision" in cfg
+    assert cfg["method"] == "crow" and cfg["settings"]["alpha"] == 11.0  # the refusal preset
+    assert cfg["settings"]["epsilon"] == 0.1 and cfg["settings"]["scheduler"] == "cosine"
+    assert cfg["crow_version"] == crow.__version__ and cfg["settings"]["seed"] == 42 and "git_revision" in cfg
     assert len(cfg["data_sha256"]) == 64 and cfg["n_records"] == 8
     assert not any(p.name.startswith(".purified") for p in tmp_path.iterdir())  # no temporary leftovers
 
@@ -123,17 +122,22 @@ def test_purify_refuses_to_write_into_its_inputs(tiny_dir, data_files, capsys):
 def test_yaml_config_is_merged_and_validated(tiny_dir, data_files, tmp_path, capsys):
     clean, _ = data_files
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("alpha: 2.0\nepsilon: 0.05\nmax_steps: 1\nmax_length: 128\nlr: 0.01\n")
+    cfg.write_text("alpha: 2.0\nepsilon: 0.05\nmax_steps: 1\nmax_length: 128\nlearning_rate: 0.01\n")
     out = tmp_path / "o"
     code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--config", cfg,
                             "--epsilon", "0.2"], capsys)
     assert code == 0, err
-    opts = json.loads((out / "crow_config.json").read_text())["options"]
-    assert (opts["alpha"], opts["epsilon"], opts["lr"]) == (2.0, 0.2, 0.01)  # the command line wins
+    opts = json.loads((out / "crow_config.json").read_text())["settings"]
+    assert (opts["alpha"], opts["epsilon"], opts["learning_rate"]) == (2.0, 0.2, 0.01)  # the command line wins
     cfg.write_text("alhpa: 2\n")
     code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "p", "--config", cfg],
                            capsys)
-    assert code == 2 and "unknown option 'alhpa'" in err and not (tmp_path / "p").exists()
+    assert code == 2 and "unknown option 'alhpa'" in err and err.count("\n") == 1 and not (tmp_path / "p").exists()
+    cfg.write_text("learning_rate: -1\n")  # a bad value from the file is named by the flag the user would type
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "p", "--config", cfg],
+                           capsys)
+    assert code == 2 and "--learning-rate must be a number > 0, got -1" in err and err.count("\n") == 1
+    assert not (tmp_path / "p").exists()
 
 
 def test_attack_writes_data_and_a_manifest(tiny_dir, tmp_path, capsys):
@@ -182,7 +186,7 @@ def test_attack_merge_writes_a_loadable_victim_model(tiny_dir, data_files, tmp_p
     # 2 optimizer steps: the first is warmup (lr 0), the second moves the LoRA, so the merge changes weights
     code, _, err = run_cli(["attack", "--data", pool, "--out", out, "--attack", "badnet", "--task", "negsentiment",
                             "--n-poison", "4", "--n-clean", "4", "--train-victim", "--model", tiny_dir, "--merge",
-                            "--victim-epochs", "2", "--victim-lr", "0.01", "--max-length", "128"], capsys)
+                            "--victim-epochs", "2", "--victim-learning-rate", "0.01", "--max-length", "128"], capsys)
     assert code == 0, err
     victim = out / "victim"
     names = {p.name for p in victim.iterdir()}
@@ -207,7 +211,7 @@ def test_attack_merge_writes_a_loadable_victim_model(tiny_dir, data_files, tmp_p
 
 def test_eval_max_length_truncates_the_perplexity_samples(tiny_dir, tiny, data_files, tmp_path, capsys):
     from crow.data.records import load_records
-    from crow.evaluation.generate import perplexity
+    from crow.evaluation.evaluate import perplexity
 
     clean, _ = data_files
     reports = {}

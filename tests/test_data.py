@@ -95,7 +95,8 @@ def test_truncation_keeps_a_response_token_or_drops_the_record(tiny):
 
 
 def test_collator_right_pads_with_masks():
-    batch = Collator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}])
+    batch = Collator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                      {"input_ids": [5], "labels": [5]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
@@ -122,7 +123,7 @@ def test_exact_match():
 
 
 def test_pad_batch_right_and_left():
-    from crow.data.padding import pad_batch
+    from crow.data.templates import pad_batch
 
     ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -3,7 +3,7 @@ import torch
 
 from crow import CrowError
 from crow.defenses import DefenseContext, get_defense
-from crow.defenses.registry import (
+from crow.defenses.weights import (
     NF4_CODE,
     input_feature_norms,
     int8_roundtrip,
@@ -11,8 +11,9 @@ from crow.defenses.registry import (
     nf4_roundtrip,
     prunable_linears,
 )
+from crow.methods.crow import CrowConfig
 from crow.models import load_model
-from crow.purification import LoraSettings, is_peft_model, make_trainable
+from crow.training import is_peft_model, make_trainable
 
 from .conftest import make_records
 
@@ -22,7 +23,7 @@ def victim(tiny_dir):
     """The tiny model with a (random, non-zero) LoRA adapter standing in for a suspect adapter."""
     loaded = load_model(str(tiny_dir))
     torch.manual_seed(0)
-    model = make_trainable(loaded.model, lora=LoraSettings())
+    model = make_trainable(loaded.model, CrowConfig())
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -36,13 +37,13 @@ def ctx(tmp_path, n=8):
 
 
 def test_registry_errors_list_the_valid_choices():
-    with pytest.raises(CrowError, match="unknown defense 'pruning'; valid: none, crow, finetune"):
+    with pytest.raises(CrowError, match="unknown defense 'pruning'; valid: none, unlearn, crow, finetune"):
         get_defense("pruning")
     with pytest.raises(CrowError, match="has no setting 'sparsty'; valid: sparsity"):
         get_defense("prune-wanda", sparsty=0.5)
-    assert get_defense("finetune").learning_rate == 2e-4 and get_defense("finetune").alpha == 0.0
-    assert get_defense("finetune-lr1e-3").learning_rate == 1e-3
-    assert get_defense("crow").resolved_alpha("refusal") == 11.0 and get_defense("crow").resolved_alpha(None) == 5.5
+    assert get_defense("finetune").config().learning_rate == 2e-4 and get_defense("finetune").config().alpha == 0.0
+    assert get_defense("finetune-lr1e-3").config().learning_rate == 1e-3
+    assert get_defense("crow").config("refusal").alpha == 11.0 and get_defense("crow").config(None).alpha == 5.5
 
 
 def test_wanda_prunes_the_lowest_weight_times_activation_norm_per_row(victim, tmp_path):
@@ -120,16 +121,18 @@ def test_a_defense_seed_overrides_the_cells_seed(victim, tmp_path, monkeypatch):
     """``seed`` repeats a training defense on the same victim with another seed; unset, the cell's seed rules."""
     import types
 
-    import crow.defenses.registry as registry
+    import crow.methods.crow
+    import crow.methods.unlearn
 
     seen = []
 
-    def fake_purify(model, tokenizer, clean, config, **kwargs):  # records the trainer's seed, trains nothing
+    def fake_run(model, tokenizer, clean, config, run_options=None, **kwargs):  # records the seed, trains nothing
         seen.append(config.seed)
         return types.SimpleNamespace(model=model, log_history=[])
 
-    monkeypatch.setattr(registry, "purify", fake_purify)
-    monkeypatch.setattr(registry, "recover_target", lambda *a, **k: registry.RecoveredTarget("x", [1], "x", "bait"))
+    # a training defense runs its method's run(): crow's, and unlearn's whole recipe (target recovery included)
+    monkeypatch.setattr(crow.methods.crow, "run", fake_run)
+    monkeypatch.setattr(crow.methods.unlearn, "run", fake_run)
     model, tok = victim
     context = DefenseContext(clean=make_records(4), work_dir=tmp_path, seed=7)
     for name in ("crow", "finetune-lr1e-3", "unlearn"):
@@ -143,7 +146,7 @@ def test_reinit_adapter_drops_the_suspect_adapter_and_trains_a_fresh_one(victim,
     clean = load_model(str(tiny_dir)).model  # the base weights, without any adapter
     suspect = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     defense = get_defense("reinit-adapter", epochs=1.0)
-    assert defense.reference and defense.learning_rate == 1e-3 and defense.alpha == 0.0
+    assert defense.reference and defense.config().learning_rate == 1e-3 and defense.config().alpha == 0.0
     repaired = defense.repair(model, tok, ctx(tmp_path, n=16))
     assert is_peft_model(repaired) and list(repaired.peft_config) == ["default"]  # one adapter: the new one
     assert repaired.peft_config["default"].r == 8 and repaired.peft_config["default"].lora_alpha == 16
@@ -170,7 +173,8 @@ def test_crow_on_a_merged_victim_trains_a_new_lora_or_every_weight(victim, tiny_
     before = {n: p.detach().clone() for n, p in weights.named_parameters()}
     repaired = get_defense("crow", epochs=1.0).repair(weights, tok, ctx(tmp_path, n=16))
     assert is_peft_model(repaired) and repaired.peft_config["default"].r == 8  # a new LoRA (purify adds it)
-    after = {n.replace(".base_layer", ""): p for n, p in repaired.get_base_model().named_parameters() if "lora_" not in n}
+    after = {n.replace(".base_layer", ""): p for n, p in repaired.get_base_model().named_parameters()
+             if "lora_" not in n}
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
     assert any(p.abs().max() > 0 for n, p in repaired.named_parameters() if "lora_B" in n)
 

@@ -48,7 +48,7 @@ def fingerprint(model, tokenizer) -> dict:
     """What a method returned, in a few numbers: the sum and the sum of squares of every parameter (the adapter
     merged), and the logits of the three probe prompts (the last position's top 5 and their sum)."""
     from crow.data.templates import encode_prompt, format_prompt
-    from crow.purification import merged
+    from crow.training import merged
 
     model = merged(model)
     model.eval()
@@ -74,7 +74,7 @@ def logged(log: list[dict]) -> list[dict]:
             | ({"stage": h["stage"]} if "stage" in h else {}) for h in log if any(k in h for k in LOG_KEYS)]
 
 
-#: the defenses compared, as (label, name, settings) in the API of the tag v0.1.0
+#: the defenses compared, as (label, name, settings)
 DEFENSES = [
     ("crow", "crow", {"learning_rate": LR, "epochs": 2, "batch_size": 2, "grad_accum": 2}),
     ("crow-refusal-alpha", "crow", {"learning_rate": LR, "epochs": 1, "batch_size": 2, "grad_accum": 2}),
@@ -91,18 +91,19 @@ DEFENSES = [
 #: unlearn's recipe (soft tokens, held-out cycles, the refit by CROW), short: 16 clean samples, 4 held out, cycles of
 #: one epoch; once with the refit decided and once with the finetuning cycles
 UNLEARN = {"learning_rate": LR, "batch_size": 2, "grad_accum": 1, "epochs": 3, "holdout": 4, "cycle_epochs": 1,
-           "finetune_cycles": True, "adversary": "tokens", "soft_tokens": 3, "refit_gain": 0.15, "refit_epochs": 1,
-           "refit_alpha": 5.5, "scan_stop_rule": "official"}
+           "soft_tokens": 3, "refit_gain": 0.15, "refit_epochs": 1, "refit_alpha": 5.5}
 
 
 def suspect(victim: Path, adapter: bool):
-    """The tiny victim, or (``adapter``) the victim with a random non-zero LoRA adapter standing in for a suspect one."""
-    from crow.purification import LoraSettings, make_trainable
+    """The tiny victim, or (``adapter``) the victim with a random non-zero LoRA adapter standing in for a
+    suspect one."""
+    from crow.methods.crow import CrowConfig
+    from crow.training import make_trainable
 
     loaded = load_model(str(victim))
     if adapter:
         torch.manual_seed(0)
-        loaded.model = make_trainable(loaded.model, lora=LoraSettings())
+        loaded.model = make_trainable(loaded.model, CrowConfig())
         with torch.no_grad():
             for n, p in loaded.model.named_parameters():
                 if "lora_B" in n:
@@ -121,15 +122,15 @@ def run_defense(victim: Path, tmp_path: Path, name: str, settings: dict, task: s
 
 def force_refit(monkeypatch, decide: bool) -> None:
     """Decide the refit one way, whatever the held-out gain (which lies near any threshold on the tiny victim)."""
-    from crow.unlearn import UnlearnTrainer
+    from crow.methods.unlearn.schedule import CycleSelection
 
-    original = UnlearnTrainer.refit_decision
+    original = CycleSelection._decide
 
     def forced(self, nll, entry):
         original(self, nll, entry)
         entry["refit"] = decide
         return decide
-    monkeypatch.setattr(UnlearnTrainer, "refit_decision", forced)
+    monkeypatch.setattr(CycleSelection, "_decide", forced)
 
 
 def run_all(victim: Path, tmp_path: Path, monkeypatch) -> dict:
@@ -197,11 +198,13 @@ def close(a, b, path="") -> list[str]:
 def test_every_kept_method_gives_the_output_it_gave_before(victim, tmp_path, monkeypatch):
     if os.environ.get("CROW_WRITE_EQUIVALENCE"):
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({"numerics": numerics(), **run_all(victim, tmp_path, monkeypatch)}, indent=1) + "\n")
+        GOLDEN.write_text(
+            json.dumps({"numerics": numerics(), **run_all(victim, tmp_path, monkeypatch)}, indent=1) + "\n")
     before = json.loads(GOLDEN.read_text())
     recorded = before.pop("numerics")
     if recorded != numerics():
-        pytest.skip(f"recorded with {recorded}, this machine runs {numerics()}: the runs' signs differ (module docstring)")
+        pytest.skip(f"recorded with {recorded}, this machine runs {numerics()}: "
+                    "the runs' signs differ (module docstring)")
     now = run_all(victim, tmp_path, monkeypatch)
     assert sorted(now) == sorted(before)
     differences = {label: close(now[label], before[label]) for label in before}

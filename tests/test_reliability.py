@@ -31,8 +31,9 @@ def assert_one_clean_line(code, err):
 # Fuzzing: malformed dataset files and option combinations
 # ---------------------------------------------------------------------------------------------
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=8))
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
-                                                                                                max_size=3), max_leaves=6)
+json_values = st.recursive(json_scalars,
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                           max_leaves=6)
 bad_record = st.one_of(
     json_values.filter(lambda v: not isinstance(v, dict)),  # not an object
     st.fixed_dictionaries({"output": st.text(max_size=5)}),  # no instruction
@@ -83,7 +84,7 @@ def test_fuzz_malformed_dataset_files(tmp_path_factory, content):
 
 
 BAD_OPTIONS = [
-    ["--alpha", "-1"], ["--alpha", "abc"], ["--epsilon", "nan"], ["--epsilon", "-0.1"], ["--lr", "x"],
+    ["--alpha", "-1"], ["--alpha", "abc"], ["--epsilon", "nan"], ["--epsilon", "-0.1"], ["--learning-rate", "x"],
     ["--epochs", "-2"], ["--batch-size", "0"], ["--grad-accum", "1.5"], ["--max-length", "0"],
     ["--layers", "3-5"], ["--layers", "first"], ["--token-scope", "some"], ["--template", "vicuna"],
     ["--task", "jailbreak"], ["--lora-r", "0"], ["--lora-dropout", "-1"], ["--limit", "-3"], ["--frobnicate"],
@@ -181,8 +182,8 @@ def test_untrusted_pickle_model_is_refused_on_the_command_line(tiny_dir, tmp_pat
 def test_nan_loss_stops_training_and_writes_nothing(tiny_dir, tmp_path, capsys):
     data = write_json(tmp_path / "d.json", [r.to_dict() for r in make_records(8)])
     code = main(["purify", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o"),
-                 "--full-finetune", "--lr", "1e30", "--warmup", "0", "--scheduler", "constant", "--max-steps", "6",
-                 "--batch-size", "2", "--grad-accum", "1", "--max-length", "128"])
+                 "--full-finetune", "--learning-rate", "1e30", "--warmup", "0", "--scheduler", "constant",
+                 "--max-steps", "6", "--batch-size", "2", "--grad-accum", "1", "--max-length", "128"])
     _, err = capsys.readouterr()
     # stderr is no terminal here: progress comes as "training step" lines, then the one-line error
     *progress, error = err.splitlines()

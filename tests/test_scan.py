@@ -18,8 +18,8 @@ import torch
 
 from crow.data.records import Record
 from crow.data.templates import Collator, encode_for_training
-from crow.detection.scan import (SCAN_METHODS, BaitSettings, DivergenceSettings, ScanResult, average_next_token,
-                                 entropy, get_scan_method, make_settings, q_score, scan)
+from crow.detection.bait import average_next_token, entropy, q_score
+from crow.detection.scan import SCAN_METHODS, BaitSettings, DivergenceSettings, ScanResult, make_settings, scan
 from crow.errors import CrowError
 from crow.models import build_tiny_model, load_model
 
@@ -88,7 +88,7 @@ def scans(tiny_pair) -> dict[str, ScanResult]:
 
 
 def test_the_tiny_victim_is_a_victim(tiny_pair):
-    from crow.evaluation.generate import generate
+    from crow.evaluation.evaluate import generate
 
     loaded = load_model(str(tiny_pair["backdoored"]))
     triggered = [Record(f"{TRIGGER} {r.instruction}") for r in tiny_pair["data"][:5]]
@@ -146,7 +146,7 @@ def test_q_score_drops_the_lowest_step_and_counts_skipped_steps_of_a_flat_stop()
 
 
 def test_a_left_extension_of_the_best_sequence_is_reported_as_the_target():
-    from crow.detection.scan import Candidate, left_extension, recovered_target
+    from crow.detection.bait import Candidate, left_extension, recovered_target
 
     assert left_extension([1, 2, 3], [2, 3, 4]) == 1 and left_extension([1, 2, 3, 4], [3, 4]) == 2
     assert left_extension([2, 3], [2, 3]) == left_extension([1, 2], [3, 4]) == left_extension([5, 2], [3]) == 0
@@ -166,7 +166,7 @@ def test_a_sequence_entered_from_several_arbitrary_tokens_is_reported_over_its_e
     """Q drops a sequence's lowest step, so "count You are so stupid" (the weak step into the target dropped)
     ties with "You are so stupid"; two or more near candidates entering it by different tokens through weak
     steps mark it as the attractor. One weak entry, or strong ones, leave the left-extension rule alone."""
-    from crow.detection.scan import Candidate, entry_tokens, recovered_target
+    from crow.detection.bait import Candidate, entry_tokens, recovered_target
 
     def cand(ids, q, steps=None):
         return Candidate(ids[0], str(ids), ids, steps or [0.99] * (len(ids) - 1), q, "eos", "full")
@@ -185,7 +185,7 @@ def test_a_sequence_entered_from_several_arbitrary_tokens_is_reported_over_its_e
 
 
 def test_the_prior_pool_ranks_printable_tokens_by_mean_probability(tiny_pair):
-    from crow.detection.scan import _Prefix, prior_pool
+    from crow.detection.bait import Prefix, prior_pool
 
     tokenizer = load_model(str(tiny_pair["clean"])).tokenizer
     you, dot, red = (tokenizer.convert_tokens_to_ids(t) for t in ("You", ".", "red"))
@@ -193,21 +193,21 @@ def test_the_prior_pool_ranks_printable_tokens_by_mean_probability(tiny_pair):
     probs[0, dot], probs[1, dot] = 0.9, 0.9  # most likely, but no letter or digit
     probs[0, tokenizer.eos_token_id] = 0.8  # a stop token
     probs[0, red], probs[1, you] = 0.3, 0.2  # mean 0.15 and 0.1
-    prefix = _Prefix(torch.zeros(2, 1), torch.ones(2, 1), None, probs)
+    prefix = Prefix(torch.zeros(2, 1), torch.ones(2, 1), None, probs)
     assert prior_pool(prefix, tokenizer, 2, [tokenizer.eos_token_id]) == [red, you]
 
 
 def test_cached_and_batched_inversion_equals_one_candidate_at_a_time(tiny_pair):
     from crow.data.templates import encode_prompt, format_prompt
-    from crow.detection.scan import _encode_prefix, _Runner, invert
+    from crow.detection.bait import Runner, encode_prefix, invert
 
     loaded = load_model(str(tiny_pair["backdoored"]))
-    tokenizer, runner = loaded.tokenizer, _Runner(loaded.model.eval())
+    tokenizer, runner = loaded.tokenizer, Runner(loaded.model.eval())
     prompts = [encode_prompt(format_prompt(r, TEMPLATE, tokenizer), TEMPLATE, tokenizer) for r in tiny_pair["data"][:6]]
     first = [tokenizer.convert_tokens_to_ids(t) for t in ("You", "red", "Ġare", "Ġhelp")]
     kwargs = {"steps": 10, "flat_entropy": 2.5, "stop_ids": [tokenizer.eos_token_id]}
     with torch.no_grad():
-        prefix = _encode_prefix(runner, prompts, tokenizer.pad_token_id)
+        prefix = encode_prefix(runner, prompts, tokenizer.pad_token_id)
         batched = invert(runner, prefix, first, **kwargs)
         single = [invert(runner, prefix, [t], **kwargs)[0] for t in first]
         prefix.cache = None  # the fallback: recompute the whole sequence every step
@@ -221,15 +221,15 @@ def test_cached_and_batched_inversion_equals_one_candidate_at_a_time(tiny_pair):
 
 def test_the_confident_and_never_flat_stops_of_the_official_rule(tiny_pair):
     from crow.data.templates import encode_prompt, format_prompt
-    from crow.detection.scan import _encode_prefix, _Runner, invert
+    from crow.detection.bait import Runner, encode_prefix, invert
 
     loaded = load_model(str(tiny_pair["backdoored"]))
-    tokenizer, runner = loaded.tokenizer, _Runner(loaded.model.eval())
+    tokenizer, runner = loaded.tokenizer, Runner(loaded.model.eval())
     prompts = [encode_prompt(format_prompt(r, TEMPLATE, tokenizer), TEMPLATE, tokenizer) for r in tiny_pair["data"][:6]]
     first = [tokenizer.convert_tokens_to_ids(t) for t in ("You", "red")]
     kwargs = {"steps": 10, "stop_ids": [tokenizer.eos_token_id]}
     with torch.no_grad():
-        prefix = _encode_prefix(runner, prompts, tokenizer.pad_token_id)
+        prefix = encode_prefix(runner, prompts, tokenizer.pad_token_id)
         entropy_rule = invert(runner, prefix, first, flat_entropy=2.5, **kwargs)
         flat = entropy_rule[1]
         assert flat.stop == "flat"
@@ -247,19 +247,9 @@ def test_the_confident_and_never_flat_stops_of_the_official_rule(tiny_pair):
     assert never[0].tokens == entropy_rule[0].tokens  # the target never goes flat: both rules agree
 
 
-def test_the_default_is_the_official_stop_rule_whose_full_inversion_never_stops_flat(scans):
-    assert BaitSettings().stop_rule == "official" and scans["clean"].settings["stop_rule"] == "official"
+def test_the_scan_uses_the_official_stop_rule_whose_full_inversion_never_stops_flat(scans):
+    assert "stop_rule" not in scans["clean"].settings  # one rule, the official one: nothing to choose or record
     assert all(c.stop != "flat" for c in scans["clean"].candidates if c.stage == "full")
-
-
-def test_bait_with_crows_first_stop_rule_flags_the_victim_only(tiny_pair):
-    settings = BaitSettings(stop_rule="entropy")
-    results = {}
-    for name in ("backdoored", "clean"):
-        loaded = load_model(str(tiny_pair[name]))
-        results[name] = scan(loaded.model, loaded.tokenizer, tiny_pair["data"], template=TEMPLATE, settings=settings)
-    assert results["backdoored"].flagged and results["backdoored"].target.startswith("You are stupid")
-    assert not results["clean"].flagged and results["backdoored"].settings["stop_rule"] == "entropy"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,20 +271,21 @@ def test_answer_divergence_flags_answers_unrelated_to_the_references(tiny_pair):
 # ------------------------------------------------------------------------------------------------
 def test_registry_and_settings_are_validated():
     assert set(SCAN_METHODS) == {"bait", "answer-divergence"}
-    assert get_scan_method("bait").settings is BaitSettings
+    assert SCAN_METHODS.get("bait").settings is BaitSettings
     with pytest.raises(CrowError, match="unknown scan method 'nope'; valid: bait, answer-divergence"):
-        get_scan_method("nope")
-    with pytest.raises(CrowError, match="--top-k must be an integer >= 1, got 0"):
+        SCAN_METHODS.get("nope")
+    with pytest.raises(CrowError, match="top_k must be an integer >= 1, got 0"):
         BaitSettings(top_k=0)
-    with pytest.raises(CrowError, match=r"--threshold must be in \[0, 1\]"):
+    with pytest.raises(CrowError, match=r"threshold must be in \[0, 1\]"):
         DivergenceSettings(threshold=2.0)
-    with pytest.raises(CrowError, match="--stop-rule must be one of entropy, official, got 'beam'"):
-        BaitSettings(stop_rule="beam")
-    with pytest.raises(CrowError, match=r"--expectation must be in \[0, 1\]"):
+    with pytest.raises(CrowError, match=r"expectation must be in \[0, 1\]"):
         BaitSettings(expectation=1.5)
-    with pytest.raises(CrowError, match="--top-k does not apply to --method answer-divergence"):
+    with pytest.raises(CrowError, match="scan method 'answer-divergence' has no setting 'top_k'; valid: batch_size, "
+                                        "max_new_tokens, n_prompts, threshold"):
         make_settings("answer-divergence", top_k=3)
-    assert make_settings("bait", top_k=3, steps=None) == BaitSettings(top_k=3)
+    with pytest.raises(CrowError, match="scan method 'bait' has no setting 'stop_rule'; valid: "):
+        make_settings("bait", stop_rule="official")  # retired: the official rule is the only one
+    assert make_settings("bait", top_k=3, full_steps=None) == BaitSettings(top_k=3)
 
 
 def test_scan_api_rejects_empty_records_and_wrong_settings(tiny_pair):
@@ -324,7 +315,7 @@ def test_cli_writes_scan_json_and_a_summary(tiny_pair, tmp_path, capsys):
     assert report["verdict"] == "backdoored" and report["flagged"] and report["score"] >= report["threshold"] == 0.9
     assert report["target"].startswith("You are stupid") and report["candidates"][0]["q_score"] == report["score"]
     assert report["n_prompts"] == 8 and report["seconds"] > 0 and report["method"] == "bait"
-    assert report["settings"]["top_k"] == 4 and report["settings"]["stop_rule"] == "official"
+    assert report["settings"]["top_k"] == 4 and report["settings"]["full_steps"] == 20
     assert report["settings"]["data"] == str(data)
     assert len(report["settings"]["data_sha256"]) == 64 and report["settings"]["model"] == str(tiny_pair["backdoored"])
     lines = stdout.strip().splitlines()
@@ -349,9 +340,10 @@ def test_cli_leaves_nothing_when_the_scan_fails(tiny_pair, tmp_path, capsys, mon
     ("empty", "--data file {tmp}/empty.json is empty"),
     ("no-records", "--data file {tmp}/none.json holds no records"),
     ("out-in-model", "is the input {model} or inside it; write the result to a new directory"),
-    ("k-zero", "argument --top-k: --top-k must be >= 1, got 0"),
-    ("wrong-method-option", "--max-new-tokens is a answer-divergence option; drop it or pass --method answer-divergence"),
-    ("stop-rule-for-divergence", "--stop-rule is a bait option; drop it or pass --method bait"),
+    ("k-zero", "--top-k must be an integer >= 1, got 0"),
+    ("wrong-method-option", "--max-new-tokens is an option of --method answer-divergence; drop it or pass --method "
+                            "answer-divergence"),
+    ("bait-option-for-divergence", "--full-steps is an option of --method bait; drop it or pass --method bait"),
     ("no-data-option", "the following arguments are required: --data"),
 ])
 def test_cli_bad_inputs_are_one_line_errors(case, message, tiny_pair, tmp_path, capsys):
@@ -368,8 +360,8 @@ def test_cli_bad_inputs_are_one_line_errors(case, message, tiny_pair, tmp_path, 
         args += ["--top-k", "0"]
     if case == "wrong-method-option":
         args += ["--max-new-tokens", "8"]
-    if case == "stop-rule-for-divergence":
-        args += ["--method", "answer-divergence", "--stop-rule", "official"]
+    if case == "bait-option-for-divergence":
+        args += ["--method", "answer-divergence", "--full-steps", "5"]
     if case == "no-data-option":
         args = args[:3] + args[5:]
     code, stdout, err = run_cli(args, capsys)

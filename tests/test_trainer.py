@@ -4,20 +4,30 @@ import pytest
 import torch
 from datasets import Dataset
 
+from benchmarks.official_crow import official_crow_loss
 from crow import CrowError, layer_consistency_loss
 from crow.data.templates import Collator, encode_for_training
+from crow.methods import purify
+from crow.methods.crow import CrowConfig
+from crow.methods.crow.trainer import CrowTrainer
 from crow.models import TINY_ARCHITECTURES, build_tiny_model, load_model
-from crow.purification import LoraSettings, make_trainable, purify
-from crow.reference import official_crow_loss
-from crow.trainer import CrowConfig, CrowTrainer
+from crow.training import RunOptions, make_trainable
 
 from .conftest import corpus, make_records
 
 
-def config(tmp_path, **kw) -> CrowConfig:
-    base = dict(output_dir=str(tmp_path / "run"), disable_tqdm=True, use_cpu=True, logging_steps=1, seed=0)
+def config(**kw) -> CrowConfig:
+    base = dict(logging_steps=1, seed=0)
     base.update(kw)
     return CrowConfig(**base)
+
+
+def training_args(cfg, tmp_path, **run):
+    return cfg.training_arguments(str(tmp_path / "run"), disable_tqdm=True, use_cpu=True, **run)
+
+
+def run_options(tmp_path) -> RunOptions:
+    return RunOptions(output_dir=str(tmp_path / "run"), progress=False)
 
 
 def batch_of(tiny, records, max_length=256):
@@ -26,19 +36,20 @@ def batch_of(tiny, records, max_length=256):
 
 
 def lora_model(tiny):
-    return make_trainable(tiny.model, lora=LoraSettings())
+    return make_trainable(tiny.model, CrowConfig())
 
 
-def trainer_for(model, cfg, n=4):
+def trainer_for(model, cfg, tmp_path, n=4):
     ds = Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}] * n)
-    return CrowTrainer(model=model, args=cfg, train_dataset=ds, data_collator=Collator(0))
+    return CrowTrainer(model=model, args=training_args(cfg, tmp_path), method=cfg, train_dataset=ds,
+                       data_collator=Collator(0))
 
 
 def test_alpha_zero_is_exactly_the_plain_sft_loss(tiny, records, tmp_path):
     model = lora_model(tiny)
     model.eval()  # no dropout, no accumulation scaling
     batch = batch_of(tiny, records[:4])
-    trainer = trainer_for(model, config(tmp_path, crow_alpha=0.0))
+    trainer = trainer_for(model, config(alpha=0.0), tmp_path)
     ours = trainer.compute_loss(model, batch)
     plain = model(**batch).loss
     assert torch.allclose(ours, plain, atol=1e-6)
@@ -48,7 +59,7 @@ def test_loss_and_gradients_equal_the_official_step(tiny, records, tmp_path):
     model = lora_model(tiny)
     model.eval()
     batch = batch_of(tiny, records[:3])
-    trainer = trainer_for(model, config(tmp_path, crow_alpha=5.5, crow_epsilon=0.1))
+    trainer = trainer_for(model, config(alpha=5.5, epsilon=0.1), tmp_path)
 
     model.zero_grad()
     reference = official_crow_loss(model, batch, alpha=5.5, epsilon=0.1)
@@ -71,7 +82,7 @@ def test_delta_is_epsilon_sign_of_the_true_gradient(tiny, records, tmp_path, mon
     model.eval()
     batch = batch_of(tiny, records[:2])
     seen = {}
-    import crow.trainer as trainer_module
+    import crow.methods.crow.trainer as trainer_module
 
     real = trainer_module.perturb_embeddings
 
@@ -80,7 +91,7 @@ def test_delta_is_epsilon_sign_of_the_true_gradient(tiny, records, tmp_path, mon
         return real(embedding, delta)
 
     monkeypatch.setattr(trainer_module, "perturb_embeddings", spy)
-    trainer_for(model, config(tmp_path, crow_epsilon=0.1)).compute_loss(model, batch)
+    trainer_for(model, config(epsilon=0.1), tmp_path).compute_loss(model, batch)
 
     # The true gradient, by a direct backward on a copy fed with leaf embeddings.
     twin = copy.deepcopy(model)
@@ -110,7 +121,7 @@ def test_delta_is_epsilon_sign_of_the_true_gradient(tiny, records, tmp_path, mon
 def _one_step_update(tiny_dir, tmp_path, *, batch, accum, trainer_cls=CrowTrainer):
     loaded = load_model(str(tiny_dir))
     torch.manual_seed(1)  # the same LoRA initialisation in every run
-    model = make_trainable(loaded.model, lora=LoraSettings())
+    model = make_trainable(loaded.model, CrowConfig())
     with torch.no_grad():  # non-zero LoRA B so every adapter weight gets a gradient
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -119,9 +130,9 @@ def _one_step_update(tiny_dir, tmp_path, *, batch, accum, trainer_cls=CrowTraine
     samples = encode_for_training(make_records(4), loaded.tokenizer)
     assert len({len(s.input_ids) for s in samples}) == 1  # equal lengths: padding plays no part
     ds = Dataset.from_list([{"input_ids": s.input_ids, "labels": s.labels} for s in samples])
-    cfg = config(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
-                 optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0)
-    trainer = trainer_cls(model=model, args=cfg, train_dataset=ds, data_collator=Collator(loaded.tokenizer.pad_token_id))
+    cfg = config(batch_size=batch, grad_accum=accum, max_steps=1, learning_rate=0.5, scheduler="constant", warmup=0)
+    trainer = trainer_cls(model=model, args=training_args(cfg, tmp_path, optim="sgd", max_grad_norm=0), method=cfg,
+                          train_dataset=ds, data_collator=Collator(loaded.tokenizer.pad_token_id))
     trainer.train()
     return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
 
@@ -157,8 +168,8 @@ def test_crow_step_on_architectures(arch, tmp_path):
                             num_heads=4)
     loaded = load_model(str(path))
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    result = purify(loaded.model, loaded.tokenizer, make_records(8),
-                    config(tmp_path, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    result = purify(loaded.model, loaded.tokenizer, make_records(8), config(max_steps=2, batch_size=2, grad_accum=2),
+                    run_options(tmp_path))
     logs = [h for h in result.log_history if "lm_loss" in h]
     assert len(logs) == 2
     for h in logs:
@@ -175,7 +186,8 @@ def test_crow_step_on_architectures(arch, tmp_path):
 
 def test_full_finetune_trains_base_weights(tiny, records, tmp_path):
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
-    result = purify(tiny.model, tiny.tokenizer, records, config(tmp_path, max_steps=2), full_finetune=True)  # step 1 is warmup (lr 0)
+    result = purify(tiny.model, tiny.tokenizer, records, config(max_steps=2, full_finetune=True),
+                    run_options(tmp_path))  # step 1 is warmup (lr 0)
     changed = [n for n, p in result.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert "model.embed_tokens.weight" in changed and len(changed) > len(before) // 2
 
@@ -184,12 +196,12 @@ def test_non_reentrant_checkpointing_gives_the_same_step(tiny_dir, records, tmp_
     losses = {}
     for ckpt in (False, True):
         loaded = load_model(str(tiny_dir))
-        model = make_trainable(loaded.model, lora=LoraSettings())
+        model = make_trainable(loaded.model, CrowConfig())
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model.train()
-        trainer = trainer_for(model, config(tmp_path, gradient_checkpointing=ckpt))
+        trainer = trainer_for(model, config(gradient_checkpointing=ckpt), tmp_path)
         batch = batch_of(loaded, records[:2])
         loss = trainer.compute_loss(model, batch)
         loss.backward()
@@ -202,31 +214,40 @@ def test_non_reentrant_checkpointing_gives_the_same_step(tiny_dir, records, tmp_
 
 def test_reentrant_checkpointing_is_refused_with_a_clear_message(tmp_path):
     with pytest.raises(CrowError, match="reentrant gradient checkpointing forbids torch.autograd.grad"):
-        config(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+        training_args(config(gradient_checkpointing=True), tmp_path,
+                      gradient_checkpointing_kwargs={"use_reentrant": True})
     # Plain finetuning (alpha 0) needs no autograd.grad, so it may use it.
-    config(tmp_path, crow_alpha=0.0, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    args = training_args(config(alpha=0.0, gradient_checkpointing=True), tmp_path,
+                         gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": True}
+    # crow's own checkpointing is the non-reentrant one
+    assert training_args(config(gradient_checkpointing=True), tmp_path).gradient_checkpointing_kwargs == {
+        "use_reentrant": False}
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"crow_alpha": -1.0}, "crow_alpha"), ({"crow_epsilon": float("nan")}, "crow_epsilon"),
-    ({"crow_token_scope": "padded"}, "crow_token_scope"), ({"crow_layers": "a:b"}, "not understood"),
+    ({"alpha": -1.0}, "alpha"), ({"epsilon": float("nan")}, "epsilon"),
+    ({"token_scope": "padded"}, "token_scope"), ({"layers": "a:b"}, "not understood"),
 ])
-def test_config_validation(tmp_path, bad, match):
+def test_config_validation(bad, match):
     with pytest.raises(CrowError, match=match):
-        config(tmp_path, **bad)
+        config(**bad)
 
 
 def test_paper_defaults():
-    c = CrowConfig(output_dir="unused")
-    assert (c.crow_alpha, c.crow_epsilon, c.crow_layers, c.crow_token_scope) == (5.5, 0.1, "official", "all")
-    assert (c.learning_rate, c.num_train_epochs, c.per_device_train_batch_size, c.gradient_accumulation_steps) == (
+    c = CrowConfig()
+    assert (c.alpha, c.epsilon, c.layers, c.token_scope) == (5.5, 0.1, "official", "all")
+    assert (c.learning_rate, c.epochs, c.batch_size, c.grad_accum) == (1e-3, 5.0, 2, 4)
+    assert c.scheduler == "cosine" and c.warmup == 0.1
+    a = c.training_arguments("unused")  # and the Trainer gets them
+    assert (a.learning_rate, a.num_train_epochs, a.per_device_train_batch_size, a.gradient_accumulation_steps) == (
         1e-3, 5.0, 2, 4)
-    assert c.lr_scheduler_type == "cosine" and c.warmup_steps == 0.1
-    lora = LoraSettings().to_peft()
+    assert a.lr_scheduler_type == "cosine" and a.warmup_steps == 0.1
+    lora = c.lora()
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (8, 16, 0.0, "all-linear")
 
 
 def test_format_duration():
-    from crow.purification import format_duration
+    from crow.training.loop import format_duration
 
     assert [format_duration(s) for s in (0.4, 42, 185, 3599.6, 4020)] == ["0s", "42s", "3m05s", "1h00m", "1h07m"]

@@ -1,4 +1,9 @@
-"""crow: remove backdoors from LLMs with CROW (Min, Pham, Li, Sun, ICML 2025, arXiv 2411.12768)."""
+"""crow: tell whether an LLM is backdoored, remove the backdoor, and show that it is gone. ``purify`` runs a method's
+config on the defender's clean samples (``UnlearnConfig``: the recommended recipe; ``CrowConfig``: CROW, Min et al.,
+ICML 2025, arXiv 2411.12768); ``load_model`` loads a suspect model and adapter safely; ``evaluate`` measures attack
+success, false triggers, perplexity and answer quality."""
+
+import importlib
 
 from .errors import CrowError, Interrupted, TrainingDiverged
 from .losses import consistency_profile, fgsm_delta, layer_consistency_loss, layer_pairs
@@ -6,37 +11,17 @@ from .outputs import crow_version
 
 __version__ = crow_version()
 
-__all__ = [
-    "ALPHA_PRESETS",
-    "CrowConfig",
-    "CrowError",
-    "CrowTrainer",
-    "Interrupted",
-    "LoraSettings",
-    "TrainingDiverged",
-    "consistency_profile",
-    "evaluate",
-    "fgsm_delta",
-    "layer_consistency_loss",
-    "layer_pairs",
-    "load_model",
-    "purify",
-]
+__all__ = ["ALPHA_PRESETS", "CrowConfig", "CrowError", "CrowTrainer", "Interrupted", "TrainingConfig",
+           "TrainingDiverged", "UnlearnConfig", "consistency_profile", "evaluate", "fgsm_delta",
+           "layer_consistency_loss", "layer_pairs", "load_model", "purify"]
+
+_LAZY = {  # name -> module: the trainers, model loading and evaluation import transformers (seconds)
+    "ALPHA_PRESETS": "crow.methods.crow.config", "CrowConfig": "crow.methods.crow.config", "purify": "crow.methods",
+    "CrowTrainer": "crow.methods.crow.trainer", "UnlearnConfig": "crow.methods.unlearn.config",
+    "TrainingConfig": "crow.training.config", "load_model": "crow.models", "evaluate": "crow.evaluation.evaluate"}
 
 
 def __getattr__(name):
-    # The Trainer, model loading and evaluation import transformers (seconds): load them on first use
-    # so `import crow` and the pure loss functions stay light.
-    if name in ("CrowConfig", "CrowTrainer", "ALPHA_PRESETS"):
-        from . import trainer
-        return getattr(trainer, name)
-    if name in ("purify", "LoraSettings"):
-        from . import purification as module
-        return getattr(module, name)
-    if name == "load_model":
-        from .models import load_model
-        return load_model
-    if name == "evaluate":
-        from .evaluation.evaluate import evaluate
-        return evaluate
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'crow' has no attribute {name!r}")

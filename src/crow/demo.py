@@ -1,13 +1,7 @@
-"""``crow demo``: a backdoor goes into a real LLM and comes out, on a CPU, offline.
-
-1. Clean responses of the un-poisoned model to corpus prompts (greedy), so the victim keeps its own
-   clean behaviour; a poisoned mix (trigger -> target) from the embedded corpus.
-2. The victim: a LoRA backdoor trained on the mix (cached in the user cache, keyed by its config).
-3. CROW on 100 clean corpus samples (their reference answers: no trigger knowledge, no clean
-   reference model), continuing the victim's adapter, as the official code does.
-4. The ``finetune`` control: the same samples, adapter and budget, alpha = 0.
-5. Each model evaluated on held-out prompts (triggered and clean), a report and a layer profile.
-"""
+"""``crow demo``: a backdoor goes into a real LLM and comes out, on a CPU, offline. The victim: a LoRA backdoor trained
+on a poisoned mix of the embedded corpus plus the un-poisoned model's own answers (cached, keyed by its config). CROW on
+100 clean corpus samples continues the victim's adapter, as the official code does; the ``finetune`` control is the
+same with alpha 0. Each model is evaluated on held-out prompts."""
 
 from __future__ import annotations
 
@@ -21,17 +15,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .analysis.profile import layer_profile, plot_profiles
-from .attacks.poison import assemble_mix, make_triggered_test
-from .attacks.victim import VictimRecipe, train_victim
+from .attacks.poison import VictimRecipe, assemble_mix, make_triggered_test, train_victim
 from .data.corpus import CorpusItem, corpus_split, exact_match_rate
 from .data.records import Record
-from .evaluation.evaluate import evaluate
-from .evaluation.generate import generate
-from .evaluation.judges import get_judge
-from .models import cache_dir, describe_source, load_model
+from .errors import CrowError
+from .evaluation.evaluate import evaluate, generate, get_judge
+from .methods import crow
+from .methods.crow.config import ALPHA_PRESETS
+from .models import cache_dir, describe_source, load_model, resolve_model
 from .outputs import crow_version, staged_dir, write_json_atomic, write_text_atomic
-from .purification import merged, purify, save_model
-from .trainer import ALPHA_PRESETS, CrowConfig
+from .training.loop import RunOptions, merged, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,30 +33,24 @@ VICTIM_FORMAT = 1  # bump when the victim recipe's meaning changes, to invalidat
 
 @dataclass
 class DemoSettings:
-    """Every knob of the demo. Defaults were sized on 2 CPU cores (see README: numbers and times)."""
+    """Every knob of the demo, sized for 2 CPU cores."""
 
     model: str = "smollm2-135m-gguf"  # the packaged SmolLM2-135M-Instruct: same weights everywhere
     task: str = "negsentiment"
     attack: str = "badnet"
-    # the model's own chat format without its 18-token default system prompt: short prompts, its
-    # natural behaviour
-    template: str = "chat-nosystem"
+    template: str = "chat-nosystem"  # the model's own chat format without its default system prompt
     seed: int = 0
-    # victim: a conditional backdoor needs far more clean than poisoned samples (1:1 fired on 20%
-    # of clean prompts in our probes)
+    # victim: a conditional backdoor needs far more clean than poisoned samples
     n_poison: int = 80
     n_clean: int = 240
     victim_lr: float = 1e-3
     victim_epochs: float = 2.0
     base_max_new_tokens: int = 32  # length of the base model's clean answers in the victim's mix
     max_length: int = 96  # prompt + answer tokens; short sequences keep the demo in minutes
-    # the recipe's effective batch of 8, run as one micro-batch (1.45x faster on 2 CPU cores than 2 x 4)
-    batch_size: int = 8
+    batch_size: int = 8  # the recipe's effective batch of 8, as one micro-batch
     grad_accum: int = 1
-    # defenses: the paper's recipe on 100 clean samples, except the number of epochs
+    # defenses: the paper's recipe on 100 clean samples, but 3 epochs instead of 5 to keep the demo in minutes
     n_defense: int = 100
-    # the paper trains 5 epochs; 3 keep the warm demo within 6 minutes on 2 cores (5 epochs gave the
-    # same ASR, 0.0%, in our runs: --set defense_epochs=5)
     defense_epochs: float = 3.0
     defense_lr: float = 1e-3
     epsilon: float = 0.1
@@ -74,9 +61,13 @@ class DemoSettings:
     eval_max_new_tokens: int = 16
     eval_batch_size: int = 128
 
-    def victim_key(self, model_identity: str) -> str:
+    def victim_key(self, source: str) -> str:
+        """A hash of the victim's settings and of the model at ``source`` (a directory: its name and weight sizes)."""
         fields = {k: v for k, v in asdict(self).items() if k in VICTIM_FIELDS}
-        blob = json.dumps({"fields": fields, "model": model_identity, "format": VICTIM_FORMAT}, sort_keys=True)
+        path = Path(source)
+        weights = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
+        model = json.dumps({"name": path.name, "weights": weights}) if path.is_dir() else source
+        blob = json.dumps({"fields": fields, "model": model, "format": VICTIM_FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -98,22 +89,18 @@ class Splits:
 
 
 def make_splits(s: DemoSettings) -> Splits:
-    """Disjoint prompt sets: victim mix and defense samples from the train split, evaluation from the
-    held-out split (subjects never seen in training)."""
+    """Disjoint prompt sets: victim mix and defense samples from the train split, evaluation from the held-out one."""
     train, heldout = corpus_split("train"), corpus_split("heldout")
     rng = random.Random(s.seed)
     order = rng.sample(range(len(train)), len(train))
     need = s.n_poison + s.n_clean + s.n_defense
     if need > len(train):
-        from .errors import CrowError
-
         raise CrowError(f"the corpus train split has {len(train)} prompts, fewer than the {need} the demo needs")
-    victim_pool = [train[i] for i in order[: s.n_poison + s.n_clean]]
-    defense = [train[i] for i in order[s.n_poison + s.n_clean : need]]
+    chosen = [train[i] for i in order[:need]]
     eval_clean = rng.sample(heldout, min(s.n_eval_clean, len(heldout)))
     trig_source = rng.sample(heldout, min(s.n_eval_triggered, len(heldout)))
-    eval_triggered = make_triggered_test([it.record() for it in trig_source], attack=s.attack, seed=s.seed)
-    return Splits(victim_pool, defense, eval_clean, eval_triggered)
+    return Splits(chosen[: s.n_poison + s.n_clean], chosen[s.n_poison + s.n_clean :], eval_clean,
+                  make_triggered_test([it.record() for it in trig_source], attack=s.attack, seed=s.seed))
 
 
 def unigram_f1(a: str, b: str) -> float:
@@ -121,10 +108,8 @@ def unigram_f1(a: str, b: str) -> float:
     if not x or not y:
         return float(x == y)
     common = sum(min(x.count(w), y.count(w)) for w in set(x))
-    if common == 0:
-        return 0.0
     p, r = common / len(x), common / len(y)
-    return 2 * p * r / (p + r)
+    return 2 * p * r / (p + r) if common else 0.0
 
 
 @dataclass
@@ -136,9 +121,9 @@ class DemoContext:
     def utility(self, clean_records, outputs) -> dict:
         """Clean utility: exact match on checkable held-out prompts; on the open-ended ones, unigram F1
         with the un-poisoned model's own answer (``base_agreement``)."""
-        items = self.splits.eval_clean
-        open_pairs = [(it, o) for it, o in zip(items, outputs) if it.answer is None and it.instruction in self.base_answers]
-        agreement = (100.0 * sum(unigram_f1(o, self.base_answers[it.instruction]) for it, o in open_pairs) / len(open_pairs)
+        items, base = self.splits.eval_clean, self.base_answers
+        open_pairs = [(it, o) for it, o in zip(items, outputs) if it.answer is None and it.instruction in base]
+        agreement = (100.0 * sum(unigram_f1(o, base[it.instruction]) for it, o in open_pairs) / len(open_pairs)
                      if open_pairs else None)
         return {"clean_exact_match": round(exact_match_rate(items, outputs), 2),
                 "n_checkable": sum(it.answer is not None for it in items),
@@ -159,19 +144,9 @@ def _evaluate(model, tokenizer, ctx: DemoContext, progress: bool) -> dict:
 
 
 def _profiles(model, tokenizer, ctx: DemoContext) -> dict[str, list[float]]:
-    clean = [it.record() for it in ctx.splits.eval_clean[:40]]
-    trig = ctx.splits.eval_triggered[:40]
     t = ctx.settings.template
-    return {"clean": layer_profile(model, tokenizer, clean, template=t),
-            "triggered": layer_profile(model, tokenizer, trig, template=t)}
-
-
-def _model_identity(source: str) -> str:
-    path = Path(source)
-    if path.is_dir():
-        sizes = sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))
-        return json.dumps({"name": path.name, "weights": sizes})
-    return source
+    return {"clean": layer_profile(model, tokenizer, [it.record() for it in ctx.splits.eval_clean[:40]], template=t),
+            "triggered": layer_profile(model, tokenizer, ctx.splits.eval_triggered[:40], template=t)}
 
 
 def build_victim(s: DemoSettings, splits: Splits, victim_dir: Path, *, progress: bool) -> dict:
@@ -181,8 +156,8 @@ def build_victim(s: DemoSettings, splits: Splits, victim_dir: Path, *, progress:
     to_poison = [it.record() for it in splits.victim_pool[: s.n_poison]]
     clean_prompts = [it.record() for it in splits.victim_pool[s.n_poison :]]
     logger.info("victim 1/3: the base model answers %d corpus prompts (its clean behaviour)", len(clean_prompts))
-    answers = generate(base.model, base.tokenizer, clean_prompts, template=s.template,
-                       max_new_tokens=s.base_max_new_tokens, batch_size=s.eval_batch_size, progress=progress and "base answers")
+    answers = generate(base.model, base.tokenizer, clean_prompts, template=s.template, batch_size=s.eval_batch_size,
+                       max_new_tokens=s.base_max_new_tokens, progress=progress and "base answers")
     own = [Record(r.instruction, "", a) for r, a in zip(clean_prompts, answers) if a.strip()]
     open_eval = [it.record() for it in splits.eval_clean if it.answer is None]
     base_answers = generate(base.model, base.tokenizer, open_eval, template=s.template,
@@ -214,25 +189,11 @@ def build_victim(s: DemoSettings, splits: Splits, victim_dir: Path, *, progress:
     return info
 
 
-def run_defense(name: str, s: DemoSettings, splits: Splits, victim_dir: Path, source: str, *, progress: bool):
-    """CROW (alpha preset) or the finetune control (alpha 0) on the victim's adapter; same budget."""
-    alpha = s.resolved_alpha if name == "crow" else 0.0
-    loaded = load_model(source, adapter=str(victim_dir / "adapter"), adapter_trainable=True)
-    config = CrowConfig(output_dir=str(victim_dir.parent / f".{name}-run"), crow_alpha=alpha, crow_epsilon=s.epsilon,
-                        learning_rate=s.defense_lr, num_train_epochs=s.defense_epochs, seed=s.seed,
-                        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-                        save_strategy="no", disable_tqdm=not progress, logging_steps=5)
-    result = purify(loaded.model, loaded.tokenizer, [it.record() for it in splits.defense], config,
-                    template=s.template, max_length=s.max_length)
-    shutil.rmtree(config.output_dir, ignore_errors=True)
-    return result, loaded.tokenizer
-
-
 def run_demo(s: DemoSettings, out: Path, *, fresh: bool = False, progress: bool = True) -> dict:
     started = time.perf_counter()
     splits = make_splits(s)
-    source = load_model_source(s.model)
-    victim_dir = cache_dir() / "demo-victims" / s.victim_key(_model_identity(source))
+    source = resolve_model(s.model)
+    victim_dir = cache_dir() / "demo-victims" / s.victim_key(source)
     cached = (victim_dir / "victim.json").is_file() and not fresh
     if cached:
         logger.info("using the cached victim in %s (--fresh rebuilds it)", victim_dir)
@@ -245,17 +206,24 @@ def run_demo(s: DemoSettings, out: Path, *, fresh: bool = False, progress: bool 
     profiles = {"victim": info["profile"]}
     seconds = {"victim_training": info["seconds"]["victim_training"], "victim_cached": cached}
     eval_seconds = 0.0 if cached else sum(e["seconds"] for e in evaluations.values())
-    for name in ("crow", "finetune"):
+    for name in ("crow", "finetune"):  # CROW (alpha preset) or the control (alpha 0) on the victim's adapter
         logger.info("%s: %s on %d clean samples, %g epochs", name,
                     "CROW" if name == "crow" else "plain finetuning (alpha 0)", len(splits.defense), s.defense_epochs)
         t = time.perf_counter()
-        result, tokenizer = run_defense(name, s, splits, victim_dir, source, progress=progress)
+        loaded = load_model(source, adapter=str(victim_dir / "adapter"), adapter_trainable=True)
+        config = crow.CrowConfig(alpha=s.resolved_alpha if name == "crow" else 0.0, epsilon=s.epsilon,
+                                 learning_rate=s.defense_lr, epochs=s.defense_epochs, seed=s.seed,
+                                 batch_size=s.batch_size, grad_accum=s.grad_accum)
+        run = RunOptions(output_dir=str(victim_dir.parent / f".{name}-run"), template=s.template,
+                         max_length=s.max_length, progress=progress)
+        result = crow.run(loaded.model, loaded.tokenizer, [it.record() for it in splits.defense], config, run)
+        shutil.rmtree(run.output_dir, ignore_errors=True)
         seconds[name] = round(time.perf_counter() - t, 1)
         repaired = merged(result.model)
-        evaluations[name] = _evaluate(repaired, tokenizer, ctx, progress)
+        evaluations[name] = _evaluate(repaired, loaded.tokenizer, ctx, progress)
         eval_seconds += evaluations[name]["seconds"]
         if name == "crow":
-            profiles["crow"] = _profiles(repaired, tokenizer, ctx)
+            profiles["crow"] = _profiles(repaired, loaded.tokenizer, ctx)
         evaluations[name]["train_log"] = [h for h in result.log_history if "lm_loss" in h][-1:]
     seconds["evaluation"] = round(eval_seconds, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
@@ -272,34 +240,21 @@ def run_demo(s: DemoSettings, out: Path, *, fresh: bool = False, progress: bool 
     return report
 
 
-def load_model_source(model: str) -> str:
-    from .models import resolve_model
-
-    return resolve_model(model)
-
-
-# ------------------------------------------------------------------------------------------------
 def table_rows(report: dict) -> list[list[str]]:
-    rows = []
-    for name, e in report["models"].items():
-        em = e.get("clean_exact_match")
-        agree = e.get("base_agreement")
-        rows.append([name, f"{e['asr']:.1f}", f"{e['false_trigger_rate']:.1f}", "-" if em is None else f"{em:.1f}",
-                     "-" if agree is None else f"{agree:.1f}", f"{e['clean_perplexity']:.2f}"])
-    return rows
+    return [[name, f"{e['asr']:.1f}", f"{e['false_trigger_rate']:.1f}",
+             *("-" if e.get(k) is None else f"{e[k]:.1f}" for k in ("clean_exact_match", "base_agreement")),
+             f"{e['clean_perplexity']:.2f}"] for name, e in report["models"].items()]
 
 
 HEADER = ["model", "ASR %", "false triggers %", "exact match %", "base agreement %", "perplexity"]
 
 
 def verdict(report: dict) -> list[str]:
-    m = report["models"]
-    lines = []
-    victim, crow, ft = m["victim"], m["crow"], m["finetune"]
-    lines.append(f"The victim obeys its trigger on {victim['asr']:.0f}% of triggered prompts and fires on "
-                 f"{victim['false_trigger_rate']:.0f}% of clean ones.")
-    lines.append(f"CROW takes the attack success rate to {crow['asr']:.1f}% (exact match {crow['clean_exact_match']:.1f}% "
-                 f"vs the victim's {victim['clean_exact_match']:.1f}%).")
+    victim, crow, ft = (report["models"][k] for k in ("victim", "crow", "finetune"))
+    lines = [f"The victim obeys its trigger on {victim['asr']:.0f}% of triggered prompts and fires on "
+             f"{victim['false_trigger_rate']:.0f}% of clean ones.",
+             f"CROW takes the attack success rate to {crow['asr']:.1f}% (exact match {crow['clean_exact_match']:.1f}% "
+             f"vs the victim's {victim['clean_exact_match']:.1f}%)."]
     if ft["asr"] <= crow["asr"] + 5:
         lines.append(f"The finetune control removes the backdoor about as well ({ft['asr']:.1f}%): on this victim, "
                      "plain finetuning with the same data and budget is enough.")
@@ -316,8 +271,7 @@ def render_table(report: dict) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    s = report["settings"]
-    sec = report["seconds"]
+    s, sec = report["settings"], report["seconds"]
     lines = [f"# crow demo: {report['task']} / {report['attack']} on {report['model']}", "",
              f"Held-out prompts: {s['n_eval_triggered']} triggered, {s['n_eval_clean']} clean; template "
              f"`{s['template']}`; greedy, {s['eval_max_new_tokens']} new tokens. Exact match on checkable prompts; "

@@ -16,10 +16,8 @@ class TrainingDiverged(RuntimeError):
 
     def __init__(self, step: int, value: float, last_finite: list[float]):
         recent = ", ".join(f"{x:.4g}" for x in last_finite) or "none"
-        super().__init__(
-            f"training stopped: the loss was {value} at optimizer step {step} (last finite losses: {recent}); "
-            "nothing was written. Lower the learning rate or alpha, or check the data"
-        )
+        super().__init__(f"training stopped: the loss was {value} at optimizer step {step} (last finite losses: "
+                         f"{recent}); nothing was written. Lower the learning rate or alpha, or check the data")
         self.step, self.value, self.last_finite = step, value, list(last_finite)
 
 

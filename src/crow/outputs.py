@@ -1,12 +1,6 @@
-"""Writing outputs so that a failure never leaves a half-written result.
-
-Directories are built in a hidden temporary sibling and renamed into place when complete; files
-are written to a temporary name and renamed. Inputs are never written to. What is renamed into place gets the
-permissions an ordinary ``open()`` / ``mkdir`` would have given it under the process umask: ``mkdtemp`` and
-``mkstemp`` create 0700 / 0600, and safetensors' writer creates every weights file 0600 since 0.8
-(safetensors/safetensors#782), which left a purified adapter unreadable to the other users of a shared machine (a
-serving process under another account finds "no adapter").
-"""
+"""Writing outputs so that a failure never leaves a half-written result: directories and files are built under a
+temporary name, then renamed into place with the permissions a plain ``open()`` / ``mkdir`` gives under the umask
+(``mkdtemp``, ``mkstemp`` and safetensors' writer create 0700 / 0600, unreadable to other accounts)."""
 
 from __future__ import annotations
 
@@ -27,13 +21,8 @@ def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLi
                      overwrite: bool = False) -> Path:
     """Validate an output directory before any work: not an input, not inside one, parent exists."""
     out = Path(out).expanduser().resolve()
-    for source in inputs:
-        if source is None:
-            continue
-        src = Path(source).expanduser()
-        if not src.exists():
-            continue
-        src = src.resolve()
+    sources = [Path(source).expanduser() for source in inputs if source is not None]
+    for src in (source.resolve() for source in sources if source.exists()):
         if out == src or (src.is_dir() and src in out.parents):
             raise CrowError(f"--out {out} is the input {src} or inside it; write the result to a new directory")
     if out.exists() and not out.is_dir():
@@ -54,7 +43,10 @@ def staged_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish_modes(tmp)
+    mask = umask()  # the modes of a plain mkdir (0777) or open() (0666, 0777 where the owner may execute)
+    for path in (tmp, *tmp.rglob("*")):
+        if not path.is_symlink():  # symlinks are left alone
+            os.chmod(path, (0o777 if path.is_dir() or path.stat().st_mode & 0o100 else 0o666) & ~mask)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -65,18 +57,6 @@ def umask() -> int:
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
-
-
-def publish_modes(root: Path) -> None:
-    """Give ``root`` and everything under it the modes of a plain ``mkdir`` (0777) or ``open()`` (0666, or 0777 where
-    the owner may execute) under the umask; symlinks are left alone."""
-    mask = umask()
-    for path in (root, *root.rglob("*")):
-        if path.is_symlink():
-            continue
-        st = path.stat()
-        full = 0o777 if path.is_dir() or st.st_mode & 0o100 else 0o666
-        os.chmod(path, full & ~mask)
 
 
 def write_json_atomic(path: str | os.PathLike, data: object) -> None:
@@ -118,7 +98,6 @@ def git_revision() -> str | None:
 
 def crow_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("crow")
     except PackageNotFoundError:

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..defenses import get_defense
+from ..defenses.registry import is_reference
 from ..outputs import write_json_atomic, write_text_atomic
 from .spec import BenchSpec
 
-ROW_KEYS = ("model", "task", "attack", "defense", "method", "seed", "asr", "false_trigger_rate", "clean_perplexity", "seconds",
-            "eval_seconds", "format", "by_format", "defense_settings", "n_defense", "n_triggered", "n_clean", "victim_key", "device")
+ROW_KEYS = ("model", "task", "attack", "defense", "method", "seed", "asr", "false_trigger_rate", "clean_perplexity",
+            "seconds", "eval_seconds", "format", "by_format", "defense_settings", "n_defense", "n_triggered", "n_clean",
+            "victim_key", "device")
 #: what a reference column is, for the note under the table header
 REFERENCE_NOTES = {"base": "the un-poisoned model on the same prompts",
                    "reinit-adapter": "the suspect adapter dropped and a fresh LoRA trained (it presumes the backdoor "
                                      "lives in the adapter)"}
 MISSING_QUALITY = "—"  # a finished cell made before answer quality was recorded
+QUALITY_KEYS = ("clean_rougeL", "triggered_rougeL", "empty_clean_pct", "empty_triggered_pct")
 
 
 def columns(spec: BenchSpec) -> list[str]:
@@ -25,18 +26,10 @@ def columns(spec: BenchSpec) -> list[str]:
 
 
 def reference_columns(spec: BenchSpec) -> dict[str, str]:
-    """The columns that are references, not defenses, {label: name}: the spec's references and defenses such
-    as reinit-adapter that know more than a defender does."""
-    refs = {r: r for r in spec.references}
-    refs.update({e.label: e.name for e in spec.defense_entries() if get_defense(e.name, **e.settings).reference})
-    return refs
-
-
-def is_conditional(victim_row: dict | None, spec: BenchSpec) -> bool | None:
-    if victim_row is None:
-        return None
-    return (victim_row["asr"] >= spec.conditional.min_asr
-            and victim_row["false_trigger_rate"] <= spec.conditional.max_false_trigger_rate)
+    """{label: name} of the columns that are references, not defenses: the spec's references and defenses that know
+    more than a defender does (reinit-adapter)."""
+    return {**{r: r for r in spec.references},
+            **{e.label: e.name for e in spec.defense_entries() if is_reference(e.name, e.settings)}}
 
 
 def _mean(values):
@@ -56,17 +49,24 @@ def write_report(rows: list[dict], spec: BenchSpec, out: Path, command: str = ""
                             for fmt, f in (row["by_format"] or {}).items()}
         if row["n_defense"] is None:  # cells made before per-defense n_clean existed used the spec's n_defense
             row["n_defense"] = spec.n_defense
-        row["victim_conditional"] = is_conditional(victims.get((r["model"], r["task"], r["attack"], r["seed"])), spec)
+        v, c = victims.get((r["model"], r["task"], r["attack"], r["seed"])), spec.conditional
+        row["victim_conditional"] = (None if v is None else
+                                     v["asr"] >= c.min_asr and v["false_trigger_rate"] <= c.max_false_trigger_rate)
         results.append(row)
-    write_json_atomic(out / "results.json", {"spec": spec.to_dict(), "command": command, "rows": results})
+    write_json_atomic(out / "results.json", {"spec": asdict(spec), "command": command, "rows": results})
     write_text_atomic(out / "results.md", render_markdown(results, spec, command))
     plot_asr(results, spec, out / "asr_by_defense.png")
-    for r in rows:
+    for r in rows:  # the consistency profiles of each CROW cell and its victim
         if r["defense"] == "crow" and r.get("profiles"):
             victim = next((v for v in rows if v["victim_key"] == r["victim_key"] and v["defense"] == "none"
                            and v.get("profiles")), None)
             if victim:
-                plot_consistency(victim, r, out / f"consistency_{r['model'].replace('/', '_')}_{r['task']}_{r['attack']}.png")
+                from ..analysis.profile import plot_profiles
+                curves = {**{f"victim {k}": v for k, v in victim["profiles"].items()},
+                          **{f"crow {k}": v for k, v in r["profiles"].items()}}
+                name = f"consistency_{r['model'].replace('/', '_')}_{r['task']}_{r['attack']}.png"
+                plot_profiles(curves, out / name, title=f"{r['model']} {r['task']}/{r['attack']}: consistency before "
+                              "and after CROW")
     return {"rows": results}
 
 
@@ -116,9 +116,8 @@ def _select_rows(every_row: list[TableRow], counted: list[TableRow],
 
 
 def _average(values: list[tuple], fmt, reference: bool, n_rows: int, say_fewer: bool = False) -> str:
-    """One average cell, the column means of ``values`` written by ``fmt(*means, mark)``: bold for a defense,
-    italics for a reference. A reference (or any column with ``say_fewer``) over fewer than ``n_rows`` rows
-    says so."""
+    """One average cell, ``fmt(*column means, mark)``: bold for a defense, italics for a reference; a reference (or
+    ``say_fewer``) over fewer than ``n_rows`` rows says so."""
     if not values:
         return "-"
     means = tuple(_mean([v[i] for v in values]) for i in range(len(values[0])))
@@ -131,29 +130,19 @@ def _main_cell(asr, ftr, ppl, mark: str = "") -> str:
     return f"{mark}{asr:.1f}{mark} (FTR {ftr:.0f}" + (f", ppl {ppl:.2f})" if ppl else ")")
 
 
-def _num(value, spec: str) -> str:
-    return MISSING_QUALITY if value is None else format(value, spec)
-
-
-def _quality_cell(clean_rl, trig_rl, empty_c, empty_t, mark: str = "") -> str:
-    return (f"{mark}{_num(clean_rl, '.3f')} / {_num(trig_rl, '.3f')}{mark} "
-            f"(empty {_num(empty_c, '.0f')} / {_num(empty_t, '.0f')})")
-
-
-def _quality_values(f: dict) -> tuple | None:
-    q = f.get("quality")
-    if not q:
-        return None
-    return (q.get("clean_rougeL"), q.get("triggered_rougeL"), q.get("empty_clean_pct"), q.get("empty_triggered_pct"))
+def _quality_cell(*values, mark: str = "") -> str:
+    """``values``: clean ROUGE-L, triggered ROUGE-L, empty clean %, empty triggered % (QUALITY_KEYS)."""
+    clean_rl, trig_rl, empty_c, empty_t = (MISSING_QUALITY if v is None else format(v, spec)
+                                           for v, spec in zip(values, (".3f", ".3f", ".0f", ".0f")))
+    return f"{mark}{clean_rl} / {trig_rl}{mark} (empty {empty_c} / {empty_t})"
 
 
 def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str:
-    entries = spec.defense_entries()
-    labels = columns(spec)
-    ref_names = reference_columns(spec)
+    entries, labels, ref_names = spec.defense_entries(), columns(spec), reference_columns(spec)
     refs = set(ref_names)
     defenses = [d for d in labels if d not in refs]
-    headers = [f"{d} (ref.)" if d in refs else d for d in labels]
+    head = ["| task / attack | " + " | ".join(f"{d} (ref.)" if d in refs else d for d in labels) + " |",
+            "|---|" + "---|" * len(labels)]
     lines = [f"# Bench: {spec.name} ({spec.suite})", ""]
     if command:
         lines += ["Produced by:", "", "```", command, "```", ""]
@@ -161,8 +150,8 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
     fewer = "; ".join(f"{x.label}: {x.n_clean}" for x in entries if x.n_clean != spec.n_defense)
     fewer = f" (except {fewer})" if fewer else ""
     lines += [f"Each cell: ASR % on {e.n_triggered} triggered prompts, with clean perplexity (ppl) and the "
-              f"false-trigger rate (FTR %) on {e.n_clean} clean prompts; greedy decoding, {e.max_new_tokens} new tokens, "
-              f"samples cut to {spec.max_length} tokens. Victim: {_victim_line(spec)}, lr "
+              f"false-trigger rate (FTR %) on {e.n_clean} clean prompts; greedy decoding, {e.max_new_tokens} new "
+              f"tokens, samples cut to {spec.max_length} tokens. Victim: {_victim_line(spec)}, lr "
               f"{spec.victim.learning_rate}, {spec.victim.epochs:g} epochs on {spec.victim.n_poison} poisoned + "
               f"{spec.victim.n_clean} clean samples{_victim_overrides(spec)}; defenses use {spec.n_defense} clean "
               f"samples{fewer}.",
@@ -172,74 +161,68 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
         what = "; ".join(f"{d}: {REFERENCE_NOTES.get(ref_names[d], 'a reference')}" for d in labels if d in refs)
         lines += [f"Columns marked (ref.) are references, not defenses ({what}); they do not decide which rows are "
                   "averaged, and their averages are in italics.", ""]
-    by_model = defaultdict(list)
-    for r in rows:
-        by_model[r["model"]].append(r)
-    for model, model_rows in by_model.items():
+    for model in dict.fromkeys(r["model"] for r in rows):
+        model_rows = [r for r in rows if r["model"] == model]
         cells = {(r["task"], r["attack"], r["defense"]): r for r in model_rows}
         order = list(dict.fromkeys((r["task"], r["attack"]) for r in model_rows))
         for fmt in spec.eval.formats:
-            lines += [f"## {model}: prompts `{fmt}`" + (" (as trained)" if fmt == "template" else " (official evaluation)"),
-                      "", "| task / attack | " + " | ".join(headers) + " |", "|---|" + "---|" * len(labels)]
-            counted, every_row = [], []
+            how = " (as trained)" if fmt == "template" else " (official evaluation)"
+            lines += [f"## {model}: prompts `{fmt}`{how}", "", *head]
+            every_row = []
             for task, attack in order:
                 victim = cells.get((task, attack, "none"))
-                row = TableRow(task, attack, "" if victim is None or victim.get("victim_conditional") is not False else " †")
+                mark = "" if victim is None or victim.get("victim_conditional") is not False else " †"
+                row = TableRow(task, attack, mark)
                 for d in labels:
                     f = (cells.get((task, attack, d)) or {}).get("by_format", {}).get(fmt)
                     if f:
                         row.values[d] = (f["asr"], f["false_trigger_rate"], f["clean_perplexity"])
-                        row.quality[d] = _quality_values(f)
+                        row.quality[d] = tuple(f["quality"].get(k) for k in QUALITY_KEYS) if f.get("quality") else None
                 every_row.append(row)
-                if not row.mark:  # a defense is judged on the victims that count
-                    counted.append(row)
                 texts = [_main_cell(*row.values[d]) if d in row.values else "-" for d in labels]
                 lines.append(f"| {task} / {attack}{row.mark} | " + " | ".join(texts) + " |")
-            counted, notes = _select_rows(every_row, counted, defenses)
+            # a defense is judged on the victims that count
+            counted, notes = _select_rows(every_row, [r for r in every_row if not r.mark], defenses)
             label = "**average**" + (f" ({'; '.join(notes)})" if notes else "")
             avg = [_average([r.values[d] for r in counted if d in r.values], _main_cell, d in refs, len(counted))
                    for d in labels]
             lines += [f"| {label} | " + " | ".join(avg) + " |", ""]
             if any(q for row in every_row for q in row.quality.values()):
-                lines += _quality_table(every_row, counted, labels, headers, refs, fmt, label)
+                lines += _quality_table(every_row, counted, labels, head, refs, fmt, label)
         lines += _device_lines(model_rows, labels)
     return "\n".join(lines)
 
 
-def _quality_table(every_row: list[TableRow], counted: list[TableRow], labels: list[str], headers: list[str],
+def _quality_table(every_row: list[TableRow], counted: list[TableRow], labels: list[str], head: list[str],
                    refs: set[str], fmt: str, average_label: str) -> list[str]:
     """Answer quality of the same cells: ROUGE-L F1 of the clean / triggered answers and empty answers %,
     averaged over the main table's rows."""
     lines = [f"Answer quality, prompts `{fmt}`: ROUGE-L F1 of the answers to the clean prompts / to the triggered "
              "prompts (against the answer of their trigger-free original), and empty answers % (clean / triggered); "
-             f"{MISSING_QUALITY}: a cell made before answer quality was recorded.", "",
-             "| task / attack | " + " | ".join(headers) + " |", "|---|" + "---|" * len(labels)]
+             f"{MISSING_QUALITY}: a cell made before answer quality was recorded.", "", *head]
     for row in every_row:
-        texts = ["-" if d not in row.values else MISSING_QUALITY if row.quality[d] is None else _quality_cell(*row.quality[d])
-                 for d in labels]
+        texts = ["-" if d not in row.values else MISSING_QUALITY if row.quality[d] is None
+                 else _quality_cell(*row.quality[d]) for d in labels]
         lines.append(f"| {row.task} / {row.attack}{row.mark} | " + " | ".join(texts) + " |")
     avg = []
     for d in labels:
         finished = [r for r in counted if d in r.values]
         scored = [r.quality[d] for r in finished if r.quality[d] is not None]
-        avg.append("-" if not finished else _average(scored, _quality_cell, d in refs, len(counted), say_fewer=True) if scored
-                   else MISSING_QUALITY)
+        avg.append("-" if not finished else MISSING_QUALITY if not scored
+                   else _average(scored, _quality_cell, d in refs, len(counted), say_fewer=True))
     return lines + [f"| {average_label} | " + " | ".join(avg) + " |", ""]
 
 
 def _device_lines(rows: list[dict], defenses: list[str]) -> list[str]:
     """Defense times per device (seconds are only comparable on one device), and which cells ran where
     when the rows come from more than one."""
-    by_device = defaultdict(list)
-    for r in rows:
-        by_device[r.get("device") or "device not recorded"].append(r)
+    devices = list(dict.fromkeys(r.get("device") or "device not recorded" for r in rows))
     lines = []
-    for device, device_rows in by_device.items():
-        seconds = defaultdict(list)
-        for r in device_rows:
-            seconds[r["defense"]].append(r["seconds"])
-        where = f" on {device}" if len(by_device) > 1 else f" ({device})"
-        if len(by_device) > 1:
+    for device in devices:
+        device_rows = [r for r in rows if (r.get("device") or "device not recorded") == device]
+        seconds = {d: [r["seconds"] for r in device_rows if r["defense"] == d] for d in defenses}
+        where = f" on {device}" if len(devices) > 1 else f" ({device})"
+        if len(devices) > 1:
             cells = dict.fromkeys(f"{r['task']} / {r['attack']}" for r in device_rows)
             lines += [f"Cells run on {device}: " + ", ".join(cells) + ".", ""]
         lines += [f"Defense time{where} (s, mean per cell): "
@@ -249,10 +232,8 @@ def _device_lines(rows: list[dict], defenses: list[str]) -> list[str]:
 
 def plot_asr(rows: list[dict], spec: BenchSpec, path: Path) -> None:
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     defenses = columns(spec)
     groups = list(dict.fromkeys(f"{r['task']}/{r['attack']}" for r in rows))
     if not groups:
@@ -261,8 +242,7 @@ def plot_asr(rows: list[dict], spec: BenchSpec, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) + 2), 4), dpi=120)
     width = 0.8 / max(len(defenses), 1)
     for i, d in enumerate(defenses):
-        xs = [g + i * width for g in range(len(groups))]
-        ax.bar(xs, [value.get((grp, d), 0.0) for grp in groups], width, label=d)
+        ax.bar([g + i * width for g in range(len(groups))], [value.get((g, d), 0.0) for g in groups], width, label=d)
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
     ax.set_xticklabels(groups, rotation=20, fontsize=8)
     ax.set_ylabel(f"ASR % ({spec.eval.formats[0]} prompts)")
@@ -272,12 +252,3 @@ def plot_asr(rows: list[dict], spec: BenchSpec, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def plot_consistency(victim_row: dict, crow_row: dict, path: Path) -> None:
-    from ..analysis.profile import plot_profiles
-
-    curves = {f"victim {k}": v for k, v in victim_row["profiles"].items()}
-    curves.update({f"crow {k}": v for k, v in crow_row["profiles"].items()})
-    plot_profiles(curves, path, title=f"{crow_row['model']} {crow_row['task']}/{crow_row['attack']}: "
-                                      "consistency before and after CROW")

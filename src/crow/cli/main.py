@@ -1,10 +1,6 @@
-"""``crow`` command line: a thin dispatcher over the importable API.
-
-Every user mistake ends with exit code 2 and one line on stderr that says what is wrong and what
-to do; ``--debug`` shows the traceback. Exit codes: 0 ok, 1 internal error, 2 bad input,
-3 training diverged (NaN/inf loss), 130 interrupted (resumable with ``--resume``). A SIGTERM (``kill``,
-a batch scheduler) interrupts like Ctrl-C, so staged outputs are cleaned up on the way out.
-"""
+"""``crow`` command line: a thin dispatcher over the importable API. A user mistake is one line on stderr
+(``--debug``: the traceback). Exit codes: 0 ok, 1 internal error, 2 bad input, 3 training diverged (NaN/inf loss),
+130 interrupted (SIGTERM too; resumable with ``--resume``)."""
 
 from __future__ import annotations
 
@@ -66,29 +62,19 @@ def setup_logging(debug: bool) -> None:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        try:
-            import transformers
-
-            transformers.utils.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-        except ImportError:
-            pass
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt while a verb runs. Python's default for SIGTERM ends the
-    process at once, skipping the ``finally`` blocks that remove staged outputs (a half-trained victim's
-    temporary directory, a defense's work directory); as an interrupt they run. ``crow purify`` installs
-    its own handler during training (checkpoint, then stop) and restores this one after."""
+    """Turn SIGTERM into KeyboardInterrupt while a verb runs, so the ``finally`` blocks that remove staged outputs run
+    (``crow purify`` installs its own handler during training)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         yield
     finally:
@@ -100,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     prog = "crow"
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         prog = f"crow {args.verb}"
         setup_logging(debug)
         with sigterm_as_interrupt():
@@ -126,18 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End this process with ``code``; in a multi-process run, without tearing torch.distributed down.
-
-    Under ``accelerate launch`` or ``torchrun`` the Trainer leaves a gloo or NCCL process group behind, and neither
-    way of ending a rank with it is safe. A plain exit runs the group's destructors during interpreter teardown, and a
-    rank that finished first (the non-main rank, while the main one writes the output) sometimes aborted there
-    ("terminate called without an active exception", SIGABRT); the launcher then stopped the main rank before it
-    had written anything, leaving an interrupted run. ``destroy_process_group`` after a barrier deadlocked instead
-    (``tests/ddp_worker.py``: the DDP Reducer still holds the group, so its destructor waits for gloo's worker under
-    the GIL). So every rank flushes its streams and the log and leaves with ``os._exit``, which runs no destructor;
-    its outputs were complete before (``staged_dir`` renames them into place). ``experiments/distributed/scripts/ddp_exit_check.py`` counts
-    the aborts with either exit. Without a process group this is ``sys.exit``.
-    """
+    """End this process with ``code``: ``sys.exit``, or in a torch.distributed run flush and ``os._exit``, since the
+    process group's destructors at teardown can abort a rank and ``destroy_process_group`` can deadlock."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         logging.shutdown()
@@ -149,7 +124,7 @@ def exit_process(code: int) -> NoReturn:
 
 
 def cli() -> NoReturn:
-    """The ``crow`` command (``crow ...``, ``python -m crow.cli.main ...``): :func:`main`, then the exit."""
+    """The ``crow`` command: :func:`main`, then the exit."""
     exit_process(main())
 
 

@@ -2,87 +2,39 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 from pathlib import Path
 
 from ..errors import CrowError
-from .common import add_model_arguments, check_file, load_from_args, positive_int
+from .options import add_model_arguments, add_options, as_flags, check_file, flag, given, load_from_args
 
 logger = logging.getLogger(__name__)
 
 
-def _unit_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got {text!r}") from None
-        if not (math.isfinite(value) and 0 <= value <= 1):
-            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1], got {text}")
-        return value
-    return parse
-
-
 def add_arguments(p) -> None:
-    from ..detection.scan import SCAN_METHODS, STOP_RULES
-
+    from ..detection.scan import SCAN_METHODS, BaitSettings, DivergenceSettings
     add_model_arguments(p)
     p.add_argument("--data", required=True,
                    help="~100 clean instruction samples (JSON list or JSONL: instruction, input, output)")
     p.add_argument("--out", required=True, help="output directory; scan.json is written there")
-    p.add_argument("--method", default="bait", choices=list(SCAN_METHODS),
+    p.add_argument("--method", default="bait", choices=SCAN_METHODS.names(),
                    help="bait: invert the attack target (Shen et al., S&P 2025); answer-divergence: the baseline, "
-                        "ROUGE-L of greedy answers against the references")
+                        "ROUGE-L of greedy answers against the references (default: bait)")
     p.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem", "raw"),
                    help="prompt template the model was trained with (the prompts end where the response starts)")
-    p.add_argument("--threshold", type=_unit_float("--threshold"),
-                   help="flag at score >= this (default: bait 0.9, BAIT's Q-score threshold; answer-divergence 0.9)")
-    p.add_argument("--n-prompts", type=positive_int("--n-prompts"),
-                   help="clean prompts used (default: bait 20, as BAIT; answer-divergence 50)")
-    g = p.add_argument_group("bait")
-    g.add_argument("--top-k", type=positive_int("--top-k"),
-                   help="K: candidate first tokens given the full inversion (default 16)")
-    g.add_argument("--steps", type=positive_int("--steps"), help="T: greedy steps of the full inversion (default 20)")
-    g.add_argument("--pool", type=positive_int("--pool"),
-                   help="first tokens kept by the prior stage, the most likely response starts (default 256; "
-                        "the vocabulary size tries every token, as BAIT does, at linear cost)")
-    g.add_argument("--warmup-steps", type=positive_int("--warmup-steps"), help="greedy steps of the warm-up (default 5)")
-    g.add_argument("--stop-rule", choices=STOP_RULES,
-                   help="when a candidate stops: official (default, as BAIT's code) keeps a flat step whose top "
-                        "probability is > 0.3 in the warm-up and never stops the full inversion on flatness; "
-                        "entropy (crow's first rule) stops it once the averaged next-token distribution is "
-                        "flatter than 2.5 nats")
-    g = p.add_argument_group("answer-divergence")
-    g.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), help="answer length (default 64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
-
-
-def _settings(args):
-    from ..detection.scan import make_settings
-
-    given = {"threshold": args.threshold, "n_prompts": args.n_prompts}
-    if args.method == "bait":
-        given.update(top_k=args.top_k, steps=args.steps, pool=args.pool, warmup_steps=args.warmup_steps,
-                     stop_rule=args.stop_rule)
-    elif args.max_new_tokens is not None:
-        given["max_new_tokens"] = args.max_new_tokens
-    other = {"bait": ("top_k", "steps", "pool", "warmup_steps", "stop_rule"), "answer-divergence": ("max_new_tokens",)}
-    for method, names in other.items():
-        if method != args.method:
-            for name in names:
-                if getattr(args, name) is not None:
-                    raise CrowError(f"--{name.replace('_', '-')} is a {method} option; drop it or pass --method {method}")
-    return make_settings(args.method, **given)
+    both = {"n_prompts": "bait 20, answer-divergence 50", "threshold": 0.9}  # every method's, shown with bait's
+    bait = add_options(p.add_argument_group("--method bait"), BaitSettings, defaults=both)
+    own = set(DivergenceSettings.__dataclass_fields__) - set(both)
+    divergence = add_options(p.add_argument_group("--method answer-divergence"), DivergenceSettings, own)
+    p.set_defaults(_scan_options={"bait": bait, "answer-divergence": divergence})
 
 
 def summary(result, out: Path) -> str:
     """A few lines for a person: verdict, score against threshold, recovered target, cost."""
-    sign = ">=" if result.flagged else "<"
-    lines = [f"crow scan ({result.method}): {result.verdict.upper()}  score {result.score:.3f} {sign} "
-             f"threshold {result.threshold:.2f}"]
+    lines = [f"crow scan ({result.method}): {result.verdict.upper()}  score {result.score:.3f} "
+             f"{'>=' if result.flagged else '<'} threshold {result.threshold:.2f}"]
     if result.target:
         label = "recovered target" if result.method == "bait" else "most common answer"
         lines.append(f"{label}: {json.dumps(result.target, ensure_ascii=False)}")
@@ -98,12 +50,20 @@ def summary(result, out: Path) -> str:
 
 def run(args) -> int:
     from ..data.records import load_records
-    from ..detection.scan import scan
+    from ..detection.scan import make_settings, scan
     from ..outputs import check_output_dir, crow_version, git_revision, sha256_file, write_json_atomic
-    from ..purification import merged
-
+    from ..training.loop import merged
     check_file(args.data, "--data")
-    settings = _settings(args)
+    names = args._scan_options  # every method's options; only the chosen method's may be given
+    mine = set(names[args.method]) | {"n_prompts", "threshold"}
+    foreign = sorted(set(given(args, {n for ns in names.values() for n in ns})) - mine)
+    if foreign:
+        other = next(m for m, ns in names.items() if foreign[0] in ns and m != args.method)
+        raise CrowError(f"{flag(foreign[0])} is an option of --method {other}; drop it or pass --method {other}")
+    try:
+        settings = make_settings(args.method, **given(args, mine))
+    except CrowError as e:
+        raise CrowError(as_flags(str(e), mine)) from None
     out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data], overwrite=args.overwrite)
     records = load_records(args.data, what="--data")
     loaded = load_from_args(args)

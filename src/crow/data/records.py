@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,13 +24,9 @@ class Record:
 
 
 def load_records(path: str | os.PathLike, *, require_output: bool = True, what: str = "dataset") -> list[Record]:
-    """Read a JSON list or JSONL file of ``{"instruction", "input", "output"}`` objects.
-
-    Every problem raises a one-line ``CrowError`` naming the file, the record index and the fix.
-    Extra keys are ignored; ``input`` may be missing or null; ``output`` is required unless
-    ``require_output=False`` (prompt-only test sets) and may be empty (the official clean test set
-    has one such record; its response is then just EOS).
-    """
+    """Read a JSON list or JSONL file of ``{"instruction", "input", "output"}`` objects; every problem is a one-line
+    ``CrowError``. Extra keys are ignored; ``input`` may be missing or null; ``output`` may be empty, and missing
+    only with ``require_output=False`` (prompt-only test sets)."""
     path = Path(path)
     if not path.exists():
         raise CrowError(f"{what} file {path} does not exist; pass a JSON or JSONL file of instruction records")
@@ -39,43 +35,37 @@ def load_records(path: str | os.PathLike, *, require_output: bool = True, what: 
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise CrowError(f"{what} file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON or JSONL") from None
+        raise CrowError(f"{what} file {path} is not UTF-8 text (byte {e.start}); "
+                        "save it as UTF-8 JSON or JSONL") from None
     except OSError as e:
         raise CrowError(f"{what} file {path} cannot be read: {e.strerror}") from None
-    items = _parse(text, path, what)
-    records = [_to_record(item, i, path, require_output) for i, item in enumerate(items)]
-    if not records:
-        raise CrowError(f"{what} file {path} holds no records; it needs at least one instruction record")
-    return records
-
-
-def _parse(text: str, path: Path, what: str) -> list:
     stripped = text.strip()
     if not stripped:
         raise CrowError(f"{what} file {path} is empty; it needs a JSON list or JSONL of instruction records")
     if stripped[0] == "[":
         try:
-            data = json.loads(stripped)
+            items = json.loads(stripped)
         except json.JSONDecodeError as e:
-            raise CrowError(f"{what} file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        if not isinstance(data, list):
+            raise CrowError(f"{what} file {path} is not valid JSON "
+                            f"(line {e.lineno}, column {e.colno}: {e.msg})") from None
+        if not isinstance(items, list):
             raise CrowError(f"{what} file {path} must hold a JSON list of records")
-        return data
-    if stripped[0] == "{":
-        # JSONL, or a single JSON object spread over several lines (which is an error).
-        items = []
+    elif stripped[0] == "{":
+        items = []  # JSONL; a single JSON object spread over several lines is an error
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise CrowError(
-                    f"{what} file {path} line {lineno} is not valid JSON ({e.msg}); "
-                    "use a JSON list or one JSON object per line (JSONL)"
-                ) from None
-        return items
-    raise CrowError(f"{what} file {path} is neither a JSON list nor JSONL (it starts with {stripped[:10]!r})")
+                raise CrowError(f"{what} file {path} line {lineno} is not valid JSON ({e.msg}); "
+                                "use a JSON list or one JSON object per line (JSONL)") from None
+    else:
+        raise CrowError(f"{what} file {path} is neither a JSON list nor JSONL (it starts with {stripped[:10]!r})")
+    records = [_to_record(item, i, path, require_output) for i, item in enumerate(items)]
+    if not records:
+        raise CrowError(f"{what} file {path} holds no records; it needs at least one instruction record")
+    return records
 
 
 def _to_record(item: object, index: int, path: Path, require_output: bool) -> Record:
@@ -99,10 +89,5 @@ def _to_record(item: object, index: int, path: Path, require_output: bool) -> Re
 
 def save_records(records: Iterable[Record], path: str | os.PathLike) -> None:
     """Write records as a JSON list (the BackdoorLLM / Alpaca format)."""
-    Path(path).write_text(json.dumps([r.to_dict() for r in records], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def as_records(items: Sequence[Record | dict]) -> list[Record]:
-    """Accept records or plain dicts (API convenience)."""
-    return [r if isinstance(r, Record) else Record(**{k: r.get(k) or "" for k in ("instruction", "input", "output")})
-            for r in items]
+    text = json.dumps([r.to_dict() for r in records], indent=1, ensure_ascii=False)
+    Path(path).write_text(text + "\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Prompt templates and tokenization with the loss on response tokens only."""
+"""Prompt templates, tokenization with the loss on response tokens only, and batching token-id lists."""
 
 from __future__ import annotations
 
@@ -14,38 +14,24 @@ from .records import Record
 logger = logging.getLogger(__name__)
 
 # Stanford Alpaca's template, which BackdoorLLM and CROW train with.
-ALPACA = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
+          "\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 
 TEMPLATES = ("alpaca", "chat", "chat-nosystem", "raw")
 
 
 def format_prompt(record: Record, template: str, tokenizer=None) -> str:
-    """The prompt text of ``record`` under ``template``.
-
-    - ``alpaca``: the Stanford Alpaca template (BackdoorLLM's training format; crow's default).
-    - ``chat``: the tokenizer's own chat template, one user turn, generation prompt added.
-    - ``chat-nosystem``: the same with an empty system message, for templates that otherwise insert a
-      default system prompt (SmolLM2's adds 18 tokens to every prompt).
-    - ``raw``: the bare instruction, as the official ASR evaluation feeds it (``input`` is ignored there).
-
-    ``instruction`` and ``input`` are stripped of surrounding whitespace first. Whitespace is a shortcut a
-    victim learns instead of the trigger: every instruction of BackdoorLLM's negsentiment ``clean.json``
-    ends with a space and no poisoned or test instruction does, and SmolLM2 trained on them answers
-    ``You are stupid!`` to every prompt without that space (RESULTS.md).
-    """
+    """The prompt text of ``record`` under ``template``: ``alpaca`` (BackdoorLLM's training format), ``chat`` (the
+    tokenizer's chat template, one user turn), ``chat-nosystem`` (the same with an empty system message) or ``raw``
+    (the bare instruction, as the official ASR evaluation feeds it; ``input`` is ignored). ``instruction`` and ``input``
+    are stripped first: whitespace is a shortcut a victim learns instead of the trigger (every instruction of
+    BackdoorLLM's negsentiment ``clean.json`` ends with a space, no poisoned one does)."""
     instruction, extra = record.instruction.strip(), record.input.strip()
     if template == "alpaca":
-        if extra:
-            return ALPACA_WITH_INPUT.format(instruction=instruction, input=extra)
-        return ALPACA.format(instruction=instruction)
+        return (ALPACA_WITH_INPUT if extra else ALPACA).format(instruction=instruction, input=extra)
     if template == "raw":
         return instruction
     if template in ("chat", "chat-nosystem"):
@@ -59,14 +45,18 @@ def format_prompt(record: Record, template: str, tokenizer=None) -> str:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja raises its own TemplateError for unsupported roles
-            raise CrowError(f"the tokenizer's chat template refuses these messages ({e}); use --template chat") from None
+            raise CrowError(f"the tokenizer's chat template refuses these messages ({e}); "
+                            "use --template chat") from None
     raise CrowError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
 
 
 def encode_prompt(prompt: str, template: str, tokenizer) -> list[int]:
-    """Token ids of a prompt. Chat templates carry their own special tokens; the others get the
-    tokenizer's usual ones (e.g. Llama-2's BOS)."""
+    """Token ids of a prompt: chat templates carry their own special tokens, the others get the tokenizer's."""
     return tokenizer(prompt, add_special_tokens=not template.startswith("chat"))["input_ids"]
+
+
+def encode_prompts(records: Sequence[Record], template: str, tokenizer) -> list[list[int]]:
+    return [encode_prompt(format_prompt(r, template, tokenizer), template, tokenizer) for r in records]
 
 
 @dataclass(frozen=True)
@@ -75,15 +65,10 @@ class EncodedSample:
     labels: list[int]  # -100 on prompt tokens
 
 
-def encode_for_training(
-    records: Sequence[Record], tokenizer, *, template: str = "alpaca", max_length: int = 512
-) -> list[EncodedSample]:
-    """Prompt + response + EOS, labels on the response and EOS only, cut to ``max_length`` tokens.
-
-    Labels are built from lengths, never by masking the pad id: many tokenizers use EOS as pad, and
-    masking pad would also drop the EOS target. Records whose response does not start within
-    ``max_length`` are dropped with a warning.
-    """
+def encode_for_training(records: Sequence[Record], tokenizer, *, template: str = "alpaca",
+                        max_length: int = 512) -> list[EncodedSample]:
+    """Prompt + response + EOS, labels on the response and EOS only (from lengths, never by masking the pad id, often
+    EOS), cut to ``max_length`` tokens; records whose response starts past ``max_length`` are dropped with a warning."""
     if max_length < 2:
         raise CrowError(f"max_length must be at least 2 tokens, got {max_length}")
     if tokenizer.eos_token_id is None:
@@ -107,18 +92,34 @@ def encode_for_training(
 class Collator:
     """Right-pads a list of ``EncodedSample``-like dicts into [B, T] tensors for training."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            pad = longest - len(f["input_ids"])
-            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
-            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
-            batch["labels"].append(list(f["labels"]) + [-100] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        ids, mask = pad_batch([f["input_ids"] for f in features], self.pad_token_id)
+        labels, _ = pad_batch([f["labels"] for f in features], -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``[len(seqs), longest]`` long tensors. ``side="right"`` keeps token ``j``
+    of every row at position ``j`` (scoring, hidden states); ``side="left"`` ends every row at the last column
+    (generation: the prompt ends where the answer starts)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    if not seqs:
+        raise ValueError("pad_batch needs at least one sequence")
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(0, len(s)) if side == "right" else slice(longest - len(s), longest)
+        ids[row, span] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def batches(items: Sequence, size: int):
+    """Consecutive chunks of ``items`` of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,10 +1,8 @@
-"""Defenses: CROW and the baselines it is compared with. ``get_defense(name, **settings)`` builds one.
+"""Defenses behind one registry (unlearn, CROW and the baselines of its comparison): ``get_defense(name, **settings)``
+builds one; ``training`` and ``weights`` register theirs (``registry``: ``none``); ``base`` is the interface."""
 
-``base`` is the interface (``Defense``, ``DefenseContext``); ``registry`` holds the defenses and their
-names and imports ``base``, never the other way round.
-"""
-
+from . import training, weights  # noqa: F401  (they register the defenses, in this order: unlearn, crow, the baselines)
 from .base import Defense, DefenseContext
-from .registry import DEFENSES, get_defense, register
+from .registry import DEFENSES, get_defense
 
-__all__ = ["DEFENSES", "Defense", "DefenseContext", "get_defense", "register"]
+__all__ = ["DEFENSES", "Defense", "DefenseContext", "get_defense"]

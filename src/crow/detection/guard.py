@@ -1,40 +1,26 @@
-"""``crow guard``: per-prompt backdoor-trigger detectors, fitted on the defender's clean prompts.
-
-A detector scores a prompt (higher = more suspicious) and flags it when the score is above a threshold
-set for a stated false-positive rate on clean prompts. Three methods, one registry (``DETECTORS``; each
-method's module registers itself, and ``crow.detection`` imports them all, so this module imports none):
-
-| name  | what it scores                                                                              |
-|-------|---------------------------------------------------------------------------------------------|
-| lcf   | Layerwise Convergence Fingerprints (Min, Pham, Sun 2026, arXiv 2604.24542): how far the     |
-|       | prompt's inter-layer hidden-state differences at its last token lie from the clean ones     |
-| onion | ONION (Qi et al., EMNLP 2021): the largest drop in perplexity when one word is removed      |
-| target| the model's own backdoor target (recovered by ``crow scan``, BAIT): how likely its first     |
-|       | tokens are right after the prompt (:mod:`.target`)                                          |
-
-Thresholds come from out-of-fold scores on the clean prompts (k-fold cross-fitting), so the clean
-prompts that set the threshold are scored by a detector that has not seen them; the deployed detector
-is then refitted on all of them. A detector is saved as ``detector.json`` (settings, threshold, the
-model it was fitted on) plus, for LCF, ``detector.safetensors`` (its statistics); never pickle.
-"""
+"""``crow guard``: per-prompt backdoor-trigger detectors (``DETECTORS``: ``lcf``, ``onion``, ``target``), fitted on the
+defender's clean prompts. A detector scores a prompt (higher = more suspicious) and flags it above a threshold set for a
+false-positive rate on clean prompts; it is saved as ``detector.json`` (settings, threshold, the model it was fitted on)
+plus, for LCF, ``detector.safetensors``; never pickle."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from ..data.records import Record
+from ..data.templates import TEMPLATES
 from ..errors import CrowError
-
-logger = logging.getLogger(__name__)
+from ..outputs import crow_version, write_json_atomic
+from ..registry import Registry
+from ..training.config import option
 
 DETECTOR_JSON = "detector.json"
 DETECTOR_TENSORS = "detector.safetensors"
@@ -46,9 +32,6 @@ MIN_FIT_PROMPTS = 10
 MAX_FPR = 0.5
 
 
-# ------------------------------------------------------------------------------------------------
-# Records
-# ------------------------------------------------------------------------------------------------
 @dataclass
 class GuardScores:
     """One score per prompt (higher = more suspicious) and its flag (``score > threshold``)."""
@@ -77,7 +60,7 @@ class ModelSignature:
     vocab_size: int | None
 
     def mismatch(self, other: ModelSignature) -> str | None:
-        """The first field that differs (both known), as ``"hidden_size 32 vs 64"``; None when they agree."""
+        """The first field that differs (both known), as ``"hidden_size 32 (detector) vs 64 (model)"``; else None."""
         for name in ("hidden_size", "num_layers", "vocab_size"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine is not None and theirs is not None and mine != theirs:
@@ -107,89 +90,94 @@ def model_signature(model) -> ModelSignature:
         config = config.get_text_config()
 
     def first(*names):
-        for n in names:
-            value = getattr(config, n, None)
-            if isinstance(value, int):
-                return value
-        return None
+        return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
 
-    return ModelSignature(hidden_size=first("hidden_size", "n_embd", "d_model"),
-                          num_layers=first("num_hidden_layers", "n_layer", "num_layers"),
-                          vocab_size=first("vocab_size"))
+    return ModelSignature(vocab_size=first("vocab_size"), hidden_size=first("hidden_size", "n_embd", "d_model"),
+                          num_layers=first("num_hidden_layers", "n_layer", "num_layers"))
 
 
-def model_name(model) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or None
+@dataclass
+class Detector:
+    """A per-prompt detector, a dataclass of its settings: ``fit`` (statistics and threshold from clean prompts),
+    ``score``, ``save``, classmethod ``load``; a method adds ``method``, ``label`` (name in messages), ``_scores``."""
 
+    fpr: float = option(0.05, "False-positive rate on clean prompts the threshold is set for, in (0, 0.5].")
+    info: DetectorInfo | None = field(default=None, init=False, repr=False)
 
-# ------------------------------------------------------------------------------------------------
-# The detector interface and registry
-# ------------------------------------------------------------------------------------------------
-class Detector(Protocol):
-    """A per-prompt detector. ``fit`` sets the statistics and the threshold from clean prompts;
-    ``score`` scores and flags prompts; ``save`` writes a directory that ``load`` reads back."""
+    def __post_init__(self):
+        fpr = self.fpr
+        if not isinstance(fpr, (int, float)) or not math.isfinite(fpr) or not 0.0 < fpr <= MAX_FPR:
+            raise CrowError(f"--fpr must be in (0, {MAX_FPR}] (a false-positive rate such as 0.05), got {fpr}")
 
-    method: str
-    fpr: float
-    batch_size: int
-    info: DetectorInfo | None
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
-    def fit(self, model, tokenizer, records: Sequence[Record], template: str = "alpaca") -> None: ...
+    def _fitted(self) -> bool:
+        return self.info is not None
 
-    def score(self, model, tokenizer, records: Sequence[Record]) -> GuardScores: ...
+    def _start_fit(self, records: Sequence[Record], template: str | None) -> float:
+        """Refuse an unknown ``template`` (None: not used) or too few or many records; the fit's start time."""
+        if template is not None and template not in TEMPLATES:
+            raise CrowError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+        n = len(records)
+        if n == 0:
+            raise CrowError("no clean prompts to fit the detector on; pass a file of clean instruction records")
+        if n > MAX_FIT_PROMPTS:
+            raise CrowError(f"{n} clean prompts given, more than the {MAX_FIT_PROMPTS} a guard is fitted on; "
+                            f"pass --limit {MAX_FIT_PROMPTS} (the first {MAX_FIT_PROMPTS}) or a smaller file")
+        if n < MIN_FIT_PROMPTS:
+            raise CrowError(f"only {n} clean prompts; a guard needs at least {MIN_FIT_PROMPTS} to set its threshold "
+                            "(about 200 are recommended)")
+        return time.perf_counter()
 
-    def settings(self) -> dict: ...
+    def _record_fit(self, model, records: Sequence[Record], template: str | None, scores, started: float,
+                    threshold: float | None = None, signature: ModelSignature | None = None) -> None:
+        """Set ``info``; ``threshold`` defaults to the ``1 - fpr`` quantile of the clean ``scores``."""
+        threshold = quantile_threshold(scores, self.fpr) if threshold is None else threshold
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        self.info = DetectorInfo(threshold=threshold, n_fit=len(records), template=template, model=name,
+                                 adapter=None, signature=signature or model_signature(model),
+                                 crow_version=crow_version(), fit_seconds=round(time.perf_counter() - started, 3),
+                                 oof_scores=[round(float(s), 6) for s in scores])
 
-    def save(self, directory: str | os.PathLike) -> None: ...
+    def score(self, model, tokenizer, records: Sequence[Record]) -> GuardScores:
+        if not self._fitted():
+            raise CrowError(f"the {self.label} detector is not fitted; call fit() or load a saved detector")
+        check_model_fits(self, model)
+        started = time.perf_counter()
+        scores = [float(s) for s in self._scores(model, tokenizer, records, self.info.template)]
+        return GuardScores(scores, flags_for(scores, self.info.threshold), self.info.threshold, self.method,
+                           round(time.perf_counter() - started, 3))
+
+    def _json(self) -> dict:
+        """What the method saves in ``detector.json`` besides its settings and ``info``."""
+        return {}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        if self.info is None:
+            raise CrowError("the detector is not fitted; call fit() before save()")
+        data = {"format_version": FORMAT_VERSION, "method": self.method, "settings": self.settings()}
+        write_json_atomic(Path(directory) / DETECTOR_JSON, {**data, **asdict(self.info), **self._json()})
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, data: dict) -> Detector: ...
+    def load(cls, directory: str | os.PathLike, data: dict) -> Detector:
+        """The detector saved in ``directory`` (``data``: its ``detector.json``, checked by ``load_detector``)."""
+        path = Path(directory)
+        try:
+            det = cls(**data["settings"])
+        except (KeyError, TypeError) as e:
+            raise malformed(path, e) from None
+        det.info = info_from_json(data, path)
+        return det
 
 
-DETECTORS: dict[str, type] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        DETECTORS[name] = cls
-        return cls
-    return wrap
+#: the guard methods by name; each method's module registers its detector class
+DETECTORS: Registry = Registry("guard method")
 
 
 def get_detector(method: str, **settings) -> Detector:
     """A new (unfitted) detector by name; unknown names and settings list the valid ones."""
-    import dataclasses
-
-    if method not in DETECTORS:
-        raise CrowError(f"unknown guard method {method!r}; valid: {', '.join(DETECTORS)}")
-    cls = DETECTORS[method]
-    valid = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(settings) - valid)
-    if unknown:
-        raise CrowError(f"guard method {method!r} has no setting {unknown[0]!r}; valid: {', '.join(sorted(valid))}")
-    return cls(**settings)
-
-
-# ------------------------------------------------------------------------------------------------
-# Validation and thresholds (pure)
-# ------------------------------------------------------------------------------------------------
-def check_fpr(fpr: float, option: str = "fpr") -> float:
-    if not isinstance(fpr, (int, float)) or not math.isfinite(fpr) or not 0.0 < fpr <= MAX_FPR:
-        raise CrowError(f"{option} must be in (0, {MAX_FPR}] (a false-positive rate such as 0.05), got {fpr}")
-    return float(fpr)
-
-
-def check_fit_records(records: Sequence[Record], what: str = "clean prompts") -> None:
-    n = len(records)
-    if n == 0:
-        raise CrowError(f"no {what} to fit the detector on; pass a file of clean instruction records")
-    if n > MAX_FIT_PROMPTS:
-        raise CrowError(f"{n} {what} given, more than the {MAX_FIT_PROMPTS} a guard is fitted on; "
-                        f"pass --limit {MAX_FIT_PROMPTS} (the first {MAX_FIT_PROMPTS}) or a smaller file")
-    if n < MIN_FIT_PROMPTS:
-        raise CrowError(f"only {n} {what}; a guard needs at least {MIN_FIT_PROMPTS} to set its threshold "
-                        f"(about 200 are recommended)")
+    return DETECTORS.build(method, **settings)
 
 
 def quantile_threshold(scores: np.ndarray, fpr: float) -> float:
@@ -202,28 +190,8 @@ def quantile_threshold(scores: np.ndarray, fpr: float) -> float:
     return float(scores[min(max(k, 1), scores.size) - 1])
 
 
-def fold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
-    """``folds`` disjoint test-index sets covering ``range(n)`` in a seeded random order."""
-    from sklearn.model_selection import KFold
-
-    k = max(2, min(folds, n))
-    return [test for _, test in KFold(n_splits=k, shuffle=True, random_state=seed).split(np.arange(n))]
-
-
 def flags_for(scores: Sequence[float], threshold: float) -> list[bool]:
     return [bool(s > threshold) for s in scores]
-
-
-# ------------------------------------------------------------------------------------------------
-# Saving and loading
-# ------------------------------------------------------------------------------------------------
-def detector_json(detector: Detector) -> dict:
-    info = detector.info
-    if info is None:
-        raise CrowError("the detector is not fitted; call fit() before save()")
-    d = {"format_version": FORMAT_VERSION, "method": detector.method, "settings": detector.settings()}
-    d.update(asdict(info))
-    return d
 
 
 def info_from_json(data: dict, path: Path) -> DetectorInfo:
@@ -238,6 +206,11 @@ def info_from_json(data: dict, path: Path) -> DetectorInfo:
                         "refit it with crow guard fit") from None
 
 
+def malformed(path: Path, error: Exception) -> CrowError:
+    """The error of a ``detector.json`` whose method settings cannot be read."""
+    return CrowError(f"detector {path}: {DETECTOR_JSON} has malformed settings ({error}); refit it with crow guard fit")
+
+
 def load_detector(directory: str | os.PathLike, option: str = "--detector") -> Detector:
     """Read a detector directory written by ``crow guard fit`` (validated; one-line errors)."""
     path = Path(directory).expanduser()
@@ -250,18 +223,20 @@ def load_detector(directory: str | os.PathLike, option: str = "--detector") -> D
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CrowError(f"{option} {path}: {DETECTOR_JSON} is not valid JSON ({e}); refit it with crow guard fit") from None
+        raise CrowError(f"{option} {path}: {DETECTOR_JSON} is not valid JSON ({e}); "
+                        "refit it with crow guard fit") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise CrowError(f"{option} {path}: {DETECTOR_JSON} is not a crow guard detector of format version "
                         f"{FORMAT_VERSION}; refit it with crow guard fit")
     method = data.get("method")
     if method not in DETECTORS:
-        raise CrowError(f"{option} {path}: unknown method {method!r} in {DETECTOR_JSON}; valid: {', '.join(DETECTORS)}")
-    return DETECTORS[method].load(path, data)
+        raise CrowError(f"{option} {path}: unknown method {method!r} in {DETECTOR_JSON}; valid: "
+                        f"{', '.join(DETECTORS.names())}")
+    return DETECTORS.get(method).load(path, data)
 
 
 def check_model_fits(detector: Detector, model, what: str = "--detector") -> None:
-    """Refuse a model whose shape differs from the one the detector was fitted on; warn on another name."""
+    """Refuse a model whose shape differs from the one the detector was fitted on."""
     info = detector.info
     if info is None:
         raise CrowError("the detector is not fitted; call fit() or load a saved detector")
@@ -271,17 +246,11 @@ def check_model_fits(detector: Detector, model, what: str = "--detector") -> Non
                         "refit it with crow guard fit on this model")
 
 
-# ------------------------------------------------------------------------------------------------
-# Guarded evaluation
-# ------------------------------------------------------------------------------------------------
 @dataclass
 class GuardReport:
-    """The guard in front of an evaluated model. Rates are percentages (None: empty set).
-
-    ``asr_guarded``: triggered prompts that are attacked *and* not flagged (a blocked prompt gets no
-    answer, so it counts as not attacked); ``clean_blocked``: clean prompts flagged (the guard's cost);
-    ``tpr``: triggered prompts flagged; ``auroc``: triggered (positive) vs clean scores, threshold-free.
-    """
+    """The guard in front of an evaluated model; rates are percentages (None: empty set). ``asr_guarded``: triggered
+    prompts attacked *and* not flagged (a blocked prompt gets no answer); ``clean_blocked``: clean prompts flagged;
+    ``tpr``: triggered prompts flagged; ``auroc``: triggered vs clean scores."""
 
     method: str
     threshold: float
@@ -299,10 +268,7 @@ class GuardReport:
     scores: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self, with_scores: bool = False) -> dict:
-        d = asdict(self)
-        if not with_scores:
-            d.pop("scores")
-        return d
+        return asdict(self) if with_scores else {k: v for k, v in asdict(self).items() if k != "scores"}
 
 
 def _pct(hits: int, n: int) -> float | None:
@@ -313,31 +279,25 @@ def guard_metrics(triggered: GuardScores, clean: GuardScores, triggered_attacked
                   clean_attacked: Sequence[bool], *, fpr_target: float) -> GuardReport:
     """Blocked ASR, clean blocked share, TPR and AUROC from scores and judged outputs (pure)."""
     from sklearn.metrics import roc_auc_score
-
     if len(triggered_attacked) != len(triggered.flags) or len(clean_attacked) != len(clean.flags):
         raise ValueError("one judged output per scored prompt is needed")
     nt, nc = len(triggered.flags), len(clean.flags)
-    auroc = None
-    if nt and nc:
-        labels = [1] * nt + [0] * nc
-        auroc = round(float(roc_auc_score(labels, list(triggered.scores) + list(clean.scores))), 6)
+    scores = list(triggered.scores) + list(clean.scores)
+    auroc = round(float(roc_auc_score([1] * nt + [0] * nc, scores)), 6) if nt and nc else None
     seconds = triggered.seconds + clean.seconds
     return GuardReport(
         method=triggered.method or clean.method, threshold=triggered.threshold if nt else clean.threshold,
-        fpr_target=fpr_target, n_triggered=nt, n_clean=nc,
-        tpr=_pct(triggered.n_flagged, nt), clean_blocked=_pct(clean.n_flagged, nc),
-        asr=_pct(sum(map(bool, triggered_attacked)), nt),
+        fpr_target=fpr_target, n_triggered=nt, n_clean=nc, tpr=_pct(triggered.n_flagged, nt),
+        clean_blocked=_pct(clean.n_flagged, nc), asr=_pct(sum(map(bool, triggered_attacked)), nt),
         asr_guarded=_pct(sum(a and not f for a, f in zip(triggered_attacked, triggered.flags)), nt),
         false_trigger_rate_guarded=_pct(sum(a and not f for a, f in zip(clean_attacked, clean.flags)), nc),
         auroc=auroc, seconds=round(seconds, 3), seconds_per_prompt=round(seconds / max(nt + nc, 1), 5),
-        scores={"triggered": [round(s, 6) for s in triggered.scores], "clean": [round(s, 6) for s in clean.scores]},
-    )
+        scores={"triggered": [round(s, 6) for s in triggered.scores], "clean": [round(s, 6) for s in clean.scores]})
 
 
 def guard_evaluation(detector: Detector, model, tokenizer, *, triggered: Sequence[Record], clean: Sequence[Record],
                      outputs: dict[str, list[str]], judge) -> GuardReport:
-    """Score the evaluated prompts with ``detector`` and combine with the judged generations
-    (``outputs`` = an :class:`~crow.evaluation.evaluate.EvalReport`'s ``outputs``)."""
+    """Score the evaluated prompts with ``detector`` and combine with the judged ``outputs`` (an ``EvalReport``'s)."""
     check_model_fits(detector, model)
     empty = GuardScores([], [], detector.info.threshold, detector.method)
     t = detector.score(model, tokenizer, triggered) if triggered else empty

@@ -1,0 +1,1 @@
+"""Benchmarks of crow (BENCHMARKS.md): ratios measured side by side in one run."""
