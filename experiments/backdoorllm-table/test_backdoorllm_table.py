@@ -2,20 +2,12 @@
 study quotes rebuild from the committed results (scripts/sign_tests.py)."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
-
-from crow import CrowError
-from crow.bench.data import backdoorllm_cell
-from crow.bench.runner import cell_keys, load_cell_data, plan, victim_key
-from crow.bench.spec import load_spec
-from crow.cli.main import main
-from crow.data.records import Record, save_records
-
 from conftest import RESULTS, SHARED_DATA, SPECS, load_script
-from tests.conftest import make_records
+
+from crow.bench.keys import backdoorllm_cell, victim_key
+from crow.bench.spec import load_spec
 
 
 def test_ablations_share_the_main_victim():
@@ -42,7 +34,7 @@ def test_quick_uses_the_committed_refusal_vpi_victim():
 
 
 def test_sign_tests_pair_cells_and_count_untied_pairs(tmp_path):
-    """experiments/backdoorllm-table/scripts/sign_tests.py (RESULTS.md's paired comparisons): crow against finetune-lr1e-3 per cell, and each
+    """experiments/backdoorllm-table/scripts/sign_tests.py (the threat-model study's paired comparisons): crow against finetune-lr1e-3 per cell, and each
     defense in the adapter form against the merged form, in one format and seed; the sign test counts untied
     pairs only, and a cell one side lacks is left out."""
     script = load_script("sign_tests")
@@ -114,7 +106,7 @@ def test_sign_tests_quality_pairs_cells_that_recorded_answer_quality(tmp_path):
     ("backdoorllm-cpu", "lower in 5, higher in 0, tied 3 | mean gap 2.0 points | sign test p = 0.062"),
     ("gemma-cpu", "lower in 4, higher in 0, tied 1 | mean gap 22.4 points | sign test p = 0.12")])
 def test_sign_tests_reproduce_the_committed_figures(folder, summary):
-    """RESULTS.md's crow-against-its-recipe figures come from the committed results.json files."""
+    """experiments/threat-model-and-family/README.md's crow-against-its-recipe figures come from the committed results.json files."""
     script = load_script("sign_tests")
     out = RESULTS / folder
     assert script.render(folder, script.recipe_pairs(out))[-1].endswith(summary + " |")
@@ -122,7 +114,7 @@ def test_sign_tests_reproduce_the_committed_figures(folder, summary):
 
 
 def test_sign_tests_quality_reproduces_the_committed_figures():
-    """RESULTS.md's crow-against-its-recipe answer-quality figures (SmolLM2 adapter cells) from results.json."""
+    """experiments/threat-model-and-family/README.md's crow-against-its-recipe answer-quality figures (SmolLM2 adapter cells) from results.json."""
     script = load_script("sign_tests")
     out = RESULTS / "backdoorllm-cpu"
     assert script.render_quality("S", script.quality_pairs(out))[-1] == (

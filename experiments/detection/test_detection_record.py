@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+from conftest import load_script
 
 from crow import CrowError
-from crow.detection.scan import entropy
-
-from conftest import load_script
+from crow.detection.bait import entropy
 
 
 def test_bait_first_steps_script_reports_what_the_scan_averages(tiny, records):
-    """experiments/detection/scripts/bait_first_steps.py (the diagnostic behind a missed target in RESULTS.md): each step's
+    """experiments/detection/scripts/bait_first_steps.py (the diagnostic behind a missed target in README.md): each step's
     entropy and top token are those of the prompt-averaged distribution after the forced sequence."""
     script = load_script("bait_first_steps")
     model, tokenizer = tiny.model, tiny.tokenizer

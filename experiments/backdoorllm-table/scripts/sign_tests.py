@@ -1,4 +1,4 @@
-"""The paired comparisons of RESULTS.md, from committed bench results (reads ``results.json``; trains nothing):
+"""The paired comparisons of experiments/threat-model-and-family/README.md (reads committed ``results.json``; trains nothing):
 
 * ``recipe``: CROW against its own recipe at alpha 0 (finetune-lr1e-3), the comparison that differs in the loss
   only, cell by cell in each setting, with Fisher's exact test per cell and the two-sided sign test over the

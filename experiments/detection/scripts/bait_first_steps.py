@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from crow.data.records import load_records
-from crow.detection.scan import BaitSettings, _encode_prefix, _prompts, _Runner, average_next_token, entropy
+from crow.data.templates import encode_prompts
+from crow.detection.bait import BaitSettings, Runner, average_next_token, encode_prefix, entropy
 from crow.errors import CrowError
 from crow.models import load_model
 from crow.outputs import write_json_atomic
-
 
 # The official warm-up's defaults (bait/argument.py).
 OFFICIAL_EXPECTATION = 0.3  # expectation_threshold: keep a candidate whose averaged top probability exceeds it
@@ -59,8 +59,8 @@ def first_steps(model, tokenizer, records, *, first: str, steps: int, n_prompts:
         raise CrowError(f"--first {first!r} is {len(ids)} tokens for this tokenizer ({ids}); give one token")
     if not 1 <= group <= n_prompts:
         raise CrowError(f"--group {group} must be between 1 and --prompts ({n_prompts})")
-    runner = _Runner(model)
-    prefix = _encode_prefix(runner, _prompts(records, n_prompts, template, tokenizer), tokenizer.pad_token_id)
+    runner = Runner(model)
+    prefix = encode_prefix(runner, encode_prompts(records[:n_prompts], template, tokenizer), tokenizer.pad_token_id)
     seq, mask, token = prefix.ids, prefix.mask, ids[0]
     rows, text = [], first
     for step in range(steps):

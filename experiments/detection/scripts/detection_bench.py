@@ -1,4 +1,4 @@
-"""The detectors on the bench's models (DETECTION.md): `crow scan` on every backdoored and clean model, and
+"""The detectors on the bench's models (README.md): `crow scan` on every backdoored and clean model, and
 `crow guard` (LCF and the ONION baseline) on every backdoored cell, resumable, with a markdown report.
 
     python experiments/detection/scripts/detection_bench.py --data ../shared/data/backdoorllm --out experiments/detection/results/detection-cpu
@@ -13,11 +13,13 @@ defender's: the model and the 100 clean samples of ``clean/consistency_data.json
 the test prompts are used only to score the detectors afterwards:
 
 - scan: the verdict and score of ``bait`` with crow's first stop rule (``BaitSettings(stop_rule="entropy")``,
-  the default until 2026-12-03), of ``bait`` with the official stop rule (``bait-official``, the default since)
-  and of the ``answer-divergence`` baseline; for a victim, whether
+  the default until 2026-12-03, retired in crow 0.2: those rows run at the tag v0.1.0, ``git checkout v0.1.0``, and
+  crow 0.2 reports the committed ones), of ``bait`` with the official stop rule (``bait-official``, the default
+  since, the only rule of crow 0.2) and of the ``answer-divergence`` baseline; for a victim, whether
   BAIT's recovered target starts with the first three words of the true target;
 - guard (lcf, the onion baseline, and the target guard, which watches for the target the BAIT scan above
-  recovered; ``target-official`` watches the one ``bait-official`` recovered): fitted on the 100 clean samples' instructions (template prompts), scored on the cell's test
+  recovered, so it too runs at the tag v0.1.0 where that scan has not run; ``target-official`` watches the one
+  ``bait-official`` recovered): fitted on the 100 clean samples' instructions (template prompts), scored on the cell's test
   prompts (the bench's 50 triggered + 50 clean, the same as the results table): AUROC, true-positive rate,
   clean prompts blocked, the victim's ASR without and with the guard (its greedy answers, 32 new tokens).
 
@@ -36,25 +38,31 @@ from pathlib import Path
 import numpy as np
 
 from crow.attacks.poison import TARGETS
-from crow.bench.data import backdoorllm_cell
-from crow.bench.runner import plan, victim_key
+from crow.bench.keys import backdoorllm_cell, plan, victim_key
 from crow.bench.spec import load_spec
 from crow.data.records import load_records
-from crow.detection.guard import (GuardScores, flags_for, get_detector, guard_evaluation, guard_metrics,
-                                  quantile_threshold)
+from crow.detection.guard import (
+    GuardScores,
+    flags_for,
+    get_detector,
+    guard_evaluation,
+    guard_metrics,
+    quantile_threshold,
+)
 from crow.detection.scan import BaitSettings, Candidate, ScanResult, scan
 from crow.detection.target import TargetDetector, threshold_floor
-from crow.evaluation.evaluate import evaluate
-from crow.evaluation.judges import get_judge
+from crow.evaluation.evaluate import evaluate, get_judge
 from crow.models import load_model
 from crow.outputs import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("detection_bench")
 GUARDS = ("lcf", "onion", "target", "target-official")
-# scan label -> (method, settings). "bait": crow's first stop rule (entropy; the default until 2026-12-03, the rule
-# of the committed "bait" rows); "bait-official": the official code's, crow scan's default since (scan docstring)
-SCANS = {"bait": ("bait", BaitSettings(stop_rule="entropy")), "answer-divergence": ("answer-divergence", None),
-         "bait-official": ("bait", BaitSettings(stop_rule="official"))}
+# scan label -> (method, settings). "bait-official": the official code's stop rule, crow scan's default since
+# 2026-12-03 and its only rule since crow 0.2 (crow.detection.bait)
+SCANS = {"answer-divergence": ("answer-divergence", None), "bait-official": ("bait", BaitSettings())}
+# "bait": crow's first stop rule (entropy; the default until 2026-12-03, the rule of the committed "bait" rows), retired
+# in crow 0.2: the committed rows are reported, a missing one is computed at the tag v0.1.0 (`git checkout v0.1.0`)
+V010_SCANS = ("bait",)
 TARGET_GUARDS = {"target": "bait", "target-official": "bait-official"}  # guard -> the scan whose target it watches
 
 
@@ -76,7 +84,7 @@ def model_entries(args) -> list[dict]:
             continue
         spec = load_spec(spec_path)
         seen = set()
-        for cell in plan(spec):
+        for cell in plan(spec, strict=False):  # the victims only: a spec may name settings crow 0.2 retired
             key = (cell["model"], cell["task"], cell["attack"], cell["seed"])
             if key in seen:
                 continue
@@ -106,6 +114,10 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
     if entry["kind"] == "victim":
         row["true_target"] = TARGETS[entry["task"]].text
     todo_scans = [m for m in SCANS if m not in row.get("scan", {}) and not args.skip_scan]
+    for method in V010_SCANS:
+        if method not in row.get("scan", {}) and not args.skip_scan:
+            logger.info("%s: scan %s (the entropy stop rule) runs at the tag v0.1.0 (`git checkout v0.1.0`): skipped",
+                        entry["label"], method)
     todo_guard = [] if entry["kind"] != "victim" or args.skip_guard else [g for g in GUARDS if g not in row.get("guard", {})]
     if not todo_scans and not todo_guard:
         return row
@@ -140,8 +152,9 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
             if source in row.get("scan", {}):
                 # the scan above recovered the target already: reuse it rather than scan twice
                 detector = TargetDetector.from_scan(_scan_result(row["scan"][source]), fpr=args.fpr)
-            elif method == "target-official":
-                logger.info("%s: no bait-official scan to take the target from: %s skipped", entry["label"], method)
+            elif source is not None:
+                logger.info("%s: no %s scan to take the target from: %s skipped%s", entry["label"], source, method,
+                            " (it runs at the tag v0.1.0, `git checkout v0.1.0`)" if source in V010_SCANS else "")
                 continue
             else:
                 detector = get_detector(method, fpr=args.fpr)

@@ -24,14 +24,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the checkout: experiments/distributed/scripts/ is three below
 CONFIG = ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"
 WRAPPER = """
 import os, sys, time
-import crow.purification as purification
+import crow.training.loop as loop
 from crow.cli import main as command
 
-delay, save = float(os.environ["CROW_SAVE_DELAY"]), purification.save_model
+delay, save = float(os.environ["CROW_SAVE_DELAY"]), loop.save_model
 
 
 def held_save(*args, **kwargs):  # the main rank waits before it saves; the other rank has nothing left to do
@@ -39,7 +39,7 @@ def held_save(*args, **kwargs):  # the main rank waits before it saves; the othe
     return save(*args, **kwargs)
 
 
-purification.save_model = held_save
+loop.save_model = held_save  # crow purify imports it from crow.training.loop when it runs
 if os.environ["CROW_EXIT"] == "plain":
     sys.exit(command.main())
 command.cli()

@@ -49,7 +49,7 @@ from scipy.optimize import brentq
 from scipy.stats import bootstrap, norm, permutation_test
 
 from crow.data.records import load_records
-from crow.evaluation.quality import references, rouge_l
+from crow.evaluation.evaluate import references, rouge_l
 
 PPL_LIMIT = 0.15  # issue 17: clean perplexity within 15% of the victim's
 BASELINE = "finetune-lr1e-3"  # issue 17: clean answers no worse than this defense's on the same victim

@@ -1,4 +1,6 @@
-"""What more finetuning cycles do to an unlearned victim: a diagnostic for a development cell.
+"""Runs at the tag v0.1.0 (`git checkout v0.1.0`): it uses options crow 0.2 retired.
+
+What more finetuning cycles do to an unlearned victim: a diagnostic for a development cell.
 
 ``unlearn`` with held-out finetuning cycles (``--finetune-cycles``, ``--cycle-epochs``, ``--holdout``) stops at the
 first cycle end whose held-out score does not improve, so a bench cell shows one point of the curve. This script
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from crow.unlearn import UnlearnTrainer
 
 from crow.bench.runner import BenchRunner, cell_keys, plan
 from crow.bench.spec import load_spec
@@ -33,7 +36,6 @@ from crow.cli.bench_cmd import TINY
 from crow.defenses import DefenseContext, get_defense
 from crow.errors import CrowError
 from crow.outputs import write_json_atomic
-from crow.unlearn import UnlearnTrainer
 
 
 def cycle_curve(spec_path: Path, cell_name: str, epochs: int, data_dir: Path | None, victims: Path) -> dict:

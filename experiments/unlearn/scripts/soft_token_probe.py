@@ -1,4 +1,6 @@
-"""Does PGD on inserted soft tokens elicit a recovered target? A probe with only the defender's knowledge.
+"""Runs at the tag v0.1.0 (`git checkout v0.1.0`): it uses options crow 0.2 retired.
+
+Does PGD on inserted soft tokens elicit a recovered target? A probe with only the defender's knowledge.
 
 ``unlearn --adversary tokens`` inserts S soft tokens into each clean prompt and moves them by normalized-gradient
 PGD to make the model say the target BAIT recovered. Its first run (zero start, steps of half the budget) never
@@ -34,12 +36,20 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    from crow.unlearn import (
+        build_target_batch,
+        insert_slots,
+        pgd_step,
+        project_to_ball,
+        prompt_mask,
+        random_insert_points,
+        target_token_log_probs,
+    )
+
     from crow.data.records import load_records
     from crow.data.templates import Collator, encode_for_training
-    from crow.hooks import replace_embeddings
+    from crow.modeling import replace_embeddings
     from crow.models import load_model
-    from crow.unlearn import (build_target_batch, insert_slots, pgd_step, project_to_ball, prompt_mask,
-                              random_insert_points, target_token_log_probs)
 
     cells = sorted(Path(args.cell, "cells").glob("*.json"))
     text = json.loads(cells[0].read_text())["defense_settings"]["unlearned_text"]
