@@ -1,7 +1,7 @@
 """Every kept method gives the output it gave before crow's restructure (0.2), on a 4-layer tiny backdoored Llama
 trained as test_scan's, with fixed seeds.
 
-``tests/data/equivalence.json`` was written by this file's ``run_all`` at the last commit before the restructure
+``tests/data/equivalence.json`` was written by this file's recording mode at the last commit before the restructure
 (the git tag ``v0.1.0``, with the then API: ``CROW_WRITE_EQUIVALENCE=1 python -m pytest
 tests/test_equivalence.py``); the test runs the same defenses, scans and guards with the current API and compares
 what each wrote: the losses it logged, a fingerprint of the weights it returned, the logits of three prompts, the
@@ -133,19 +133,24 @@ def force_refit(monkeypatch, decide: bool) -> None:
     monkeypatch.setattr(CycleSelection, "_decide", forced)
 
 
-def run_all(victim: Path, tmp_path: Path, monkeypatch) -> dict:
-    out = {}
-    for label, name, settings in DEFENSES:
-        task = "refusal" if label == "crow-refusal-alpha" else "negsentiment"
-        out[label] = run_defense(victim, tmp_path / label, name, settings, task, adapter=label.endswith("adapter"))
-    for label, decide in (("unlearn-refit", True), ("unlearn-cycles", False)):
-        with monkeypatch.context() as m:
-            force_refit(m, decide)
-            out[label] = run_defense(victim, tmp_path / label, "unlearn", UNLEARN)
-    out["scan"] = run_scan(victim)
-    for method in ("target", "lcf", "onion"):
-        out[f"guard-{method}"] = run_guard(victim, method)
-    return out
+LABELS = [label for label, _, _ in DEFENSES] + ["unlearn-refit", "unlearn-cycles", "scan", "guard-target",
+                                                  "guard-lcf", "guard-onion"]
+
+
+def run_one(victim: Path, tmp_path: Path, label: str) -> dict:
+    """What the method ``label`` writes on the tiny victim: a defense's log and weights, or a scan's or guard's
+    scores."""
+    if label in ("unlearn-refit", "unlearn-cycles"):
+        with pytest.MonkeyPatch.context() as m:
+            force_refit(m, label == "unlearn-refit")
+            return run_defense(victim, tmp_path / label, "unlearn", UNLEARN)
+    if label == "scan":
+        return run_scan(victim)
+    if label.startswith("guard-"):
+        return run_guard(victim, label.removeprefix("guard-"))
+    name, settings = next((n, s) for lab, n, s in DEFENSES if lab == label)
+    task = "refusal" if label == "crow-refusal-alpha" else "negsentiment"
+    return run_defense(victim, tmp_path / label, name, settings, task, adapter=label.endswith("adapter"))
 
 
 def run_scan(victim: Path) -> dict:
@@ -195,17 +200,31 @@ def close(a, b, path="") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def test_every_kept_method_gives_the_output_it_gave_before(victim, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def recorded(victim, tmp_path_factory) -> dict:
+    """The recording (rewritten first with ``CROW_WRITE_EQUIVALENCE=1``); skips where the numerics differ."""
     if os.environ.get("CROW_WRITE_EQUIVALENCE"):
+        tmp = tmp_path_factory.mktemp("record")
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(
-            json.dumps({"numerics": numerics(), **run_all(victim, tmp_path, monkeypatch)}, indent=1) + "\n")
+        runs = {label: run_one(victim, tmp, label) for label in LABELS}
+        GOLDEN.write_text(json.dumps({"numerics": numerics(), **runs}, indent=1) + "\n")
     before = json.loads(GOLDEN.read_text())
-    recorded = before.pop("numerics")
-    if recorded != numerics():
-        pytest.skip(f"recorded with {recorded}, this machine runs {numerics()}: "
+    numbers = before.pop("numerics")
+    if numbers != numerics():
+        pytest.skip(f"recorded with {numbers}, this machine runs {numerics()}: "
                     "the runs' signs differ (module docstring)")
-    now = run_all(victim, tmp_path, monkeypatch)
-    assert sorted(now) == sorted(before)
-    differences = {label: close(now[label], before[label]) for label in before}
-    assert not any(differences.values()), {k: v[:5] for k, v in differences.items() if v}
+    return before
+
+
+def test_the_recording_covers_every_kept_method(recorded):
+    from crow.defenses import DEFENSES as REGISTERED
+
+    assert sorted(recorded) == sorted(LABELS)
+    kept = set(REGISTERED.names()) - {"none"}
+    assert kept <= {n for _, n, _ in DEFENSES} | {"unlearn"}, kept  # a new defense needs a recorded run
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_each_kept_method_gives_the_output_it_gave_before(recorded, victim, tmp_path, label):
+    differences = close(run_one(victim, tmp_path, label), recorded[label])
+    assert not differences, differences[:5]
