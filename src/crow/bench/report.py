@@ -26,8 +26,7 @@ def columns(spec: BenchSpec) -> list[str]:
 
 
 def reference_columns(spec: BenchSpec) -> dict[str, str]:
-    """{label: name} of the columns that are references, not defenses: the spec's references and defenses that know
-    more than a defender does (reinit-adapter)."""
+    """{label: name} of the reference columns: the spec's references and defenses that know more than a defender."""
     return {**{r: r for r in spec.references},
             **{e.label: e.name for e in spec.defense_entries() if is_reference(e.name, e.settings)}}
 
@@ -71,7 +70,7 @@ def write_report(rows: list[dict], spec: BenchSpec, out: Path, command: str = ""
 
 
 def _victim_overrides(spec: BenchSpec) -> str:
-    """' (except task/attack: key value, ...)' for the cells whose victim recipe differs from the spec's."""
+    """' (except task/attack: key value, ...)' for the cells with their own victim recipe."""
     parts = [f"{cell}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in changes.items())
              for cell, changes in spec.victim_overrides.items() if changes]
     return f" (except {'; '.join(parts)})" if parts else ""
@@ -88,8 +87,7 @@ def _victim_line(spec: BenchSpec) -> str:
 
 @dataclass
 class TableRow:
-    """One task / attack row of a table: its finished columns' (asr, ftr, ppl) and answer quality
-    ((clean ROUGE-L, triggered ROUGE-L, empty clean %, empty triggered %), None for a cell without it)."""
+    """One task / attack row: its finished columns' (asr, ftr, ppl) and answer quality (QUALITY_KEYS, or None)."""
 
     task: str
     attack: str
@@ -100,8 +98,7 @@ class TableRow:
 
 def _select_rows(every_row: list[TableRow], counted: list[TableRow],
                  defenses: list[str]) -> tuple[list[TableRow], list[str]]:
-    """The rows the average row averages (conditional victims, those every defense has finished) and notes
-    saying which; reference columns do not take part in the choice."""
+    """The rows to average (conditional victims every defense has finished; references do not count) and notes."""
     notes = []
     if not counted:  # no victim counts (the tiny suite's): average every row, and say so
         counted, notes = every_row, ["every row; no victim is conditional"]
@@ -116,8 +113,7 @@ def _select_rows(every_row: list[TableRow], counted: list[TableRow],
 
 
 def _average(values: list[tuple], fmt, reference: bool, n_rows: int, say_fewer: bool = False) -> str:
-    """One average cell, ``fmt(*column means, mark)``: bold for a defense, italics for a reference; a reference (or
-    ``say_fewer``) over fewer than ``n_rows`` rows says so."""
+    """``fmt(*column means, mark)``: bold, or italics for a reference, which (or ``say_fewer``) says "over n of N"."""
     if not values:
         return "-"
     means = tuple(_mean([v[i] for v in values]) for i in range(len(values[0])))
@@ -195,8 +191,7 @@ def render_markdown(rows: list[dict], spec: BenchSpec, command: str = "") -> str
 
 def _quality_table(every_row: list[TableRow], counted: list[TableRow], labels: list[str], head: list[str],
                    refs: set[str], fmt: str, average_label: str) -> list[str]:
-    """Answer quality of the same cells: ROUGE-L F1 of the clean / triggered answers and empty answers %,
-    averaged over the main table's rows."""
+    """Answer quality of the same cells, averaged over the main table's rows."""
     lines = [f"Answer quality, prompts `{fmt}`: ROUGE-L F1 of the answers to the clean prompts / to the triggered "
              "prompts (against the answer of their trigger-free original), and empty answers % (clean / triggered); "
              f"{MISSING_QUALITY}: a cell made before answer quality was recorded.", "", *head]
@@ -214,8 +209,7 @@ def _quality_table(every_row: list[TableRow], counted: list[TableRow], labels: l
 
 
 def _device_lines(rows: list[dict], defenses: list[str]) -> list[str]:
-    """Defense times per device (seconds are only comparable on one device), and which cells ran where
-    when the rows come from more than one."""
+    """Defense times per device (seconds compare only on one device), and which cells ran where if several."""
     devices = list(dict.fromkeys(r.get("device") or "device not recorded" for r in rows))
     lines = []
     for device in devices:
@@ -243,12 +237,10 @@ def plot_asr(rows: list[dict], spec: BenchSpec, path: Path) -> None:
     width = 0.8 / max(len(defenses), 1)
     for i, d in enumerate(defenses):
         ax.bar([g + i * width for g in range(len(groups))], [value.get((g, d), 0.0) for g in groups], width, label=d)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
-    ax.set_xticklabels(groups, rotation=20, fontsize=8)
-    ax.set_ylabel(f"ASR % ({spec.eval.formats[0]} prompts)")
-    ax.set_ylim(0, 100)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, rotation=20, fontsize=8)
+    ax.set(ylabel=f"ASR % ({spec.eval.formats[0]} prompts)", ylim=(0, 100),
+           title=f"{spec.name}: attack success rate by defense")
     ax.legend(fontsize=7, ncol=3)
-    ax.set_title(f"{spec.name}: attack success rate by defense")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

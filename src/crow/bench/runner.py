@@ -1,6 +1,5 @@
-"""The resumable bench runner. An output directory holds ``victims/<victim-key>/`` (LoRA adapter or tiny model +
-victim.json; ``--victims DIR`` shares them between specs), ``cells/<cell-key>.json`` (one result with every answer),
-results.json, results.md and the plots. Finished cells are skipped; a victim is trained only when a cell needs it."""
+"""The resumable bench runner: ``victims/<key>/`` (shareable: ``--victims DIR``), ``cells/<key>.json`` (a result with
+every answer), results.json/.md and plots. Finished cells are skipped; a victim is trained only when a cell needs it."""
 
 from __future__ import annotations
 
@@ -34,11 +33,11 @@ logger = logging.getLogger(__name__)
 TRAIN_LOG_KEYS = ("loss", "lm_loss", "consistency_clean", "consistency_perturbed", "lm_loss_adv", "unlikelihood",
                   "target_nll_adv", "delta_norm", "grad_norm", "learning_rate", "holdout_nll", "selected_epoch",
                   "selected_holdout_nll", "holdout_gain", "refit")
+VICTIM_DTYPE = torch.float16  # LoRA factors are well inside fp16's range: half the bytes, ~1e-3 relative error
 
 
 def train_log_summary(log_history: list[dict]) -> list[dict]:
-    """A defense's per-logging-step metrics for the cell's JSON: step, epoch, the losses and, for a second training
-    stage, ``stage`` (unlearn's refit); the trainer's final summary row, without step metrics, is dropped."""
+    """Per-logging-step metrics for the cell's JSON (with ``stage`` for unlearn's refit); the summary row is dropped."""
     rows = []
     for entry in log_history:
         kept = {k: entry[k] if isinstance(entry[k], bool) else round(float(entry[k]), 6)  # a decision stays a bool
@@ -56,20 +55,15 @@ def cell_seconds(row: dict) -> float:
 
 def estimate_seconds_left(pending: list[str], measured: dict[str, list[float]], victims_left: int,
                           victim_seconds: list[float]) -> float:
-    """Seconds the ``pending`` cells (defense labels) and ``victims_left`` victims should take: medians of the measured
-    times of the cell's defense (else of every cell) and of the victims, so one slowed run does not skew it."""
+    """Seconds left: medians (robust to one slow run) of each pending defense's cells (else all cells) and victims."""
     everything = [s for times in measured.values() for s in times]
     fallback = statistics.median(everything) if everything else 0.0
     cells = sum(statistics.median(measured[label]) if measured.get(label) else fallback for label in pending)
     return cells + (statistics.median(victim_seconds) * victims_left if victim_seconds else 0.0)
 
 
-VICTIM_DTYPE = torch.float16  # LoRA factors are well inside fp16's range: half the bytes, ~1e-3 relative error
-
-
 def compact_adapter(adapter_dir: Path, model_name: str, dtype: torch.dtype = VICTIM_DTYPE) -> None:
-    """Make a saved victim adapter small and portable: weights in ``dtype`` (PEFT casts them back on load), no
-    tokenizer files (the base model's is used) and ``base_model_name_or_path`` the model as the spec names it."""
+    """Shrink a victim adapter: ``dtype`` weights (PEFT casts back on load), no tokenizer, the base named as spec'd."""
     weights = adapter_dir / "adapter_model.safetensors"
     save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights,
               metadata={"format": "pt"})
@@ -194,8 +188,7 @@ class BenchRunner:
         shutil.rmtree(tmp / "init")
 
     def load_victim(self, victim: dict):
-        """The victim as the defenses get it: a full model, the base model + trainable suspect adapter, or
-        (``victim_form: merged``) the adapter merged into the base weights."""
+        """A full model, the base model + trainable suspect adapter, or (``victim_form: merged``) the merged weights."""
         vdir = self.victims / victim["key"]
         if victim["kind"] == "model":
             return load_model(str(vdir / "model"), device="auto")
@@ -205,7 +198,7 @@ class BenchRunner:
         return load_model(victim["model"], adapter=str(vdir / "adapter"), adapter_trainable=True, device="auto")
 
     def evaluate_formats(self, model, tokenizer, data: CellData, task: str) -> dict:
-        """The evaluation of every prompt format of the spec, with every generated answer."""
+        """Every prompt format of the spec, with every generated answer."""
         spec, judge, by_format = self.spec, get_judge(task), {}
         for fmt in spec.eval.formats:
             report = evaluate(model, tokenizer, triggered=data.triggered, clean=data.clean, judge=judge,
@@ -236,8 +229,7 @@ class BenchRunner:
         spec = self.spec
         defense = get_defense(cell["method"], **cell["defense_settings"])
         loaded = self.load_victim(victim)
-        work = self.out / "cells" / f".{ckey}-work"
-        started = time.perf_counter()
+        work, started = self.out / "cells" / f".{ckey}-work", time.perf_counter()
         ctx = DefenseContext(clean=data.defense_clean[: cell["n_defense"]], template=spec.template,
                              max_length=spec.max_length, seed=cell["seed"], task=cell["task"], work_dir=work,
                              progress=self.progress)
@@ -248,11 +240,9 @@ class BenchRunner:
         defense_seconds = time.perf_counter() - started
         model = merged(model)  # faster generation; the adapter structure is not needed any more
         by_format = self.evaluate_formats(model, loaded.tokenizer, data, cell["task"])
-        profiles = {}
-        if spec.profile_prompts and cell["method"] in ("none", "crow"):  # the victim and every CROW variant
-            n = spec.profile_prompts
-            profiles = {"clean": layer_profile(model, loaded.tokenizer, data.clean[:n], template=spec.template),
-                        "triggered": layer_profile(model, loaded.tokenizer, data.triggered[:n], template=spec.template)}
+        n = spec.profile_prompts if cell["method"] in ("none", "crow") else 0  # the victim and every CROW variant
+        profiles = {name: layer_profile(model, loaded.tokenizer, prompts[:n], template=spec.template)
+                    for name, prompts in (("clean", data.clean), ("triggered", data.triggered)) if n}
         main = by_format[spec.eval.formats[0]]
         return {"key": ckey, "config": cell_config(spec, cell, vkey), "git_revision": git_revision(),
                 "victim_key": vkey, "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
@@ -268,8 +258,7 @@ class BenchRunner:
                 "device": device_label(next(model.parameters()).device)}
 
     def collect(self, *, legacy: bool = False) -> list[dict]:
-        """The rows of this spec's finished cells. ``legacy``: also the cells written before keys were resolved, found
-        by their spec's settings as written (a report of a recorded study)."""
+        """This spec's finished rows; ``legacy``: also cells from before keys were resolved (by their settings)."""
         rows, index = [], CellIndex(self.out / "cells")
         for cell in plan(self.spec, strict=not legacy):
             _, key, old = cell_keys(self.spec, cell, self.cell_data(cell))

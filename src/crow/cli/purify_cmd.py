@@ -144,8 +144,7 @@ def run(args) -> int:
         return 0
     with staged_dir(out) as tmp:
         kind = save_model(model, loaded.tokenizer, tmp, merge=args.merge, base_model=args.model)
-        log = ctx.train_log
-        final = [h for h in log if "lm_loss" in h]
+        final = [h for h in ctx.train_log if "lm_loss" in h]
         write_json_atomic(tmp / "crow_config.json", {
             "crow_version": crow_version(), "git_revision": git_revision(), "method": method,
             "settings": defense.settings(args.task), "output": kind, "model": args.model,
@@ -155,7 +154,7 @@ def run(args) -> int:
             "preset": args.preset, "n_train_samples": result.train_samples, "num_processes": result.num_processes,
             "optimizer_steps": result.global_step, "seconds": round(time.perf_counter() - started, 2),
             "train_seconds": result.seconds, "resumed": bool(resume), "last_log": final[-1] if final else None,
-            **({"epoch_selection": [h for h in log if "holdout_nll" in h or "selected_epoch" in h]}
+            **({"epoch_selection": [h for h in ctx.train_log if "holdout_nll" in h or "selected_epoch" in h]}
                if method == "unlearn" else {}),
         })
     shutil.rmtree(partial, ignore_errors=True)

@@ -1,14 +1,9 @@
-"""BAIT (Shen et al., "BAIT: Large Language Model Backdoor Scanning by Inverting Attack Target", IEEE S&P 2025; official
-code github.com/SolidShen/BAIT, ``bait/bait.py``, defaults in ``bait/argument.py``) and what every scan method returns.
-A backdoored model forced to start its target after benign prompts continues it nearly deterministically: for a first
-token ``y_1 = v`` and clean prompts ``x_1..x_n``, greedily ``y_{t+1} = argmax p̄_t`` and ``q_t = max p̄_t`` with
-``p̄_t = mean_i p(. | x_i, y_1..y_t)`` [V], up to ``full_steps`` tokens or EOS; Q(v) is the mean q_t without the lowest
-(0 below ``min_target_len`` tokens), the model's score the best Q, flagged at ``threshold``. Defaults and the warm-up's
-flatness stop (none in the full inversion) are the official's. Deviations, to fit minutes on a CPU: only the ``pool``
-likeliest response starts are screened and the ``top_k`` best fully inverted (a target whose first token is rare without
-its trigger is missed); the reported target may be a near candidate (:func:`recovered_target`); no "uncertainty
-inspection" look-ahead or vocabulary filter (crow takes the argmax and skips special tokens, EOS and tokens without a
-letter or digit)."""
+"""BAIT (Shen et al., IEEE S&P 2025; official code github.com/SolidShen/BAIT, ``bait/bait.py``, defaults in
+``bait/argument.py``) and the scan result types. Each first token ``v`` is forced after clean prompts and extended
+greedily on the prompt-averaged next-token distribution (``q_t``: its max) up to ``full_steps`` tokens or EOS; Q(v) is
+the mean q_t without the lowest, the model's score the best Q. Deviations (CPU minutes): only the ``pool`` likeliest
+response starts are screened and the ``top_k`` best fully inverted (a first token rare without the trigger is missed);
+the reported target may be a near candidate (:func:`recovered_target`); no "uncertainty inspection" or token filter."""
 
 from __future__ import annotations
 
@@ -142,8 +137,7 @@ class Prefix:
 
 @torch.no_grad()
 def encode_prefix(runner: Runner, prompts: list[list[int]], pad_id: int) -> Prefix:
-    ids, mask = pad_batch(prompts, pad_id, side="left")  # every prompt ends where the response starts
-    ids, mask = ids.to(runner.device), mask.to(runner.device)
+    ids, mask = (t.to(runner.device) for t in pad_batch(prompts, pad_id, side="left"))  # prompts end at the response
     probs, cache = runner(ids, mask)
     if not hasattr(cache, "batch_select_indices"):
         cache = None  # recompute the whole sequence at every step instead (slower, same numbers)
@@ -160,10 +154,8 @@ class Trace:
 @torch.no_grad()
 def invert(runner: Runner, prefix: Prefix, first_tokens: Sequence[int], *, steps: int, flat_entropy: float,
            stop_ids: Sequence[int], confident: float = 1.0) -> list[Trace]:
-    """Force each first token after every prompt and extend greedily on the prompt-averaged distribution; rows are
-    candidate-major (row = c * n + i). A candidate stops at EOS, when its averaged distribution is flatter than
-    ``flat_entropy`` nats with top probability at most ``confident`` (``math.inf`` entropy: never), or after ``steps``
-    steps, and leaves the batch and the cache."""
+    """Force each first token after every prompt (row c * n + i); extend greedily on the prompt-averaged distribution;
+    stop at EOS, at an average flatter than ``flat_entropy`` nats with top p <= ``confident``, or after ``steps``."""
     n, count = prefix.n, len(first_tokens)
     traces = [Trace([int(t)]) for t in first_tokens]
     tile = torch.arange(n, device=runner.device).repeat(count)  # [C * n] prompt index of each row
@@ -177,10 +169,8 @@ def invert(runner: Runner, prefix: Prefix, first_tokens: Sequence[int], *, steps
     for _ in range(steps):
         seq = torch.cat([seq, step_ids], dim=1)
         mask = torch.cat([mask, mask.new_ones(len(seq), 1)], dim=1)
-        if cache is not None:
-            probs, cache = runner(step_ids, mask, cache, incremental=True)
-        else:
-            probs, _ = runner(seq, mask)
+        probs, cache = (runner(step_ids, mask, cache, incremental=True) if cache is not None
+                        else (runner(seq, mask)[0], None))
         avg = average_next_token(probs, n)  # [C_active, V]
         top_p, top_t = avg.max(-1)  # [C_active]
         flat = (entropy(avg) > flat_entropy) & (top_p <= confident)
@@ -225,9 +215,7 @@ def prior_pool(prefix: Prefix, tokenizer, size: int, skip_ids: Sequence[int]) ->
 
 
 def q_score(step_probs: Sequence[float], stop: str, n_tokens: int, *, window: int, min_target_len: int) -> float:
-    """BAIT's Q-score: the mean of ``step_probs`` (q_t of each step taken) with the lowest dropped; 0 below
-    ``min_target_len`` tokens (``n_tokens``: first token included). A sequence stopped as flat has the rest of the
-    ``window`` counted at the flat step's q_t (the steps the official code would have run)."""
+    """BAIT's Q: mean q_t but the lowest (a flat stop's q_t repeats to ``window`` steps); 0 below ``min_target_len``."""
     if n_tokens < min_target_len or not step_probs:
         return 0.0
     probs = list(step_probs)
@@ -239,8 +227,7 @@ def q_score(step_probs: Sequence[float], stop: str, n_tokens: int, *, window: in
 
 
 def left_extension(longer: Sequence[int], shorter: Sequence[int]) -> int:
-    """How many tokens ``longer`` adds in front of ``shorter`` when a tail of ``longer`` equals a head of
-    ``shorter`` ("You are stupid" and "are stupid!": 1); 0 when it does not."""
+    """Tokens ``longer`` adds before ``shorter`` where its tail is its head ("You are bad", "are bad!": 1), else 0."""
     for start in range(1, len(longer)):
         overlap = len(longer) - start
         if overlap <= len(shorter) and list(longer[start:]) == list(shorter[:overlap]):
@@ -300,18 +287,16 @@ def scan_bait(model, tokenizer, records: Sequence[Record], *, template: str, set
 
 
 def entry_tokens(core: Candidate, candidates: Sequence[Candidate], weak: float) -> set[int]:
-    """The tokens right before ``core`` in the ``candidates`` that run into it from the left through a step
-    (the one that produced ``core``'s first token) with q below ``weak``."""
+    """The tokens just before ``core`` in the ``candidates`` that enter it from the left by a step with q < ``weak``."""
     entries = ((c, left_extension(c.token_ids, core.token_ids)) for c in candidates)
     return {c.token_ids[k - 1] for c, k in entries if k > 0 and c.step_probs[k - 1] < weak}
 
 
 def recovered_target(candidates: Sequence[Candidate], margin: float, weak: float = 0.9) -> Candidate | None:
     """The target a scan reports from its candidates (best first; near: within ``margin`` of the best Q): 1. an
-    *attractor*, the best candidate or the longest near one it runs into from the left, that two or more near
-    candidates enter by different tokens through steps with q < ``weak`` (Q drops a sequence's lowest step, so it cannot
-    tell ``count You are so stupid`` from ``You are so stupid``); 2. else the near candidate that extends the best one
-    furthest to the left; 3. else the best one."""
+    *attractor*, the best candidate or the longest near one it runs into from the left, that two or more near candidates
+    enter by different tokens through steps with q < ``weak`` (Q drops the lowest step, so ``count You are bad`` ties
+    ``You are bad``); 2. else the near one extending the best furthest left; 3. else the best."""
     if not candidates:
         return None
     best = candidates[0]

@@ -1,7 +1,6 @@
-"""``crow guard``: per-prompt backdoor-trigger detectors (``DETECTORS``: ``lcf``, ``onion``, ``target``), fitted on the
-defender's clean prompts. A detector scores a prompt (higher = more suspicious) and flags it above a threshold set for a
-false-positive rate on clean prompts; it is saved as ``detector.json`` (settings, threshold, the model it was fitted on)
-plus, for LCF, ``detector.safetensors``; never pickle."""
+"""``crow guard``'s per-prompt trigger detectors (``DETECTORS``: ``lcf``, ``onion``, ``target``): a score per prompt
+(higher = more suspicious), flagged above a threshold set on clean prompts for a false-positive rate; saved as
+``detector.json`` (settings, threshold, the model fitted on) plus, for LCF, ``detector.safetensors``; never pickle."""
 
 from __future__ import annotations
 
@@ -133,12 +132,11 @@ class Detector:
     def _record_fit(self, model, records: Sequence[Record], template: str | None, scores, started: float,
                     threshold: float | None = None, signature: ModelSignature | None = None) -> None:
         """Set ``info``; ``threshold`` defaults to the ``1 - fpr`` quantile of the clean ``scores``."""
-        threshold = quantile_threshold(scores, self.fpr) if threshold is None else threshold
-        name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        self.info = DetectorInfo(threshold=threshold, n_fit=len(records), template=template, model=name,
-                                 adapter=None, signature=signature or model_signature(model),
-                                 crow_version=crow_version(), fit_seconds=round(time.perf_counter() - started, 3),
-                                 oof_scores=[round(float(s), 6) for s in scores])
+        self.info = DetectorInfo(
+            threshold=quantile_threshold(scores, self.fpr) if threshold is None else threshold, n_fit=len(records),
+            template=template, model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            adapter=None, signature=signature or model_signature(model), crow_version=crow_version(),
+            fit_seconds=round(time.perf_counter() - started, 3), oof_scores=[round(float(s), 6) for s in scores])
 
     def score(self, model, tokenizer, records: Sequence[Record]) -> GuardScores:
         if not self._fitted():
@@ -150,7 +148,6 @@ class Detector:
                            round(time.perf_counter() - started, 3))
 
     def _json(self) -> dict:
-        """What the method saves in ``detector.json`` besides its settings and ``info``."""
         return {}
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -181,8 +178,7 @@ def get_detector(method: str, **settings) -> Detector:
 
 
 def quantile_threshold(scores: np.ndarray, fpr: float) -> float:
-    """The ``ceil((1 - fpr) * n)``-th smallest of ``scores`` [n]: at most ``fpr * n`` scores lie strictly
-    above it, so flagging ``score > threshold`` flags at most the share ``fpr`` of these scores."""
+    """The ``ceil((1 - fpr) * n)``-th smallest score: at most ``fpr * n`` scores lie strictly above it."""
     scores = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     if scores.size == 0 or not np.all(np.isfinite(scores)):
         raise CrowError("cannot set a threshold: the clean scores are empty or not finite")
@@ -196,9 +192,8 @@ def flags_for(scores: Sequence[float], threshold: float) -> list[bool]:
 
 def info_from_json(data: dict, path: Path) -> DetectorInfo:
     try:
-        sig = ModelSignature(**data["signature"])
         return DetectorInfo(threshold=float(data["threshold"]), n_fit=int(data["n_fit"]), template=data["template"],
-                            model=data["model"], adapter=data["adapter"], signature=sig,
+                            model=data["model"], adapter=data["adapter"], signature=ModelSignature(**data["signature"]),
                             crow_version=str(data["crow_version"]), fit_seconds=float(data.get("fit_seconds", 0.0)),
                             oof_scores=[float(x) for x in data.get("oof_scores", [])])
     except (KeyError, TypeError, ValueError) as e:
@@ -207,31 +202,28 @@ def info_from_json(data: dict, path: Path) -> DetectorInfo:
 
 
 def malformed(path: Path, error: Exception) -> CrowError:
-    """The error of a ``detector.json`` whose method settings cannot be read."""
     return CrowError(f"detector {path}: {DETECTOR_JSON} has malformed settings ({error}); refit it with crow guard fit")
 
 
 def load_detector(directory: str | os.PathLike, option: str = "--detector") -> Detector:
     """Read a detector directory written by ``crow guard fit`` (validated; one-line errors)."""
     path = Path(directory).expanduser()
+    where = f"{option} {path}"
     if not path.is_dir():
-        raise CrowError(f"{option} {path} does not exist or is not a directory; pass a directory written by "
-                        "crow guard fit")
+        raise CrowError(f"{where} does not exist or is not a directory; pass a directory written by crow guard fit")
     file = path / DETECTOR_JSON
     if not file.is_file():
-        raise CrowError(f"{option} {path} has no {DETECTOR_JSON}; pass a directory written by crow guard fit")
+        raise CrowError(f"{where} has no {DETECTOR_JSON}; pass a directory written by crow guard fit")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CrowError(f"{option} {path}: {DETECTOR_JSON} is not valid JSON ({e}); "
-                        "refit it with crow guard fit") from None
+        raise CrowError(f"{where}: {DETECTOR_JSON} is not valid JSON ({e}); refit it with crow guard fit") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-        raise CrowError(f"{option} {path}: {DETECTOR_JSON} is not a crow guard detector of format version "
+        raise CrowError(f"{where}: {DETECTOR_JSON} is not a crow guard detector of format version "
                         f"{FORMAT_VERSION}; refit it with crow guard fit")
     method = data.get("method")
     if method not in DETECTORS:
-        raise CrowError(f"{option} {path}: unknown method {method!r} in {DETECTOR_JSON}; valid: "
-                        f"{', '.join(DETECTORS.names())}")
+        raise CrowError(f"{where}: unknown method {method!r} in {DETECTOR_JSON}; valid: {', '.join(DETECTORS.names())}")
     return DETECTORS.get(method).load(path, data)
 
 
@@ -240,17 +232,15 @@ def check_model_fits(detector: Detector, model, what: str = "--detector") -> Non
     info = detector.info
     if info is None:
         raise CrowError("the detector is not fitted; call fit() or load a saved detector")
-    problem = info.signature.mismatch(model_signature(model))
-    if problem:
+    if problem := info.signature.mismatch(model_signature(model)):
         raise CrowError(f"{what} was fitted on another model ({info.model}: {problem}); "
                         "refit it with crow guard fit on this model")
 
 
 @dataclass
 class GuardReport:
-    """The guard in front of an evaluated model; rates are percentages (None: empty set). ``asr_guarded``: triggered
-    prompts attacked *and* not flagged (a blocked prompt gets no answer); ``clean_blocked``: clean prompts flagged;
-    ``tpr``: triggered prompts flagged; ``auroc``: triggered vs clean scores."""
+    """The guard before an evaluated model, rates in % (None: empty set): ``tpr`` / ``clean_blocked``: triggered /
+    clean prompts flagged; ``asr_guarded``: triggered prompts attacked and not flagged (blocked: no answer)."""
 
     method: str
     threshold: float

@@ -1,19 +1,18 @@
 """LCF: Layerwise Convergence Fingerprints (Min, Pham, Sun 2026, arXiv 2604.24542; official code
-github.com/NayMyatMin/LCF-LLM, ``runtime_control/multilayer.py``), a detector of triggered prompts with no trigger
-knowledge, reference model or training. At the last prompt token ``d_l = h_{l+1} - h_l`` ([P, H], P layer pairs;
-``normalize``: over ``||h_l||``, optional as in the paper); fitted on clean prompts: 1. per pair
-``s_l = ||(d_l - mean_l) / std_l||_2`` ([P]); 2. each ``s_l`` z-scored; 3. the P z-scores aggregated by a Mahalanobis
-distance under the Ledoit-Wolf covariance (~200 prompts are too few to invert the sample covariance of ~30 correlated
-layers). Deviations from the official code: the threshold is the ``1 - fpr`` quantile of out-of-fold scores (steps 1-3
-refitted without the held-out fold; the official code leaves one out of step 3 only); the default pairs are CROW's
-``official`` range (``layers="all"`` is the official choice); the default false-positive rate is 5% (official: 10%)."""
+github.com/NayMyatMin/LCF-LLM, ``runtime_control/multilayer.py``): flags triggered prompts without trigger knowledge.
+At the last prompt token ``d_l = h_{l+1} - h_l`` [P, H] (``normalize``: over ``||h_l||``); fitted on clean prompts:
+1. per pair ``s_l = ||(d_l - mean_l) / std_l||_2`` [P]; 2. each ``s_l`` z-scored; 3. the P z-scores aggregated by a
+Mahalanobis distance under the Ledoit-Wolf covariance (~200 prompts are too few for a sample covariance of ~30 layers).
+Deviations from the official code: the threshold is the ``1 - fpr`` quantile of out-of-fold scores (steps 1-3 refitted
+without the held-out fold; official: leave-one-out in step 3 only); the default pairs are CROW's ``official`` range
+(official: ``layers="all"``); the default false-positive rate is 5% (official: 10%)."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +37,14 @@ TINY = 1e-12
 @evaluating
 def extract_features(model, tokenizer, records: Sequence[Record], *, template: str, layers: str | tuple[int, int],
                      normalize: bool = False, batch_size: int = 16) -> tuple[np.ndarray, list[int]]:
-    """LCF features of ``records`` ([N, P, H] float32) and the layer pairs ``i`` (``hs[i]`` vs ``hs[i+1]``), from
-    right-padded, length-sorted batches (no padding precedes a row's last real token)."""
+    """LCF features [N, P, H] float32 and layer pairs ``i`` (``hs[i]`` vs ``hs[i+1]``); batches are length-sorted."""
     prompts = encode_prompts(records, template, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     feats: list[np.ndarray | None] = [None] * len(prompts)
     pairs: list[int] = []
     for idx in batches(order, batch_size):
-        ids, mask = pad_batch([prompts[i] for i in idx], pad)  # [B, T] right-padded
+        ids, mask = pad_batch([prompts[i] for i in idx], tokenizer.pad_token_id or 0)  # [B, T] right-padded
         hs = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
                    use_cache=False).hidden_states
         pairs = list(layer_pairs(len(hs), layers))
@@ -100,16 +97,14 @@ def fit_stats(features: np.ndarray) -> LcfStats:
     std = np.maximum(std, STD_FLOOR * std.mean(axis=-1, keepdims=True) + TINY)
     dist = diag_mahalanobis(x, mean, std)  # [N, P]
     layer_mean, layer_std = dist.mean(axis=0), np.maximum(dist.std(axis=0), TINY)  # [P]
-    z = (dist - layer_mean) / layer_std  # [N, P]
-    lw = LedoitWolf(store_precision=True).fit(z)
+    lw = LedoitWolf(store_precision=True).fit((dist - layer_mean) / layer_std)  # on the z-scores [N, P]
     return LcfStats(mean, std, layer_mean, layer_std, lw.location_, lw.precision_, float(lw.shrinkage_))
 
 
 def lcf_scores(features: np.ndarray, stats: LcfStats) -> np.ndarray:
     """The LCF score of features [N, P, H] -> [N]."""
     dist = diag_mahalanobis(features.astype(np.float64), stats.delta_mean, stats.delta_std)  # [N, P]
-    z = (dist - stats.layer_mean) / stats.layer_std  # [N, P]
-    return mahalanobis(z, stats.agg_mean, stats.agg_precision)
+    return mahalanobis((dist - stats.layer_mean) / stats.layer_std, stats.agg_mean, stats.agg_precision)  # z: [N, P]
 
 
 def out_of_fold_scores(features: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -150,8 +145,7 @@ class LcfDetector(Detector):
                                         normalize=self.normalize, batch_size=self.batch_size)
         oof = out_of_fold_scores(feats, self.folds, self.seed)
         self.stats, self.pairs = fit_stats(feats), pairs
-        sig = model_signature(model)
-        sig.hidden_size = int(feats.shape[-1])  # what the features had, whatever the config calls it
+        sig = replace(model_signature(model), hidden_size=int(feats.shape[-1]))  # the features' size, not the config's
         self._record_fit(model, records, template, oof, started, signature=sig)
         logger.debug("LCF fitted on %d prompts, %d layer pairs, Ledoit-Wolf shrinkage %.3f, threshold %.4g",
                      len(records), len(pairs), self.stats.shrinkage, self.info.threshold)

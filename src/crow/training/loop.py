@@ -1,5 +1,4 @@
-"""The loop every training method shares: make the model trainable, tokenize the clean samples, run a crow trainer
-(a ``LossTrainer``) with checkpoints and signal handling, and save the result."""
+"""The loop every training method shares: a ``LossTrainer`` on the clean samples, checkpoints, signals, saving."""
 
 from __future__ import annotations
 
@@ -33,21 +32,17 @@ logger = logging.getLogger(__name__)
 
 def is_peft_model(model: nn.Module) -> bool:
     from peft import PeftModel
-
     return isinstance(model, PeftModel)
 
 
 def merged(model: nn.Module) -> nn.Module:
-    """The model with its adapter merged into the weights (a plain transformers model). Weight-level defenses work on
-    it, and generation is ~25% faster per step on CPU than through LoRA layers."""
+    """The adapter merged into the weights: what weight-level defenses need; it generates ~25% faster on CPU."""
     return model.merge_and_unload() if is_peft_model(model) else model
 
 
 def make_trainable(model: nn.Module, config: TrainingConfig) -> nn.Module:
-    """What a method trains: the suspect adapter when the model carries one (as the official code does), every weight
-    with ``full_finetune``, else a new LoRA adapter (``config.lora()``)."""
+    """The suspect adapter if the model has one (as the official code), all weights if ``full_finetune``, or a LoRA."""
     from peft import get_peft_model
-
     if is_peft_model(model):
         if config.full_finetune:
             raise CrowError("full_finetune and a suspect adapter contradict each other: crow continues training the "
@@ -62,10 +57,9 @@ def make_trainable(model: nn.Module, config: TrainingConfig) -> nn.Module:
 
 
 class LossTrainer(Trainer):
-    """A ``transformers.Trainer`` with a method's loss: ``method`` is the method's config. ``compute_loss`` adds terms
-    to the LM loss of the response tokens, normalized for gradient accumulation (the LM term over the target tokens of
-    the whole accumulated batch, ``num_items_in_batch``; extra terms divided by the accumulation steps by the method);
-    ``self._metrics`` are averaged into the Trainer's log, and a NaN/inf loss raises ``TrainingDiverged``."""
+    """A ``transformers.Trainer`` with the loss of ``method`` (its config): the response tokens' LM loss over the whole
+    accumulated batch's targets (``num_items_in_batch``) plus the method's terms, each divided by the accumulation
+    steps; ``self._metrics`` are averaged into the log, and a NaN/inf loss raises ``TrainingDiverged``."""
 
     loss_is_scaled_for_ga = True  # compute_loss normalizes for accumulation itself: the Trainer must not scale again
     config_class: type = TrainingConfig  # the method config the trainer needs (checked at construction)
@@ -104,9 +98,7 @@ class LossTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        for name, values in self._metrics.items():
-            if values:
-                logs[name] = round(sum(values) / len(values), 6)
+        logs.update({name: round(sum(values) / len(values), 6) for name, values in self._metrics.items() if values})
         self._metrics.clear()
         super().log(logs, start_time)
 
@@ -118,8 +110,7 @@ class StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None:
-            control.should_save = True
-            control.should_training_stop = True
+            control.should_save = control.should_training_stop = True
         return control
 
 
@@ -200,11 +191,10 @@ class RunOptions:
 def train(model: nn.Module, tokenizer, records: Sequence[Record], method: TrainingConfig, trainer_cls: type,
           run: RunOptions | None = None, *, callbacks: Sequence[TrainerCallback] = (),
           trainer_kwargs: dict | None = None) -> PurifyResult:
-    """Train ``model`` on ``records`` (clean samples) with ``trainer_cls`` (a ``LossTrainer``) and ``method``'s config.
-    With ``run.handle_signals`` a SIGTERM or SIGINT saves a checkpoint and raises ``Interrupted``."""
+    """Train ``model`` on the clean ``records`` with ``trainer_cls`` (a ``LossTrainer``); with ``run.handle_signals``
+    a SIGTERM or SIGINT saves a checkpoint and raises ``Interrupted``."""
     from datasets import Dataset
     from transformers import set_seed
-
     run = run or RunOptions()
     set_seed(method.seed)  # a new LoRA's initialisation depends on it: same seed, same run
     model = make_trainable(model, method)
@@ -248,9 +238,8 @@ def train(model: nn.Module, tokenizer, records: Sequence[Record], method: Traini
 
 
 def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool = False, base_model: str | None = None) -> str:
-    """Save a PEFT adapter (default) or, with ``merge``, the merged full model, as safetensors. ``base_model``: the name
-    the base model was loaded by; when it is an alias (``smollm2-135m-gguf``), the adapter names it as its base model
-    instead of the cache directory the alias resolves to on this machine. Returns ``"adapter"`` or ``"model"``."""
+    """Save the PEFT adapter or (``merge``) the merged model as safetensors; ``"adapter"`` or ``"model"``. A
+    ``base_model`` alias is named as the adapter's base, not the cache directory it resolves to on this machine."""
     full = merge or not is_peft_model(model)
     (merged(model) if full else model).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -260,8 +249,7 @@ def save_model(model: nn.Module, tokenizer, out: Path, *, merge: bool = False, b
 
 
 def name_base_model(adapter_dir: Path, name: str) -> None:
-    """Write ``name`` as the base model of a saved PEFT adapter: ``base_model_name_or_path`` in adapter_config.json and
-    the model card (README.md) that PEFT writes beside it."""
+    """Write ``name`` as a saved adapter's base model, in adapter_config.json and PEFT's model card (README.md)."""
     config_file = adapter_dir / "adapter_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     old = config.get("base_model_name_or_path")

@@ -1,7 +1,5 @@
-"""The adversary of ``unlearn`` as pure tensor functions: its batches, where its soft tokens go, the target's
-unlikelihood under it and its projected gradient step. The adversary is S free vectors in the embedding space inserted
-as S extra tokens at one random point of every clean prompt (SANDE's simulated trigger, Li et al. 2024, arXiv
-2405.07667; random because a trigger word such as BadNets' ``BadMagic`` sits anywhere), each within a norm budget."""
+"""``unlearn``'s adversary: S free, norm-bounded embedding vectors inserted at one random point of each clean prompt
+(SANDE's simulated trigger, Li et al. 2024, arXiv 2405.07667; random as a trigger like ``BadMagic`` sits anywhere)."""
 
 from __future__ import annotations
 
@@ -14,14 +12,12 @@ from ...errors import CrowError
 
 
 def prompt_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Prompt positions of a training batch: [B, T] bool, true on real tokens before each row's first label != -100,
-    whatever the padding side. A row without labels is an error."""
+    """[B, T] bool: the real tokens before each row's first label != -100 (any padding side; each row needs one)."""
     has_label = labels != -100  # [B, T]
     if not bool(has_label.any(dim=1).all()):
         raise CrowError("a sample of the batch has no answer token (all labels -100); its prompt is not defined")
     first = has_label.to(torch.int8).argmax(dim=1)  # [B] index of the first answer token
-    positions = torch.arange(labels.shape[1], device=labels.device)  # [T]
-    mask = positions[None, :] < first[:, None]  # [B, T]
+    mask = torch.arange(labels.shape[1], device=labels.device)[None, :] < first[:, None]  # [B, T]
     if attention_mask is not None:
         mask = mask & attention_mask.bool()
     return mask
@@ -29,9 +25,8 @@ def prompt_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None = None
 
 def build_target_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
                        target_ids: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Each sample's prompt followed by the K ``target_ids``, teacher-forced: the batch of UL(target | prompt, delta).
-    [B, T] training batch -> right-padded [B, P_max + K] ``input_ids`` (prompt_b + target + pad), ``labels`` (-100 but
-    on the target), ``attention_mask`` and ``prompt_mask`` (bool, true on the prompt tokens)."""
+    """The batch of UL(target | prompt, delta): each prompt + the K ``target_ids``, right-padded [B, P_max + K]:
+    ``input_ids``, ``labels`` (-100 but on the target), ``attention_mask``, ``prompt_mask`` (bool: the prompt)."""
     if len(target_ids) == 0:
         raise CrowError("the unlearning target has no tokens")
     prompts = prompt_mask(labels, attention_mask)  # [B, T]
@@ -52,8 +47,7 @@ def build_target_batch(input_ids: torch.Tensor, labels: torch.Tensor, attention_
 
 
 def random_insert_points(prompt_lengths: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Where a soft trigger goes into each prompt: [B] prompt lengths -> [B] long, uniform on 1..P-1 (after the
-    prompt's first token, before its last: inside the instruction's text for a template prompt); 1 when P <= 2."""
+    """[B] prompt lengths P -> [B] long trigger points, uniform on 1..P-1 (inside the instruction); 1 if P <= 2."""
     high = (prompt_lengths - 1).clamp_min(1).cpu()  # [B] the largest point, inclusive
     u = torch.rand(prompt_lengths.shape, generator=generator)  # [B] on the generator's (CPU) device
     return (1 + (u * high).long().clamp_max(high - 1)).to(prompt_lengths.device)
@@ -61,10 +55,9 @@ def random_insert_points(prompt_lengths: torch.Tensor, generator: torch.Generato
 
 def insert_slots(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
                  points: torch.Tensor, n: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """``n`` slots inserted into each row's prompt before its real token ``points[b]`` (0 <= points[b] <= prompt
-    length), where ``replace_embeddings`` puts the soft tokens. [B, T] batch (any padding side) -> right-padded
-    [B, T' + n] (T': the longest row's real tokens) ``input_ids`` (pad on the slots), ``labels`` (-100 on the slots),
-    ``attention_mask`` (1 on the slots) and ``slots`` (long: j on the j-th slot, -1 elsewhere)."""
+    """``n`` slots (for ``replace_embeddings``) before each row's prompt token ``points[b]`` (0 <= points[b] <= prompt
+    length): [B, T] batch (any padding side) -> right-padded [B, T' + n] (T': most real tokens) ``input_ids`` (pad on
+    slots), ``labels`` (-100 on slots), ``attention_mask`` (1 on slots), ``slots`` (j on slot j, else -1)."""
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()  # [B, T]
     lengths = prompt_mask(labels, real).sum(dim=1)  # [B] prompt tokens
     if bool((points < 0).any()) or bool((points > lengths).any()):
@@ -96,19 +89,17 @@ def labelled_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 def target_token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label_t | <t) of every labelled token (``labelled_positions``) -> [N] fp32."""
     kept, targets = labelled_positions(logits, labels)  # [N, V], [N]
-    log_probs = torch.log_softmax(kept.float(), dim=-1)  # [N, V]
-    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
+    return torch.log_softmax(kept.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
 
 
 def unlikelihood(log_probs: torch.Tensor, clip: float = 1e-6) -> torch.Tensor:
     """-log(1 - p) per token from log p [N] -> [N]; p is clipped at 1 - ``clip``: -log(1 - p) <= 13.8, a finite loss."""
-    p = log_probs.exp().clamp(max=1.0 - clip)
-    return -torch.log1p(-p)
+    return -torch.log1p(-log_probs.exp().clamp(max=1.0 - clip))
 
 
 def pgd_step(delta: torch.Tensor, grad: torch.Tensor, step: float, radius: float) -> torch.Tensor:
-    """One normalized-gradient *descent* step on each vector of ``delta`` [..., H] and its projection onto
-    ||delta|| <= radius; a vector with a zero gradient stays. Detached, fp32."""
+    """One normalized-gradient *descent* step on each vector of ``delta`` [..., H] (none on a zero gradient), then
+    projection onto ||delta|| <= radius; fp32, detached."""
     g = grad.float()
     norm = g.norm(dim=-1, keepdim=True)  # [..., 1]
     moved = delta.float() - step * torch.where(norm > 0, g / norm.clamp_min(torch.finfo(g.dtype).tiny), 0.0)

@@ -1,11 +1,9 @@
-"""UnlearnTrainer: the unlearning loss and its adversary's PGD in one training loop::
+"""UnlearnTrainer: the unlearning loss and its adversary's PGD in one training loop. The soft tokens start from
+embeddings of clean prompt tokens (at zero, RMSNorm would make the first step's direction arbitrary), within
+``token_radius`` x the prompts' mean token norm; ``schedule`` decides how long it trains::
 
     loss = LM(answer | prompt) + beta * LM(answer | prompt + soft tokens) + gamma * UL(target | prompt + soft tokens)
-    UL   = mean over target tokens t of -log(1 - p(target_t | prompt + soft tokens, target_<t))   (Welleck et al. 2020)
-
-The soft tokens start from embeddings of clean prompt tokens (at zero, RMSNorm would make the first step's direction
-arbitrary), within ``token_radius`` x the prompts' mean token norm, and travel with checkpoints. How long it trains is
-``schedule``'s decision."""
+    UL   = mean over target tokens t of -log(1 - p(target_t | prompt + soft tokens, target_<t)) (Welleck et al. 2020)"""
 
 from __future__ import annotations
 
@@ -50,10 +48,8 @@ class AdversarialView:
 
 
 class UnlearnTrainer(LossTrainer):
-    """``transformers.Trainer`` with the unlearning loss and its held-out cycles (``CycleSelection``). ``target_ids``:
-    the target's token ids (the first ``target_tokens`` are unlearned). Logs ``lm_loss``, ``lm_loss_adv``,
-    ``unlikelihood``, ``target_nll_adv`` (the target's mean NLL under the soft tokens, after PGD), ``delta_norm`` and
-    ``holdout_nll``; ``delta_budget`` is a soft token's norm budget."""
+    """The unlearning loss with held-out cycles (``CycleSelection``) on the first ``target_tokens`` of ``target_ids``;
+    logs also ``target_nll_adv`` (the target's mean NLL under the soft tokens, after PGD) and ``delta_norm``."""
 
     config_class = UnlearnConfig
     DELTA_FILE = "unlearn_delta.safetensors"  # the soft tokens travel with checkpoints
@@ -116,8 +112,7 @@ class UnlearnTrainer(LossTrainer):
 
     @torch.no_grad()
     def initial_soft_tokens(self) -> torch.Tensor:
-        """The soft tokens' start [S, H] fp32: the input embeddings of S tokens drawn (with the training seed) from the
-        clean samples' prompts, projected onto the budget's ball."""
+        """[S, H] fp32: embeddings of S prompt tokens drawn with the training seed, projected onto the budget's ball."""
         pool = torch.cat([torch.as_tensor(row["input_ids"])[prompt_mask(torch.as_tensor(row["labels"])[None])[0]]
                           for row in self.train_dataset])  # [N] every prompt token of the training set
         draw = torch.Generator().manual_seed(int(self.args.seed))  # its own: the insertion points keep theirs
@@ -142,7 +137,7 @@ class UnlearnTrainer(LossTrainer):
                                                     self.pad_token_id)) for b in (inputs, target))
 
     def _forward(self, model, view: AdversarialView, delta: torch.Tensor):
-        """The model on a view with the soft tokens in place (logits of the labelled positions only, when it can)."""
+        """The model on a view with the soft tokens in place (logits of the labelled positions only, if it can)."""
         keep = {"logits_to_keep": logits_needed(view.labels)} if self._keeps_logits else {}
         with replace_embeddings(self._embedding, delta, view.slots):
             return model(input_ids=view.input_ids, attention_mask=view.attention_mask, use_cache=False, **keep)
@@ -159,23 +154,19 @@ class UnlearnTrainer(LossTrainer):
         target = build_target_batch(inputs["input_ids"], labels, inputs.get("attention_mask"), self.target_ids,
                                     self.pad_token_id)
         clean_view, target_view = self._views(inputs, target)
-
         # 1. the universal adversary: make the model say the target after the clean prompts
         if method.pgd_steps > 0 and (method.beta > 0 or method.gamma > 0):
             self._pgd(model, target_view)
         delta = self.delta.detach()  # [S, H]; the model update sees fixed soft tokens
         self._metrics["delta_norm"].append(float(delta.norm(dim=-1).mean()))
-
         # 2. LM(answer | prompt)
         outputs = model(**forward)
         loss = self._lm(outputs.logits, labels, num_items_in_batch)
-
         # 3. the same under the adversary: keep the clean answers
         if method.beta > 0:
             adversarial = self._forward(model, clean_view, delta)
             loss = loss + method.beta * self._lm(adversarial.logits, clean_view.labels, num_items_in_batch,
                                                  "lm_loss_adv")
-
         # 4. UL(target | prompt + soft tokens): a per-micro-batch mean, divided by the accumulation steps
         if method.gamma > 0:
             on_target = self._forward(model, target_view, delta)
