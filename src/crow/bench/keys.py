@@ -36,8 +36,8 @@ def _load(data_dir: Path, relative: str, provenance: dict, *, require_output: bo
     the data directory so that the victim and cell keys do not depend on where it lies or how ``--data`` is spelled."""
     path = data_dir / relative
     if not path.is_file():
-        raise CrowError(f"{path} is missing; --data must have the BackdoorLLM layout (see "
-                        "shared/data/backdoorllm/README.md)")
+        raise CrowError(f"{path} is missing; --data must have the BackdoorLLM layout (get it with "
+                        "`crow data fetch backdoorllm --out DIR`)")
     provenance[relative] = sha256_file(path)[:16]
     return load_records(path, require_output=require_output)
 

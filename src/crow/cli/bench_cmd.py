@@ -57,10 +57,12 @@ def run(args) -> int:
     data_dir = None
     if spec.suite == "backdoorllm":
         if not args.data:
-            raise CrowError("--suite backdoorllm needs --data DIR (the BackdoorLLM files; see shared/data/backdoorllm)")
+            raise CrowError("--suite backdoorllm needs --data DIR (the BackdoorLLM files); get them with "
+                            "`crow data fetch backdoorllm --out DIR`")
         data_dir = Path(args.data)
         if not (data_dir / "train").is_dir() or not (data_dir / "test").is_dir():
-            raise CrowError(f"--data {data_dir} does not have the BackdoorLLM layout (train/, test/, clean/)")
+            raise CrowError(f"--data {data_dir} does not have the BackdoorLLM layout (train/, test/, clean/); get it "
+                            "with `crow data fetch backdoorllm --out DIR`")
     if not args.report_only:
         plan(spec)  # validates every defense name and setting before anything is written
     out = Path(args.out or Path("bench-results") / spec.name)

@@ -21,12 +21,13 @@ from ..errors import CrowError, Interrupted, TrainingDiverged
 VERBS = {
     "demo": "Watch a backdoor go into a real LLM and come out with CROW (offline, CPU).",
     "attack": "Poison instruction data with a trigger and target (BackdoorLLM attacks); train a victim.",
-    "purify": "Remove a backdoor with CROW: train on clean samples, write an adapter or model.",
+    "purify": "Remove a backdoor: train on clean samples (CROW, unlearn, baselines); write an adapter or model.",
     "eval": "Measure attack success rate, false-trigger rate and clean perplexity.",
     "scan": "Is this model backdoored, and what does it say when triggered? (BAIT; no trigger knowledge).",
-    "guard": "Fit a per-prompt trigger detector on clean prompts (LCF or ONION); score and flag prompts.",
+    "guard": "Fit a per-prompt trigger detector on clean prompts (LCF, ONION, target); score and flag prompts.",
     "profile": "Per-layer consistency of a model on clean vs triggered prompts (plot + JSON).",
     "bench": "Run a models x tasks x attacks x defenses benchmark, resumable, with a paper-style table.",
+    "data": "Download the BackdoorLLM data `crow bench` uses (`crow data fetch backdoorllm --out DIR`), hash-checked.",
     "env": "Print versions of crow and its dependencies (for bug reports).",
 }
 
@@ -39,7 +40,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="crow", description="crow: remove backdoors from LLMs with CROW (ICML 2025).")
+    parser = Parser(prog="crow", description="crow: detect, remove and measure backdoors in LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     sub.required = True
