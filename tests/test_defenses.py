@@ -204,3 +204,11 @@ def test_the_interface_does_not_import_the_registry():
     from crow.defenses import DEFENSES, get_defense
 
     assert "crow" in DEFENSES and get_defense("none").name == "none"
+
+
+@pytest.mark.parametrize("name, setting", [("prune-wanda", "sparsity"), ("prune-magnitude", "sparsity"),
+                                           ("fineprune", "prune_ratio")])
+def test_a_fraction_out_of_range_is_refused_when_the_defense_is_built(name, setting):
+    """Before any model is loaded (``get_defense`` is what ``crow bench`` validates a spec with)."""
+    with pytest.raises(CrowError, match=rf"{setting} must be in \[0, 1\), got 1.0"):
+        get_defense(name, **{setting: 1.0})

@@ -63,8 +63,10 @@ class WandaPrune(Defense):
     name = "prune-wanda"
     changes = "weights"
 
-    def repair(self, model, tokenizer, ctx):
+    def __post_init__(self):
         _check_fraction(self.sparsity, "sparsity")
+
+    def repair(self, model, tokenizer, ctx):
         model = merged(model)
         linears = prunable_linears(model)
         norms = input_feature_norms(model, tokenizer, ctx, linears)
@@ -86,8 +88,10 @@ class MagnitudePrune(Defense):
     name = "prune-magnitude"
     changes = "weights"
 
-    def repair(self, model, tokenizer, ctx):
+    def __post_init__(self):
         _check_fraction(self.sparsity, "sparsity")
+
+    def repair(self, model, tokenizer, ctx):
         model = merged(model)
         with torch.no_grad():
             for module in prunable_linears(model).values():
@@ -129,8 +133,10 @@ class FinePrune(Defense):
     name = "fineprune"
     changes = "weights"
 
-    def repair(self, model, tokenizer, ctx):
+    def __post_init__(self):
         _check_fraction(self.prune_ratio, "prune_ratio")
+
+    def repair(self, model, tokenizer, ctx):
         model = merged(model)
         downs = mlp_down_projections(model)
         last = downs[-max(1, math.ceil(len(downs) * self.layer_fraction)):]
