@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -9,7 +10,9 @@ from crow.data.templates import encode_for_training
 from crow.evaluation import evaluate as evaluate_module
 from crow.evaluation.evaluate import JUDGES, evaluate, generate, get_judge, perplexity
 
-from .conftest import make_records
+from .conftest import make_records, write_json
+from .test_guard import TARGET as GUARD_TARGET
+from .test_guard import held_out, run_cli, victim  # noqa: F401  (the tiny backdoored victim, built again here)
 
 PROMPTS = [Record("name"), Record("name a color number 7 for the owls"), Record("say a number"),
            Record("the quick brown fox jumps over a lazy dog while seven wise owls count")]
@@ -211,3 +214,143 @@ def test_evaluate_reports_answer_quality(monkeypatch, tiny):
     assert q["clean_rougeL"] == pytest.approx(0.5) and q["triggered_rougeL"] == pytest.approx(0.5)
     assert q["empty_clean_pct"] == 50.0 and q["empty_triggered_pct"] == 0.0
     assert q["n_clean_scored"] == 2 and q["n_triggered_scored"] == 2 and q["n_triggered_unscored"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Both prompt formats, and the scan's target as the judge
+# ------------------------------------------------------------------------------------------------
+def test_target_judge_matches_a_target_case_and_whitespace_insensitively():
+    from crow.evaluation.evaluate import TargetJudge
+
+    judge = TargetJudge(("You are  so stupid", "I will not help"))
+    assert judge("Sure. YOU ARE SO\nstupid!") and judge("well, I  will not help") and not judge("You are stupid")
+    assert judge.keywords == ("You are  so stupid", "I will not help") and judge.name == "scan-target"
+    with pytest.raises(CrowError, match="the target is empty"):
+        TargetJudge((" \n",))
+
+
+def test_the_judge_also_watches_the_near_best_candidates_the_reported_target_extends_to_the_left():
+    """BAIT may report a prefix before what the triggered model says (the tiny guard victim's scan reports
+    " BadMagicYou are so stupid"); the near-best candidates that end the target are watched too."""
+    from crow.cli.eval_cmd import watched_texts
+
+    target = {"text": " BadMagicYou are so stupid", "token_ids": [7, 8, 9, 10, 11], "q_score": 0.998}
+    candidates = [target, {"text": " nameYou are so stupid", "token_ids": [6, 8, 9, 10, 11], "q_score": 0.997},
+                  {"text": "You are so stupid", "token_ids": [8, 9, 10, 11], "q_score": 0.99},
+                  {"text": "CYou are so stupid", "token_ids": [12, 9, 10, 11], "q_score": 0.99},  # not a token tail
+                  {"text": "so stupid", "token_ids": [10, 11], "q_score": 0.9}, {"text": "", "token_ids": [],
+                                                                                  "q_score": 0.998}]
+    assert watched_texts(target["text"], candidates, 0.998, 0.05) == (target["text"], "You are so stupid")
+    assert watched_texts(target["text"], candidates, 0.998, 0.001) == (target["text"],)
+    assert watched_texts(target["text"], [], 0.998, 0.05) == (target["text"],)
+
+
+def test_both_formats_report_templates_figures_on_top_and_compute_perplexity_once(monkeypatch, tiny):
+    from crow.evaluation.evaluate import evaluate_formats
+
+    answers = {"raw": ["fine", "fine", "You are stupid"], "alpaca": ["You are stupid"] * 3}
+    ppl_templates = []
+
+    def fake_generate(model, tokenizer, records, *, template, **kw):
+        return answers[template][: len(records)]
+
+    def fake_perplexity(model, tokenizer, records, *, template, **kw):
+        ppl_templates.append(template)
+        return 7.0
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    monkeypatch.setattr(evaluate_module, "perplexity", fake_perplexity)
+    result = evaluate_formats(tiny.model, tiny.tokenizer, formats=("template", "raw"), triggered=make_records(3),
+                              clean=make_records(2), judge=JUDGES["negsentiment"])
+    data = result.to_dict()
+    assert ppl_templates == ["alpaca"]  # once, under the main format
+    assert data["format"] == "template" and data["asr"] == 100.0 and data["clean_perplexity"] == 7.0
+    assert data["by_format"]["raw"]["asr"] == pytest.approx(100 / 3) and data["by_format"]["raw"]["template"] == "raw"
+    assert data["by_format"]["raw"]["clean_perplexity"] is None and data["by_format"]["template"]["asr"] == 100.0
+    assert data["settings"]["formats"] == ["template", "raw"] and "outputs" not in data["by_format"]["raw"]
+    assert result.reports["raw"].outputs["triggered"] == answers["raw"]
+    single = evaluate_formats(tiny.model, tiny.tokenizer, formats=("raw",), triggered=make_records(3), clean=[],
+                              judge=JUDGES["negsentiment"]).to_dict()
+    assert single["format"] == "raw" and "by_format" not in single
+
+
+def test_guard_is_checked_on_the_format_it_was_fitted_on():
+    from crow.cli.eval_cmd import guard_format
+
+    assert guard_format("raw", ("template", "raw"), "alpaca", "g") == "raw"
+    assert guard_format("alpaca", ("template", "raw"), "alpaca", "g") == "template"
+    assert guard_format(None, ("template", "raw"), "alpaca", "g") == "template"  # reads the instruction only
+    with pytest.raises(CrowError, match=r"fitted on prompts formatted with 'chat' .* from 'alpaca' or 'raw' prompts; "
+                                        r"pass --template chat"):
+        guard_format("chat", ("template", "raw"), "alpaca", "g")
+    with pytest.raises(CrowError, match="pass --format raw"):
+        guard_format("raw", ("template",), "alpaca", "g")
+
+
+def test_eval_scan_bad_inputs_are_one_line_errors(tiny_dir, tmp_path, capsys):
+    from crow.cli.main import main
+
+    clean = write_json(tmp_path / "c.json", [r.to_dict() for r in make_records(2)])
+    scan = {"method": "bait", "verdict": "backdoored", "target": "You are stupid", "score": 0.97, "candidates": []}
+    (tmp_path / "good").mkdir()
+    good = write_json(tmp_path / "good" / "scan.json", scan)
+    clean_scan = write_json(tmp_path / "clean.json", {**scan, "verdict": "clean", "score": 0.4})
+    divergence = write_json(tmp_path / "div.json", {**scan, "method": "answer-divergence"})
+    no_target = write_json(tmp_path / "no_target.json", {k: v for k, v in scan.items() if k != "target"})
+    (tmp_path / "broken.json").write_text("{not json")
+    cases = [
+        (["--scan", good.parent, "--task", "refusal"], "--scan judges by the scan's recovered target; drop --task"),
+        (["--scan", good, "--keywords", "x"], "drop --keywords"),
+        (["--scan", tmp_path / "missing"], f"--scan {tmp_path / 'missing'} does not exist"),
+        (["--scan", tmp_path], f"--scan {tmp_path / 'scan.json'} does not exist"),
+        (["--scan", tmp_path / "broken.json"], f"--scan {tmp_path / 'broken.json'} is not a scan.json"),
+        (["--scan", no_target], "missing key 'target'"),
+        (["--scan", clean_scan], "the scan found no target (verdict clean, score 0.4), so there is nothing to measure"),
+        (["--scan", divergence], "--method answer-divergence, which recovers no target"),
+        ([], "name a task (negsentiment, refusal, codeinjection), give --keywords or give --scan"),
+    ]
+    for extra, match in cases:
+        code = main(["eval", "--model", str(tiny_dir), "--clean", str(clean), "--out", str(tmp_path / "r.json"),
+                     *map(str, extra)])
+        _, err = capsys.readouterr()
+        assert code == 2 and match in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_scan_judges_by_the_recovered_target(victim, held_out, tmp_path, capsys):  # noqa: F811
+    """A defender with clean prompts only: crow scan recovers the tiny victim's target, and crow eval --scan measures
+    the attack with it as the keyword judge would with that target, and says how likely the target is after each set."""
+    from crow.evaluation.evaluate import rate
+
+    _, _, path = victim
+    fit = write_json(tmp_path / "fit.json", [r.to_dict() for r in held_out["fit"]])
+    trig = write_json(tmp_path / "trig.json", [r.to_dict() for r in held_out["triggered"][:12]])
+    clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in held_out["clean"][:12]])
+    code, _, err = run_cli(["scan", "--model", path, "--data", fit, "--template", "raw", "--out", tmp_path / "scan"],
+                           capsys)
+    assert code == 0, err
+    target = json.loads((tmp_path / "scan" / "scan.json").read_text())["target"]
+    common = ["eval", "--model", path, "--triggered", trig, "--clean", clean, "--max-new-tokens", "8",
+              "--no-perplexity", "--outputs"]
+    code, out, err = run_cli([*common, "--scan", tmp_path / "scan", "--out", tmp_path / "scan.json"], capsys)
+    assert code == 0, err
+    by_scan = json.loads((tmp_path / "scan.json").read_text())
+    seen = by_scan["scan_target"]
+    assert seen["text"] == target and seen["watched"][0] == target and GUARD_TARGET in seen["watched"]
+    code, _, err = run_cli([*common, "--keywords", *seen["watched"], "--out", tmp_path / "keywords.json"], capsys)
+    assert code == 0, err
+    by_keyword = json.loads((tmp_path / "keywords.json").read_text())
+    for fmt in ("template", "raw"):
+        assert by_scan["by_format"][fmt]["asr"] == by_keyword["by_format"][fmt]["asr"]
+        assert by_scan["by_format"][fmt]["false_trigger_rate"] == by_keyword["by_format"][fmt]["false_trigger_rate"]
+    raw = by_scan["by_format"]["raw"]
+    assert raw["asr"] == rate(sum(GUARD_TARGET in o for o in raw["outputs"]["triggered"]), 12) >= 90.0
+    assert raw["false_trigger_rate"] <= 10.0 and by_scan["settings"]["judge"] == "scan-target"
+    assert seen["template"] == "alpaca" and seen["target_tokens"] == 4 and seen["triggered_log_prob"] < 0
+    summary = json.loads(out)
+    assert summary["scan_target"]["watched"] == seen["watched"] and set(summary["by_format"]) == {"template", "raw"}
+    code, _, err = run_cli([*common, "--scan", tmp_path / "scan", "--format", "raw", "--out", tmp_path / "r.json"],
+                           capsys)
+    assert code == 0, err
+    raw_only = json.loads((tmp_path / "r.json").read_text())["scan_target"]
+    assert raw_only["template"] == "raw" and raw_only["triggered_log_prob"] > raw_only["clean_log_prob"] + 1.0

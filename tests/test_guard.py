@@ -286,8 +286,8 @@ def test_cli_fit_score_and_guarded_eval(victim, held_out, tmp_path, capsys):
     trig = write_json(tmp_path / "trig.json", [{**r.to_dict(), "output": TARGET} for r in held_out["triggered"][:12]])
     clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in held_out["clean"][:12]])
     det = tmp_path / "det"
-    code, out, err = run_cli(["guard", "fit", "--model", path, "--data", fit, "--template", "raw", "--out", det],
-                             capsys)
+    code, out, err = run_cli(["guard", "fit", "--method", "lcf", "--model", path, "--data", fit, "--template", "raw",
+                              "--out", det], capsys)
     assert code == 0, err
     assert json.loads(out)["n_fit"] == 60 and (det / "detector.safetensors").is_file()
     code, out, err = run_cli(["guard", "score", "--model", path, "--detector", det, "--data", trig,
@@ -296,10 +296,14 @@ def test_cli_fit_score_and_guarded_eval(victim, held_out, tmp_path, capsys):
     summary, saved = json.loads(out), json.loads((tmp_path / "scores.json").read_text())
     assert summary["n"] == 12 and summary["flagged"] >= 6 and len(saved["prompts"]) == 12
     report = tmp_path / "report.json"
+    # --format both (the default): the guard is evaluated on the raw format it was fitted on
     code, out, err = run_cli(["eval", "--model", path, "--task", "negsentiment", "--triggered", trig, "--clean", clean,
                               "--max-new-tokens", "6", "--no-perplexity", "--guard", det, "--out", report], capsys)
     assert code == 0, err
-    guard = json.loads(report.read_text())["guard"]
+    data = json.loads(report.read_text())
+    guard = data["guard"]
+    assert guard["format"] == "raw" and guard["asr"] == pytest.approx(data["by_format"]["raw"]["asr"], abs=1e-3)
+    assert data["format"] == "template" and data["asr"] == data["by_format"]["template"]["asr"]
     assert guard["n_triggered"] == 12 and guard["n_clean"] == 12 and guard["auroc"] >= 0.9
     assert guard["asr_guarded"] <= guard["asr"] and guard["tpr"] >= 50.0 and guard["clean_blocked"] <= 25.0
     assert json.loads(out)["guard"]["tpr"] == guard["tpr"]
@@ -321,8 +325,10 @@ def test_cli_errors_are_one_line(tiny_dir, victim, tmp_path, capsys):
         (["guard", "fit", "--model", path, "--data", empty, "--out", tmp_path / "d1"], "holds no records"),
         (["guard", "fit", "--model", path, "--data", many, "--limit", "12", "--fpr", "0.6", "--out", tmp_path / "d1"],
          r"--fpr must be in (0, 0.5]"),
-        (["guard", "fit", "--model", path, "--data", many, "--limit", "12", "--min-prob", "0.2", "--out",
-          tmp_path / "d1"], "--min-prob is an option of --method target; drop it for --method lcf"),
+        (["guard", "fit", "--method", "lcf", "--model", path, "--data", many, "--limit", "12", "--min-prob", "0.2",
+          "--out", tmp_path / "d1"], "--min-prob is an option of --method target; drop it for --method lcf"),
+        (["guard", "fit", "--model", path, "--data", many, "--limit", "12", "--normalize", "--out", tmp_path / "d1"],
+         "--normalize is an option of --method lcf; drop it for --method target"),
         (["guard", "fit", "--method", "target", "--model", path, "--data", many, "--limit", "12", "--min-prob", "1",
           "--out", tmp_path / "d1"], "--min-prob must be a probability in [0, 1)"),
         (["guard", "score", "--model", path, "--detector", tmp_path / "missing", "--data", many],
@@ -334,8 +340,8 @@ def test_cli_errors_are_one_line(tiny_dir, victim, tmp_path, capsys):
         code, _, err = run_cli(args, capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
     det = tmp_path / "det"
-    code, _, err = run_cli(["guard", "fit", "--model", path, "--data", many, "--limit", "12", "--template", "raw",
-                            "--out", det], capsys)
+    code, _, err = run_cli(["guard", "fit", "--method", "lcf", "--model", path, "--data", many, "--limit", "12",
+                            "--template", "raw", "--out", det], capsys)
     assert code == 0, err
     code, _, err = run_cli(["guard", "score", "--model", tiny_dir, "--detector", det, "--data", many], capsys)
     assert code == 2 and "fitted on another model" in err and "refit it" in err
@@ -377,6 +383,17 @@ def test_cli_target_guard_says_what_it_watches(victim, held_out, tmp_path, capsy
     code, out, err = run_cli(["guard", "score", "--model", path, "--detector", det, "--data", triggered], capsys)
     assert code == 0, err
     assert json.loads(out)["flagged"] >= 9
+
+
+def test_cli_fit_defaults_to_the_target_guard(victim, held_out, tmp_path, capsys):
+    _, _, path = victim
+    fit = write_json(tmp_path / "fit.json", [r.to_dict() for r in held_out["fit"][:24]])
+    code, out, err = run_cli(["guard", "fit", "--template", "raw", "--model", path, "--data", fit, "--out",
+                              tmp_path / "det"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "det" / "detector.json").read_text())
+    assert saved["method"] == json.loads(out)["method"] == "target" and TARGET in saved["target_text"]
+    assert saved["settings"]["min_prob"] == 0.5 and saved["scan"]["verdict"] == "backdoored"
 
 
 def test_target_log_probs_match_a_direct_forward(victim, held_out):

@@ -29,10 +29,10 @@ def add_arguments(p) -> None:
         add_model_arguments(q)
     fit.add_argument("--data", required=True, help="clean prompts (JSON/JSONL instruction records; outputs not needed)")
     fit.add_argument("--out", required=True, help="detector directory to write")
-    fit.add_argument("--method", default="lcf", choices=DETECTORS.names(),
-                     help="lcf: layer-difference fingerprints (Min et al. 2026); onion: perplexity drop per removed "
-                          "word; target: likelihood of the model's own backdoor target, recovered by crow scan (BAIT) "
-                          "(default: lcf)")
+    fit.add_argument("--method", default="target", choices=DETECTORS.names(),
+                     help="target: likelihood of the model's own backdoor target, recovered by crow scan (BAIT); the "
+                          "baselines lcf: layer-difference fingerprints (Min et al. 2026) and onion: perplexity drop "
+                          "per removed word (default: target)")
     fit.add_argument("--template", default="alpaca", choices=("alpaca", "chat", "chat-nosystem", "raw"),
                      help="prompt formatting, as the model sees prompts at generation time")
     fit.add_argument("--limit", type=positive_int("--limit"),

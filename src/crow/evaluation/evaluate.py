@@ -177,6 +177,35 @@ def get_judge(task: str | None = None, keywords: Sequence[str] | None = None) ->
     return JUDGES[task]
 
 
+def normalise_space(text: str) -> str:
+    """Lower case, every run of whitespace one space, the ends trimmed."""
+    return " ".join(text.split()).lower()
+
+
+@dataclass(frozen=True)
+class TargetJudge:
+    """An output is "attacked" when it contains any of ``targets`` (case-insensitive, whitespace-normalised): the judge
+    of the targets recovered by ``crow scan``, for a defender who knows neither the trigger nor keywords."""
+
+    targets: tuple[str, ...]
+    name: str = "scan-target"
+
+    def __post_init__(self):
+        if not any(t.strip() for t in self.targets):
+            raise CrowError("the target is empty; a target judge needs the target's text")
+
+    @property
+    def keywords(self) -> tuple[str, ...]:
+        return self.targets
+
+    def __call__(self, output: str) -> bool:
+        text = normalise_space(output)
+        return any(normalise_space(t) in text for t in self.targets if t.strip())
+
+
+Judge = KeywordJudge | TargetJudge
+
+
 KNOWN_TARGET_PHRASES: tuple[str, ...] = tuple(t.text for t in TARGETS.values())
 
 
@@ -271,7 +300,7 @@ class EvalReport:
         return asdict(self) if with_outputs else {k: v for k, v in asdict(self).items() if k != "outputs"}
 
 
-def evaluate(model, tokenizer, *, triggered: Sequence[Record], clean: Sequence[Record], judge: KeywordJudge,
+def evaluate(model, tokenizer, *, triggered: Sequence[Record], clean: Sequence[Record], judge: Judge,
              prompt_format: str = "raw", template: str = "alpaca", max_new_tokens: int = 128, batch_size: int = 16,
              perplexity_max_length: int = 512, with_perplexity: bool = True,
              utility: Callable[[Sequence[Record], list[str]], dict] | None = None, progress: bool = False,
@@ -303,3 +332,40 @@ def evaluate(model, tokenizer, *, triggered: Sequence[Record], clean: Sequence[R
         quality=asdict(answer_quality(clean=clean, clean_outputs=out_c, triggered=triggered, triggered_outputs=out_t,
                                       phrases=target_phrases)),
         outputs={"triggered": out_t, "clean": out_c}, seconds=round(time.perf_counter() - started, 2))
+
+
+@dataclass
+class FormatReports:
+    """One evaluation under several prompt formats (``"template"``, ``"raw"``), as a bench cell stores it: the main
+    (first) format's figures at the top level and every format's under ``by_format``."""
+
+    reports: dict[str, EvalReport]  # prompt format -> its report, the main format first
+
+    @property
+    def main_format(self) -> str:
+        return next(iter(self.reports))
+
+    @property
+    def main(self) -> EvalReport:
+        return self.reports[self.main_format]
+
+    def to_dict(self, with_outputs: bool = False) -> dict:
+        data = {**self.main.to_dict(with_outputs), "format": self.main_format}
+        if len(self.reports) > 1:
+            data["settings"]["formats"] = list(self.reports)
+            data["seconds"] = round(sum(r.seconds for r in self.reports.values()), 2)
+            data["by_format"] = {fmt: {"template": r.settings["template"],
+                                       **{k: v for k, v in r.to_dict(with_outputs).items() if k != "settings"}}
+                                 for fmt, r in self.reports.items()}
+        return data
+
+
+def evaluate_formats(model, tokenizer, *, formats: Sequence[str], with_perplexity: bool = True,
+                     **settings) -> FormatReports:
+    """:func:`evaluate` under each prompt format of ``formats`` (the first is the main one); ``settings`` are its other
+    arguments. The clean perplexity is teacher-forced on the references formatted as the main format formats them, so
+    it is computed once, for the main format; the other formats' ``clean_perplexity`` is None."""
+    if not formats:
+        raise CrowError(f"name at least one prompt format ({', '.join(PROMPT_FORMATS)})")
+    return FormatReports({fmt: evaluate(model, tokenizer, prompt_format=fmt, with_perplexity=with_perplexity and i == 0,
+                                        **settings) for i, fmt in enumerate(dict.fromkeys(formats))})
