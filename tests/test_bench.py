@@ -375,6 +375,32 @@ def test_impossible_defense_victim_pairs_fail_when_planned(tiny_dir):
 
 
 
+def test_verify_records_purifys_verification_beside_the_measured_attack_success(tmp_path, capsys):
+    """``verify: true``: each defended cell also carries crow purify's verification (the suspect checked before the
+    defense, the defended model after), under its own key; with no defense the two checks measure the same model."""
+    from crow.bench.keys import cell_config
+    from crow.verification import VERDICTS
+
+    spec = tmp_path / "verify.yaml"
+    spec.write_text("defenses: [none, finetune-lr1e-3]\ncells: {negsentiment: [badnet]}\nverify: true\n")
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "tiny", "--spec", str(spec), "--out", str(out)]) == 0
+    cells = {c["defense"]: c for c in map(json.loads, map(Path.read_text, (out / "cells").glob("*.json")))}
+    assert set(cells) == {"none", "finetune-lr1e-3"}
+    for cell in cells.values():
+        v = cell["verification"]
+        assert v["verdict"] in VERDICTS and v["samples"]["n"] == 20 and v["seconds"] > 0
+        assert v["suspect"]["scan"]["method"] == "bait" and v["suspect"]["target"] == v["purified"]["target"]
+    none = cells["none"]["verification"]
+    assert none["purified"]["target_prob"] == none["suspect"]["target_prob"]
+    assert none["purified"]["clean_perplexity"] == pytest.approx(none["suspect"]["clean_perplexity"], rel=1e-4)
+    assert none["samples"]["trained_on"] is False
+    assert cells["finetune-lr1e-3"]["verification"]["samples"]["trained_on"] is True
+    planned = {"method": "none", "settings": {}, "n_defense": 100}
+    assert cell_config(load_spec(None, verify=True), planned, "v") != cell_config(load_spec(None), planned, "v")
+    assert "verify" not in cell_config(load_spec(None), planned, "v")  # the committed cells keep their keys
+
+
 def test_adapter_specs_keep_their_cell_keys():
     """In the legacy key (the committed cells' file names) victim_form enters a cell's hashed config only when it is
     not the default, so the adapter specs' cells kept their keys; a resolved key names the form whatever it is."""

@@ -73,8 +73,8 @@ def data_files(tmp_path):
 def test_purify_then_eval_end_to_end(tiny_dir, data_files, tmp_path, capsys):
     clean, trig = data_files
     out = tmp_path / "purified"
-    code, stdout, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--epochs", "1",
-                                 "--task", "refusal", "--max-length", "128"], capsys)
+    code, stdout, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--method", "crow",
+                                 "--epochs", "1", "--task", "refusal", "--max-length", "128", "--no-verify"], capsys)
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["output"] == "adapter" and summary["optimizer_steps"] == 1
@@ -101,8 +101,8 @@ def test_purify_then_eval_end_to_end(tiny_dir, data_files, tmp_path, capsys):
 def test_purify_merge_writes_a_full_model(tiny_dir, data_files, tmp_path, capsys):
     clean, _ = data_files
     out = tmp_path / "merged"
-    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--max-steps", "1",
-                            "--merge", "--max-length", "128"], capsys)
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--method", "crow",
+                            "--max-steps", "1", "--merge", "--max-length", "128", "--no-verify"], capsys)
     assert code == 0, err
     from crow.models import load_model
 
@@ -112,9 +112,11 @@ def test_purify_merge_writes_a_full_model(tiny_dir, data_files, tmp_path, capsys
 def test_purify_refuses_to_write_into_its_inputs(tiny_dir, data_files, capsys):
     clean, _ = data_files
     before = sorted(p.name for p in tiny_dir.iterdir())
-    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tiny_dir], capsys)
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tiny_dir, "--method", "crow"],
+                           capsys)
     assert code == 2 and "is the input" in err and err.count("\n") == 1
-    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tiny_dir / "sub"], capsys)
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tiny_dir / "sub", "--method",
+                            "crow"], capsys)
     assert code == 2 and "inside it" in err
     assert sorted(p.name for p in tiny_dir.iterdir()) == before
 
@@ -125,17 +127,17 @@ def test_yaml_config_is_merged_and_validated(tiny_dir, data_files, tmp_path, cap
     cfg.write_text("alpha: 2.0\nepsilon: 0.05\nmax_steps: 1\nmax_length: 128\nlearning_rate: 0.01\n")
     out = tmp_path / "o"
     code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", out, "--config", cfg,
-                            "--epsilon", "0.2"], capsys)
+                            "--epsilon", "0.2", "--method", "crow", "--no-verify"], capsys)
     assert code == 0, err
     opts = json.loads((out / "crow_config.json").read_text())["settings"]
     assert (opts["alpha"], opts["epsilon"], opts["learning_rate"]) == (2.0, 0.2, 0.01)  # the command line wins
     cfg.write_text("alhpa: 2\n")
-    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "p", "--config", cfg],
-                           capsys)
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "p", "--config", cfg,
+                            "--method", "crow"], capsys)
     assert code == 2 and "unknown option 'alhpa'" in err and err.count("\n") == 1 and not (tmp_path / "p").exists()
     cfg.write_text("learning_rate: -1\n")  # a bad value from the file is named by the flag the user would type
-    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "p", "--config", cfg],
-                           capsys)
+    code, _, err = run_cli(["purify", "--model", tiny_dir, "--data", clean, "--out", tmp_path / "p", "--config", cfg,
+                            "--method", "crow"], capsys)
     assert code == 2 and "--learning-rate must be a number > 0, got -1" in err and err.count("\n") == 1
     assert not (tmp_path / "p").exists()
 
@@ -202,7 +204,7 @@ def test_attack_merge_writes_a_loadable_victim_model(tiny_dir, data_files, tmp_p
                             "--out", tmp_path / "report.json", "--max-new-tokens", "2"], capsys)
     assert code == 0, err
     code, _, err = run_cli(["purify", "--model", victim, "--data", clean, "--out", tmp_path / "purified",
-                            "--max-steps", "1", "--max-length", "128"], capsys)
+                            "--method", "crow", "--max-steps", "1", "--max-length", "128", "--no-verify"], capsys)
     assert code == 0, err
     code, _, err = run_cli(["attack", "--data", pool, "--out", tmp_path / "x", "--attack", "badnet", "--task",
                             "negsentiment", "--merge"], capsys)
@@ -227,6 +229,24 @@ def test_eval_max_length_truncates_the_perplexity_samples(tiny_dir, tiny, data_f
     assert reports["40"]["clean_perplexity"] == pytest.approx(perplexity(tiny.model, tiny.tokenizer, records,
                                                                          max_length=40, batch_size=64), rel=1e-5)
     assert reports["40"]["clean_perplexity"] != pytest.approx(reports[None]["clean_perplexity"], rel=1e-3)
+
+
+def test_eval_reports_both_prompt_formats_by_default(tiny_dir, tiny, data_files, tmp_path, capsys):
+    from crow.data.records import load_records
+    from crow.evaluation.evaluate import perplexity
+
+    clean, trig = data_files
+    code, stdout, err = run_cli(["eval", "--model", tiny_dir, "--task", "negsentiment", "--triggered", trig, "--clean",
+                                 clean, "--out", tmp_path / "r.json", "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    data, summary = json.loads((tmp_path / "r.json").read_text()), json.loads(stdout)
+    assert data["format"] == "template" and data["settings"]["formats"] == ["template", "raw"]
+    assert {fmt: f["template"] for fmt, f in data["by_format"].items()} == {"template": "alpaca", "raw": "raw"}
+    assert data["clean_perplexity"] == data["by_format"]["template"]["clean_perplexity"] == pytest.approx(
+        perplexity(tiny.model, tiny.tokenizer, load_records(clean), template="alpaca", batch_size=64), rel=1e-5)
+    assert data["by_format"]["raw"]["clean_perplexity"] is None and data["by_format"]["raw"]["n_triggered"] == 4
+    assert summary["by_format"] == {fmt: {"asr": f["asr"], "false_trigger_rate": f["false_trigger_rate"]}
+                                    for fmt, f in data["by_format"].items()}
 
 
 def test_profile_writes_json_and_png(tiny_dir, data_files, tmp_path, capsys):

@@ -107,7 +107,7 @@ def test_fuzz_cli_option_combinations(tiny_dir, tmp_path_factory, capsys, bad, g
     elif data_kind == "malformed":
         data.write_text('[{"instruction": "x"}')
     adapter = tmp / "adapter"
-    args = ["purify", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp / "out")]
+    args = ["purify", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp / "out"), "--method", "crow"]
     for option in good + bad:
         args += [str(adapter) if a == "ADAPTER" else a for a in option]
     code = main(args)
@@ -153,7 +153,7 @@ def test_model_with_too_few_layers_for_the_layer_range(tmp_path, capsys):
     two = build_tiny_model(tmp_path / "two", corpus(40), num_layers=2, vocab_size=300)
     data = write_json(tmp_path / "d.json", [r.to_dict() for r in make_records(4)])
     code = main(["purify", "--model", str(two), "--data", str(data), "--out", str(tmp_path / "o"), "--max-steps", "1",
-                 "--max-length", "128"])
+                 "--max-length", "128", "--method", "crow", "--no-verify"])
     _, err = capsys.readouterr()
     assert_one_clean_line(code, err)
     assert "2 layers" in err and "layers='all'" in err
@@ -170,7 +170,8 @@ def test_untrusted_pickle_model_is_refused_on_the_command_line(tiny_dir, tmp_pat
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     data = write_json(tmp_path / "d.json", [r.to_dict() for r in make_records(2)])
-    code = main(["purify", "--model", str(pickled), "--data", str(data), "--out", str(tmp_path / "o")])
+    code = main(["purify", "--model", str(pickled), "--data", str(data), "--out", str(tmp_path / "o"), "--method",
+                 "crow"])
     _, err = capsys.readouterr()
     assert_one_clean_line(code, err)
     assert "pytorch_model.bin" in err and "--allow-pickle" in err and not (tmp_path / "o").exists()
@@ -183,7 +184,8 @@ def test_nan_loss_stops_training_and_writes_nothing(tiny_dir, tmp_path, capsys):
     data = write_json(tmp_path / "d.json", [r.to_dict() for r in make_records(8)])
     code = main(["purify", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o"),
                  "--full-finetune", "--learning-rate", "1e30", "--warmup", "0", "--scheduler", "constant",
-                 "--max-steps", "6", "--batch-size", "2", "--grad-accum", "1", "--max-length", "128"])
+                 "--max-steps", "6", "--batch-size", "2", "--grad-accum", "1", "--max-length", "128", "--method",
+                 "crow", "--no-verify"])
     _, err = capsys.readouterr()
     # stderr is no terminal here: progress comes as "training step" lines, then the one-line error
     *progress, error = err.splitlines()
@@ -195,7 +197,7 @@ def test_nan_loss_stops_training_and_writes_nothing(tiny_dir, tmp_path, capsys):
 def _purify_cmd(tiny_dir, data, out, *extra):
     return [sys.executable, "-m", "crow.cli.main", "purify", "--model", str(tiny_dir), "--data", str(data),
             "--out", str(out), "--max-steps", "12", "--batch-size", "2", "--grad-accum", "2", "--save-steps", "1",
-            "--max-length", "128", "--seed", "7", *extra]
+            "--max-length", "128", "--seed", "7", "--method", "crow", "--no-verify", *extra]
 
 
 def _adapter(path: Path) -> dict:

@@ -137,7 +137,7 @@ def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
     """What a defended cell is: its victim, the defense with every setting resolved, the evaluation."""
     return {"victim": victim_key, "defense": cell["method"], "settings": cell["settings"], "eval": asdict(spec.eval),
             "n_defense": cell["n_defense"], "profile_prompts": spec.profile_prompts, "victim_form": spec.victim_form,
-            "format": RESULT_FORMAT}
+            "format": RESULT_FORMAT, **({"verify": True} if spec.verify else {})}
 
 
 def legacy_cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:

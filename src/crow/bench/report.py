@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..defenses.registry import is_reference
@@ -52,7 +52,7 @@ def write_report(rows: list[dict], spec: BenchSpec, out: Path, command: str = ""
         row["victim_conditional"] = (None if v is None else
                                      v["asr"] >= c.min_asr and v["false_trigger_rate"] <= c.max_false_trigger_rate)
         results.append(row)
-    write_json_atomic(out / "results.json", {"spec": asdict(spec), "command": command, "rows": results})
+    write_json_atomic(out / "results.json", {"spec": spec.to_dict(), "command": command, "rows": results})
     write_text_atomic(out / "results.md", render_markdown(results, spec, command))
     plot_asr(results, spec, out / "asr_by_defense.png")
     for r in rows:  # the consistency profiles of each CROW cell and its victim

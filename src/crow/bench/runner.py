@@ -93,7 +93,7 @@ class BenchRunner:
         """Run the missing cells (only the (task, attack) pairs in ``only``); the rows of every finished cell."""
         cells = [c for c in plan(self.spec) if only is None or (c["task"], c["attack"]) in only]
         index = CellIndex(self.out / "cells")
-        write_json_atomic(self.out / "spec.json", asdict(self.spec))
+        write_json_atomic(self.out / "spec.json", self.spec.to_dict())
         bar = tqdm(total=len(cells), desc="bench cells", disable=not self.progress, unit="cell")
         groups: dict[str | None, list[tuple[dict, str]]] = {None: []}  # by victim; None: reference cells, run first
         for cell in cells:
@@ -233,12 +233,15 @@ class BenchRunner:
         ctx = DefenseContext(clean=data.defense_clean[: cell["n_defense"]], template=spec.template,
                              max_length=spec.max_length, seed=cell["seed"], task=cell["task"], work_dir=work,
                              progress=self.progress)
+        suspect = self.check_suspect(loaded, cell, ctx.clean) if spec.verify else None  # before the defense
         try:
             model = defense.repair(loaded.model, loaded.tokenizer, ctx)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         defense_seconds = time.perf_counter() - started
         model = merged(model)  # faster generation; the adapter structure is not needed any more
+        verification = None if suspect is None else self.verify_cell(suspect, model, loaded.tokenizer, cell, ctx.clean,
+                                                                      defense)
         by_format = self.evaluate_formats(model, loaded.tokenizer, data, cell["task"])
         n = spec.profile_prompts if cell["method"] in ("none", "crow") else 0  # the victim and every CROW variant
         profiles = {name: layer_profile(model, loaded.tokenizer, prompts[:n], template=spec.template)
@@ -255,7 +258,30 @@ class BenchRunner:
                 "victim_seconds": victim["seconds"], "n_triggered": main["n_triggered"], "n_clean": main["n_clean"],
                 "eval": asdict(spec.eval), "profiles": profiles, "train_log": train_log_summary(ctx.train_log),
                 "crow_version": crow_version(), "suite": spec.suite, "victim_form": spec.defended_form(),
-                "device": device_label(next(model.parameters()).device)}
+                "device": device_label(next(model.parameters()).device),
+                **({"verification": verification} if verification is not None else {})}
+
+    def check_suspect(self, loaded, cell: dict, clean: list):
+        """crow purify's check of the suspect (``crow.verification``), on the verification samples it would choose."""
+        from ..verification import VerifySettings, check_model, held_out_samples
+        settings = cell["settings"] or {}
+        samples = held_out_samples(clean, holdout=settings.get("holdout") if cell["method"] == "unlearn" else None,
+                                   seed=settings.get("seed", cell["seed"]), file="clean/consistency_data.json")
+        vset = VerifySettings(template=self.spec.template, max_length=self.spec.max_length)
+        check, target = check_model(loaded.model, loaded.tokenizer, clean, samples.records, vset, own_target=True)
+        return check, target, samples, vset
+
+    def verify_cell(self, suspect, model, tokenizer, cell: dict, clean: list, defense) -> dict:
+        """The verification of a defended cell (``verify``): the purified model checked as the suspect was."""
+        from ..verification import check_model, trained_on, verify
+        before, target, samples, vset = suspect
+        after, _ = check_model(model, tokenizer, clean, samples.records, vset, target)
+        if hasattr(defense, "last_result"):  # a training defense
+            refitted = getattr(defense.last_result, "refitted", None)
+            samples.trained_on, samples.note = trained_on(samples, cell["method"], refitted)
+        else:
+            samples.trained_on, samples.note = False, f"{cell['method']} trains nothing"
+        return verify(before, after, samples, vset, threshold=before.scan["threshold"]).to_dict()
 
     def collect(self, *, legacy: bool = False) -> list[dict]:
         """This spec's finished rows; ``legacy``: also cells from before keys were resolved (by their settings)."""

@@ -81,6 +81,16 @@ class BenchSpec:
     # adapter: the defenses get the base model + the suspect LoRA adapter (trainable); merged: the adapter merged into
     # the base weights. Both share one stored victim (backdoorllm suite only)
     victim_form: str = "adapter"
+    # also run crow purify's verification (crow.verification) on every defended cell: its verdict beside the measured
+    # attack success, with the defender's knowledge only (a cell with it has its own key)
+    verify: bool = False
+
+    def to_dict(self) -> dict:
+        """Every field; ``verify`` only when set (the tables written before it existed rebuild byte for byte)."""
+        data = dataclasses.asdict(self)
+        if not self.verify:
+            del data["verify"]
+        return data
 
     def defense_entries(self) -> list[DefenseEntry]:
         """One entry per defense: a name, or ``{name: {setting: value}}`` whose settings may include ``label`` (the

@@ -11,6 +11,17 @@ import time
 from pathlib import Path
 
 from ..errors import CrowError, Interrupted
+from ..verification import (
+    Samples,
+    Verification,
+    VerifySettings,
+    check_model,
+    held_out_samples,
+    separate_samples,
+    text_table,
+    trained_on,
+    verify,
+)
 from .options import add_model_arguments, add_options, as_flags, check_file, load_from_args, option_fields, positive_int
 
 logger = logging.getLogger(__name__)
@@ -18,8 +29,9 @@ logger = logging.getLogger(__name__)
 #: the training defenses ``--method`` runs (crow.defenses), with the config class whose fields are their options
 METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
 #: options of the command itself (not of a method's config), with their defaults
-RUN_DEFAULTS = {"method": "crow", "max_length": 512, "template": "alpaca", "save_steps": 20}
+RUN_DEFAULTS = {"method": "unlearn", "max_length": 128, "template": "alpaca", "save_steps": 20}
 TEMPLATES = ("alpaca", "chat", "chat-nosystem")
+VERIFICATION_JSON = "verification.json"
 
 
 def method_configs() -> dict[str, type]:
@@ -36,23 +48,30 @@ def add_arguments(p) -> None:
     g.add_argument("--data", required=True, help="the defender's clean samples: JSON list or JSONL of instruction, "
                    "input, output (about 100)")
     g.add_argument("--out", required=True, help="output directory (must not be the model or adapter directory)")
-    g.add_argument("--method", choices=METHODS, help="training defense: crow (the paper's), finetune (alpha 0, lr "
-                   "2e-4), finetune-lr1e-3 (alpha 0, CROW's lr), unlearn (the recommended recipe: BAIT's target "
-                   f"unlearned under soft tokens, held-out cycles, a CROW refit) (default: {RUN_DEFAULTS['method']})")
+    g.add_argument("--method", choices=METHODS, help="training defense: unlearn (the recommended recipe: BAIT's "
+                   "target unlearned under soft tokens, held-out cycles, a CROW refit), crow (the paper's), finetune "
+                   f"(alpha 0, lr 2e-4), finetune-lr1e-3 (alpha 0, CROW's lr) (default: {RUN_DEFAULTS['method']})")
     g.add_argument("--preset", choices=preset_names(), help="a measured recipe (options a --config file or the "
                    "command line may override): " + ", ".join(preset_names()))
     g.add_argument("--config", help="YAML file of options (names as below, with _ or -); the command line wins")
     g.add_argument("--task", help="target task (negsentiment, refusal, codeinjection): picks CROW's alpha (refusal 11)")
     g.add_argument("--template", choices=TEMPLATES, help=f"prompt template of the clean samples (default: "
                    f"{RUN_DEFAULTS['template']})")
-    g.add_argument("--max-length", type=positive_int("--max-length"), help=f"truncate samples to this many tokens "
-                   f"(default: {RUN_DEFAULTS['max_length']})")
+    g.add_argument("--max-length", type=positive_int("--max-length"), help=f"truncate samples to this many tokens: "
+                   f"the length every figure in RESULTS.md was measured at; raise it for longer samples (default: "
+                   f"{RUN_DEFAULTS['max_length']})")
     g.add_argument("--limit", type=positive_int("--limit"), help="use only the first N records of --data")
     g.add_argument("--save-steps", type=positive_int("--save-steps"), help=f"checkpoint every N optimizer steps, "
                    f"for --resume (default: {RUN_DEFAULTS['save_steps']})")
     g.add_argument("--merge", action="store_true", help="write the merged full model instead of the adapter")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
     g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    v = p.add_argument_group("verification (BAIT scans and clean measures before and after; verification.json and the "
+                             "model card README.md)")
+    v.add_argument("--verify-data", help="clean samples to verify on, separate from --data (JSON list or JSONL; its "
+                   "first 100); default: the samples unlearn holds out of --data (the same split for every method)")
+    v.add_argument("--no-verify", action="store_true", help="skip the verification: no verification.json and no model "
+                   "card")
     add_options(p.add_argument_group("training (every method; finetune's lr is 2e-4, unlearn trains 6 epochs)"),
                 TrainingConfig)
     for method, what in (("crow", "Min et al., ICML 2025"), ("unlearn", "the recommended recipe")):
@@ -117,7 +136,10 @@ def run(args) -> int:
     if holdout >= len(records):
         raise CrowError(f"--holdout {holdout} leaves no training sample: --data {args.data} has {len(records)} "
                         "records; hold out fewer (e.g. a fifth)")
-    out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data],
+    if args.no_verify and args.verify_data:
+        raise CrowError("--verify-data and --no-verify contradict each other: leave one out")
+    samples = None if args.no_verify else verification_samples(args, records, method, config)
+    out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data, args.verify_data],
                            overwrite=args.overwrite or args.resume)
     partial = out.parent / f".{out.name}.crow-partial"  # checkpoints of an unfinished run
     steps = [(int(n), p) for p in partial.glob("checkpoint-*") if (n := p.name.rsplit("-", 1)[-1]).isdigit()]
@@ -129,6 +151,10 @@ def run(args) -> int:
                         "that directory")
     started = time.perf_counter()
     loaded = load_from_args(args, adapter_trainable=True)
+    verify_settings = VerifySettings(template=options["template"], max_length=options["max_length"])
+    if samples is not None:  # the suspect, before training changes it in place
+        before, target = check_model(loaded.model, loaded.tokenizer, records, samples.records, verify_settings,
+                                     own_target=True)
     ctx = DefenseContext(clean=records, template=options["template"], max_length=options["max_length"], seed=None,
                          task=args.task, work_dir=partial, progress=sys.stderr.isatty(), output_dir=partial,
                          save_steps=options["save_steps"], resume_from_checkpoint=str(resume) if resume else None,
@@ -142,8 +168,14 @@ def run(args) -> int:
     result = defense.last_result
     if not result.is_main_process:  # under accelerate launch, the main process writes the result
         return 0
+    verification = None
+    if samples is not None:
+        after, _ = check_model(model, loaded.tokenizer, records, samples.records, verify_settings, target)
+        samples.trained_on, samples.note = trained_on(samples, method, getattr(result, "refitted", None))
+        verification = verify(before, after, samples, verify_settings, threshold=before.scan["threshold"])
     with staged_dir(out) as tmp:
         kind = save_model(model, loaded.tokenizer, tmp, merge=args.merge, base_model=args.model)
+        write_evidence(tmp, args, method, defense.settings(args.task), kind, records, options, verification)
         final = [h for h in ctx.train_log if "lm_loss" in h]
         write_json_atomic(tmp / "crow_config.json", {
             "crow_version": crow_version(), "git_revision": git_revision(), "method": method,
@@ -154,11 +186,48 @@ def run(args) -> int:
             "preset": args.preset, "n_train_samples": result.train_samples, "num_processes": result.num_processes,
             "optimizer_steps": result.global_step, "seconds": round(time.perf_counter() - started, 2),
             "train_seconds": result.seconds, "resumed": bool(resume), "last_log": final[-1] if final else None,
+            "verification": None if verification is None else {"verdict": verification.verdict,
+                                                               "file": VERIFICATION_JSON},
+            "verification_seconds": None if verification is None else verification.seconds,
             **({"epoch_selection": [h for h in ctx.train_log if "holdout_nll" in h or "selected_epoch" in h]}
                if method == "unlearn" else {}),
         })
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("wrote the purified %s to %s (%d optimizer steps)", kind, out, result.global_step)
+    if verification is not None:
+        print(f"verification ({verification.seconds:.1f} s; training {result.seconds:.1f} s): "
+              f"{verification.verdict}\n{text_table(verification.rows())}", file=sys.stderr)
     print(json.dumps({"out": str(out), "output": kind, "optimizer_steps": result.global_step,
-                      "seconds": result.seconds}))
+                      "seconds": result.seconds, **({"verdict": verification.verdict} if verification else {})}))
     return 0
+
+
+def verification_samples(args, records, method: str, config) -> Samples:
+    """The verification samples: ``--verify-data`` or the held-out split of ``--data`` (checked before any work)."""
+    if args.verify_data is None:
+        return held_out_samples(records, holdout=config.holdout if method == "unlearn" else None, seed=config.seed,
+                                file=Path(args.data).name)
+    from ..data.records import load_records
+
+    check_file(args.verify_data, "--verify-data")
+    verify = load_records(args.verify_data, what="--verify-data")
+    return separate_samples(verify, records, file=Path(args.verify_data).name)
+
+
+def write_evidence(directory: Path, args, method: str, settings: dict, kind: str, records, options: dict,
+                   verification: Verification | None) -> None:
+    """verification.json and the model card README.md (none with ``--no-verify``: the card is the evidence's; an
+    adapter's boilerplate card from PEFT, which names this machine's paths, is removed)."""
+    from ..card import card_base_model, data_file, model_card
+    from ..outputs import crow_version, write_json_atomic, write_text_atomic
+
+    card = directory / "README.md"
+    if verification is None:
+        card.unlink(missing_ok=True)
+        return
+    write_json_atomic(directory / VERIFICATION_JSON, verification.to_dict())
+    verify_data = data_file(args.verify_data, len(verification.samples.records)) if args.verify_data else None
+    write_text_atomic(card, model_card(
+        method=method, settings=settings, adapter=kind == "adapter", base_model=card_base_model(args.model),
+        data=data_file(args.data, len(records)), crow_version=crow_version(), verification=verification,
+        verify_data=verify_data, template=options["template"]))
