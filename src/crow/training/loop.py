@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -154,6 +156,15 @@ class LoggedProgress(TrainerCallback):
                     "" if loss is None else f", loss {loss:.4g}", format_duration(spent), format_duration(left))
 
 
+@functools.cache
+def fsdp_ignored(distributed_type: str, processes: int) -> None:
+    """Warn (once) that an FSDP launch config was not applied: accelerate enables FSDP on accelerator devices only;
+    CPU processes get DDP (docs/distributed.md)."""
+    logger.warning("the launch config asks for FSDP, but accelerate set up %s with %d process(es): nothing is sharded, "
+                   "every process holds the whole model (accelerate applies FSDP on GPUs and other accelerators only)",
+                   distributed_type, processes)
+
+
 def format_duration(seconds: float) -> str:
     """``42s``, ``3m05s``, ``1h07m``: for progress lines."""
     s = int(round(seconds))
@@ -214,6 +225,8 @@ def train(model: nn.Module, tokenizer, records: Sequence[Record], method: Traini
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LoggedProgress() if trainer.args.disable_tqdm else MetricsProgress())
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        fsdp_ignored(trainer.accelerator.distributed_type.value, trainer.accelerator.num_processes)
     started, previous = time.perf_counter(), {}
     if run.handle_signals and threading.current_thread() is threading.main_thread():
         def on_signal(signum, frame):

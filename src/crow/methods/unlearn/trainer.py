@@ -100,7 +100,8 @@ class UnlearnTrainer(LossTrainer):
 
     @torch.no_grad()
     def holdout_nll(self) -> float:
-        """Mean NLL per answer token of the held-out samples' reference answers, without the adversary."""
+        """Mean NLL per answer token of the held-out samples' reference answers, without the adversary (every process
+        measures all of them; the main process's value is taken, so that every process decides alike)."""
         total, count = 0.0, 0
         for batch in self._batches(self.holdout_rows):
             keep = {"logits_to_keep": logits_needed(batch["labels"])} if self._keeps_logits else {}
@@ -108,7 +109,7 @@ class UnlearnTrainer(LossTrainer):
                                 use_cache=False, **keep).logits
             nll_sum, n = causal_lm_loss_sum(logits, batch["labels"])
             total, count = total + float(nll_sum), count + int(n)
-        return total / max(count, 1)
+        return self._from_main(total / max(count, 1))
 
     @torch.no_grad()
     def initial_soft_tokens(self) -> torch.Tensor:
@@ -130,11 +131,40 @@ class UnlearnTrainer(LossTrainer):
 
     def _views(self, inputs: dict, target: dict) -> tuple[AdversarialView, AdversarialView]:
         """The clean and the target batch with the soft tokens' slots at one random point per row, the same in both."""
-        points = random_insert_points(prompt_mask(inputs["labels"], inputs.get("attention_mask")).sum(dim=1),
-                                      self._points)  # [B]
+        points = self._insert_points(prompt_mask(inputs["labels"], inputs.get("attention_mask")).sum(dim=1))  # [B]
         n = self.method.soft_tokens
         return tuple(AdversarialView(**insert_slots(b["input_ids"], b["labels"], b.get("attention_mask"), points, n,
                                                     self.pad_token_id)) for b in (inputs, target))
+
+    def _insert_points(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[B] prompt lengths -> [B] insertion points drawn from ``self._points``. Under DDP every process draws the
+        points of the whole micro-batch, its rows in rank order (as one process with the global batch draws them), and
+        keeps its own rows'; its generator then stays in step with the others'."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if world == 1:
+            return random_insert_points(lengths, self._points)
+        mine = slice(rank * len(lengths), (rank + 1) * len(lengths))
+        every = lengths.new_ones(world * len(lengths))  # [W * B] the others' rows: any length, only their draws count
+        every[mine] = lengths
+        return random_insert_points(every, self._points)[mine]
+
+    def _global_gradient(self, grad: torch.Tensor, count: int) -> torch.Tensor:
+        """The gradient of the mean over the whole micro-batch's target tokens, from this process's gradient of its
+        own ``count`` tokens' mean: under DDP a token-weighted average over the processes (so every process takes the
+        same PGD step and holds the same soft tokens); in a single process ``grad`` itself."""
+        if self.accelerator.num_processes == 1:
+            return grad
+        packed = torch.cat([grad.flatten().float() * count, grad.new_full((1,), count, dtype=torch.float32)])
+        torch.distributed.all_reduce(packed)  # sum over the processes
+        return (packed[:-1] / packed[-1].clamp_min(1)).view_as(grad)
+
+    def _from_main(self, value: float) -> float:
+        """The main process's ``value`` in every process (one process: ``value``): decisions on it agree."""
+        if self.accelerator.num_processes == 1:
+            return value
+        box = torch.tensor([value], dtype=torch.float64, device=self.args.device)
+        torch.distributed.broadcast(box, src=0)
+        return float(box.item())
 
     def _forward(self, model, view: AdversarialView, delta: torch.Tensor):
         """The model on a view with the soft tokens in place (logits of the labelled positions only, if it can)."""
@@ -183,9 +213,9 @@ class UnlearnTrainer(LossTrainer):
         for _ in range(self.method.pgd_steps):
             delta = self.delta.clone().requires_grad_(True)  # [S, H] fp32 leaf
             out = self._forward(model, view, delta)
-            nll = -target_token_log_probs(out.logits, view.labels).mean()
-            (grad,) = torch.autograd.grad(nll, delta)
-            self.delta = pgd_step(self.delta, grad, step, self.delta_budget)
+            log_probs = target_token_log_probs(out.logits, view.labels)  # [N] this process's target tokens
+            (grad,) = torch.autograd.grad(-log_probs.mean(), delta)
+            self.delta = pgd_step(self.delta, self._global_gradient(grad, log_probs.numel()), step, self.delta_budget)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
