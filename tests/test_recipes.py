@@ -10,7 +10,7 @@ import pytest
 
 from crow import CrowError
 from crow.cli.main import build_parser, main
-from crow.cli.options import flag
+from crow.cli.options import field_kind, flag
 from crow.cli.purify_cmd import RUN_DEFAULTS, method_configs, resolve_options
 from crow.defenses import get_defense
 from crow.methods.crow import CrowConfig
@@ -94,10 +94,12 @@ def test_every_config_field_is_a_purify_option_of_its_type(method, tmp_path):
     """One flag per field of the method's config (``learning_rate`` -> ``--learning-rate``), parsed to the field's
     type and passed on as given; the fields of the other method's config are refused as foreign, naming the flag."""
     cls = method_configs()[method]
+    given = {bool: True, str: "a target", float: 5e-4, int: 3}  # a value of each kind, for a field unset by default
     for f in dataclasses.fields(cls):
-        value = {bool: "true", type(None): "a target"}.get(type(f.default), str(f.default))
+        kind = field_kind(cls, f)
+        expected = given[kind] if f.default is None or kind is bool else f.default
+        value = "true" if expected is True else str(expected)
         _, settings, _ = resolve_options(parse(tmp_path, "--method", method, flag(f.name), value))
-        expected = True if value == "true" else "a target" if f.default is None else f.default
         assert settings == {f.name: expected} and type(settings[f.name]) is type(expected), (f.name, settings)
     other = method_configs()["crow" if method == "unlearn" else "unlearn"]
     foreign = set(other.__dataclass_fields__) - set(cls.__dataclass_fields__)

@@ -896,9 +896,10 @@ def test_purify_method_defaults_and_foreign_options(tiny_dir, tmp_path, capsys):
     for args, message in [
         (["--method", "unlearn", "--alpha", "2"], "--alpha does not apply to --method unlearn"),
         (["--method", "unlearn", "--layers", "all"], "--layers does not apply to --method unlearn"),
-        (["--holdout", "2"], "--holdout does not apply to --method crow"),
-        (["--soft-tokens", "2"], "--soft-tokens does not apply to --method crow"),
-        (["--refit-epochs", "3"], "--refit-epochs does not apply to --method crow"),
+        (["--alpha", "2"], "--alpha does not apply to --method unlearn"),  # the default method
+        (["--method", "crow", "--holdout", "2"], "--holdout does not apply to --method crow"),
+        (["--method", "crow", "--soft-tokens", "2"], "--soft-tokens does not apply to --method crow"),
+        (["--method", "crow", "--refit-epochs", "3"], "--refit-epochs does not apply to --method crow"),
         (["--method", "finetune", "--target", "x"], "--target does not apply to --method finetune"),
         (["--method", "unlearn", "--token-radius", "0"], "--token-radius must be a number > 0"),
         (["--method", "unlearn", "--token-step", "2"], "--token-step must be a number in (0, 1]"),
