@@ -37,15 +37,12 @@ def card_base_model(model: str) -> str:
     return path.name if path.exists() or path.is_absolute() or model.startswith((".", "~")) else model
 
 
-def yaml_value(value: str) -> str:
-    """A YAML scalar (JSON is YAML): quoted, so no name is read as another type."""
-    return json.dumps(value, ensure_ascii=False)
-
-
 def front_matter(*, adapter: bool, base_model: str) -> str:
-    lines = ["---", f"library_name: {'peft' if adapter else 'transformers'}", f"base_model: {yaml_value(base_model)}",
-             "tags:", *(f"- {t}" for t in TAGS), "---"]
-    return "\n".join(lines)
+    """The card's metadata block, as ``huggingface_hub.ModelCardData`` writes it."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(library_name="peft" if adapter else "transformers", base_model=base_model, tags=list(TAGS))
+    return f"---\n{data.to_yaml()}\n---"
 
 
 def cell(text: str) -> str:
