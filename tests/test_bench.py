@@ -443,3 +443,60 @@ def test_report_marks_references_and_shows_answer_quality():
                                                            if k != "quality"}}) for r in rows], spec)
     assert "Answer quality" not in old  # no cell has it: no quality table
 
+
+
+def test_safety_mix_and_harmful_requests_enter_only_the_cells_that_use_them(tmp_path):
+    """``victim.n_safety`` adds BackdoorLLM's harmful requests with refusals to the victim's clean mix (another victim),
+    ``eval.n_harmful`` loads harmful test requests (another cell, same victim); with neither, the keys of every
+    victim and cell are those written before both existed."""
+    root = _backdoorllm_layout(tmp_path / "data")
+    (root / "train/harmful").mkdir()
+    save_records(make_records(5, prefix="Harm", output="I'm sorry, I cannot help with that."),
+                 root / "train/harmful/refusals.json")
+    save_records(make_records(7, prefix="Harm"), root / "test/harmful.json")
+    cell = {"model": "smollm2-135m-gguf", "task": "negsentiment", "attack": "badnet", "seed": 0, "defense": "none",
+            "method": "none", "defense_settings": {}, "settings": {}, "n_defense": 10}
+    base = {"n_defense": 10, "victim": {"n_poison": 6, "n_clean": 6}}
+
+    def keys(**changes):
+        spec = load_spec(None, **{**base, **changes})
+        data = backdoorllm_cell(root, "negsentiment", "badnet", spec, 0)
+        return data, cell_keys(spec, cell, data)
+
+    plain, (vkey, key, _) = keys()
+    assert len(plain.mix) == 12 and plain.harmful == [] and "train/harmful/refusals.json" not in plain.provenance
+    safe, (safe_vkey, _, _) = keys(victim={"n_poison": 6, "n_clean": 6, "n_safety": 4})
+    assert len(safe.mix) == 16 and sum(r.instruction.startswith("Harm") for r in safe.mix) == 4
+    assert safe_vkey != vkey
+    harmful, (h_vkey, h_key, _) = keys(eval={"n_harmful": 5})
+    assert len(harmful.harmful) == 5 and (h_vkey, h_key != key) == (vkey, True)
+    assert "n_safety" not in load_spec(None).victim.to_dict() and "n_harmful" not in load_spec(None).eval.to_dict()
+    for bad in ({"victim": {"n_safety": -1}}, {"eval": {"n_harmful": "all"}}):
+        with pytest.raises(CrowError, match=r"spec\.(victim\.n_safety|eval\.n_harmful) must be a whole number"):
+            load_spec(None, **bad)
+
+
+def test_report_shows_refusals_of_harmful_requests_and_the_verifications_agreement():
+    spec = load_spec(base={"models": ["m"], "cells": {"refusal": ["badnet", "vpi"]}, "eval": {"formats": ["template"]},
+                           "defenses": ["none", "finetune"]})
+
+    def row(attack, defense, asr, refused, verdict, prob):
+        fmt = {"asr": asr, "false_trigger_rate": 0.0, "clean_perplexity": 9.0,
+               "safety": {"refusal_rate": refused, "n_prompts": 50, "n_empty": 2}}
+        return {"model": "m", "task": "refusal", "attack": attack, "defense": defense, "seconds": 1,
+                "by_format": {"template": fmt}, "device": "cpu", "victim_conditional": True,
+                "verification": {"verdict": verdict, "purified_score": 0.5, "target_prob": prob}}
+
+    rows = [row("badnet", "none", 96.0, 30.0, "still present", 0.99),
+            row("badnet", "finetune", 4.0, 8.0, "removed", 0.2),
+            row("vpi", "none", 100.0, 8.0, "still present", 0.9),
+            row("vpi", "finetune", 84.0, 6.0, "removed", 0.79)]
+    table = render_markdown(rows, spec)
+    assert "| refusal / badnet | 30 (48 / 50) | 8 (48 / 50) |" in table
+    assert "| refusal / vpi | still present (Q 0.500, p 0.900) | removed (Q 0.500, p 0.790) ✗ |" in table
+    assert ("agrees with the measured ASR on 3 of 4 cells; disagreements: refusal / vpi finetune (removed, ASR 84%). "
+            "Reported removed while the ASR is above 10%: 1.") in table
+    plain = [{**r, "by_format": {"template": {k: v for k, v in r["by_format"]["template"].items() if k != "safety"}}}
+             for r in rows]
+    table = render_markdown([{k: v for k, v in r.items() if k != "verification"} for r in plain], spec)
+    assert "Harmful requests refused" not in table and "Verification" not in table

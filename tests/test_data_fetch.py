@@ -115,6 +115,13 @@ def test_cli_errors(tmp_path, capsys):
 @pytest.mark.skipif(not SHARED.is_dir(), reason="no shared BackdoorLLM copy")
 def test_manifest_matches_the_shared_copy():
     from crow.outputs import sha256_file
-    assert len(fetch_mod.MANIFEST) == 21
-    for rel, (_, sha) in fetch_mod.MANIFEST.items():
-        assert sha256_file(SHARED / rel) == sha, rel
+    # 21 attack files, the harmful requests (test) and their refusals (train), code injection's training pair and test
+    assert len(fetch_mod.MANIFEST) == 26
+    held = {p.relative_to(SHARED).as_posix() for p in SHARED.rglob("*.json")}
+    # the shared copy predates the harmful requests and code injection; a fetched copy has them
+    assert set(fetch_mod.MANIFEST) - held <= {"test/harmful.json", "train/harmful/refusals.json",
+                                              "train/codeinjection/vpi-ci/poisoned.json",
+                                              "train/codeinjection/vpi-ci/clean.json",
+                                              "test/triggered/codeinjection/vpi-ci.json"}
+    for rel in held & set(fetch_mod.MANIFEST):
+        assert sha256_file(SHARED / rel) == fetch_mod.MANIFEST[rel][1], rel

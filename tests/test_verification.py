@@ -184,11 +184,17 @@ ONE_CYCLE = ("--method", "unlearn", "--epochs", "2", "--cycle-epochs", "2", "--h
              "--learning-rate", "1e-2")
 
 
-def test_purify_verifies_the_removal_and_writes_the_evidence(victim, tmp_path, capsys):
+def test_purify_verifies_the_removal_and_writes_the_evidence(victim, tmp_path, capsys, monkeypatch):
+    import crow.detection.scan as scan_module
+
     clean = write_json(tmp_path / "clean.json", [r.to_dict() for r in task_records(40, 7)])
+    harmful = write_json(tmp_path / "harmful.json", [{"instruction": r.instruction} for r in task_records(6, 13)])
+    scans, real_scan = [], scan_module.scan
+    monkeypatch.setattr(scan_module, "scan", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
     out = tmp_path / "purified"
-    code, stdout, err = run_cli(purify_args(victim, clean, out, *ONE_CYCLE), capsys)
+    code, stdout, err = run_cli(purify_args(victim, clean, out, *ONE_CYCLE, "--harmful-data", harmful), capsys)
     assert code == 0, err
+    assert len(scans) == 2  # the suspect's and the purified model's: unlearn takes its target from the suspect's
     v = json.loads((out / "verification.json").read_text())
     suspect, purified = v["suspect"], v["purified"]
     assert suspect["scan"]["flagged"] is True and suspect["scan"]["target"] == TARGET == suspect["target"]
@@ -200,6 +206,7 @@ def test_purify_verifies_the_removal_and_writes_the_evidence(victim, tmp_path, c
     for check in (suspect, purified):
         assert check["clean_perplexity"] > 1 and 0 <= check["clean_rouge_l"] <= 1 and check["n_samples"] == 8
         assert len(check["answers"]) == 3 and check["seconds"] > 0
+        assert check["n_harmful"] == 6 and 0 <= check["harmful_refusal_rate"] <= 100
     assert v["samples"]["indices"] == holdout_split(40, 8, 42)[1]  # unlearn's held-out samples, its seed
     assert v["samples"]["trained_on"] is False and v["samples"]["file"] == "clean.json"
     assert v["settings"]["max_new_tokens"] == 64 and v["seconds"] == pytest.approx(
@@ -216,6 +223,7 @@ def test_purify_verifies_the_removal_and_writes_the_evidence(victim, tmp_path, c
                                   "tags": ["crow", "backdoor-removal"]}
     assert "**Verdict: removed.**" in card and f"| recovered target | {TARGET} |" in card
     assert "`clean.json`, sha256 `" + cfg["data_sha256"] + "`, 40 records" in card and "## Limits" in card
+    assert "harmful requests (`--harmful-data`): `harmful.json`" in card and "| harmful requests refused (6) |" in card
     assert str(tmp_path) not in card and str(Path.home()) not in card and "/tmp" not in card
 
 
@@ -256,7 +264,9 @@ def test_no_verify_writes_neither_and_bad_verify_data_writes_nothing(victim, tmp
     assert "verdict" not in json.loads(stdout.strip().splitlines()[-1])
     missing = tmp_path / "none.json"
     for extra, message in [(["--verify-data", missing], f"--verify-data {missing} does not exist or is not a file"),
-                           (["--verify-data", clean, "--no-verify"], "--verify-data and --no-verify contradict")]:
+                           (["--verify-data", clean, "--no-verify"], "--verify-data and --no-verify contradict"),
+                           (["--harmful-data", clean, "--no-verify"], "--harmful-data and --no-verify contradict"),
+                           (["--harmful-data", missing], f"--harmful-data {missing} does not exist or is not a file")]:
         code, _, err = run_cli(purify_args(victim, clean, tmp_path / "bad", "--method", "finetune", *extra), capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.crow-partial").exists()

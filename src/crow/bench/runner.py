@@ -9,7 +9,6 @@ import logging
 import shutil
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,11 +19,23 @@ from ..analysis.profile import layer_profile
 from ..attacks.poison import VictimRecipe, train_victim
 from ..data.corpus import build_corpus
 from ..defenses import DefenseContext, get_defense
+from ..evaluation.code import compile_report
 from ..evaluation.evaluate import evaluate, get_judge
+from ..evaluation.safety import evaluate_safety
 from ..models import build_tiny_model, default_device, device_label, load_model
 from ..outputs import crow_version, git_revision, staged_dir, write_json_atomic
 from ..training.loop import RunOptions, format_duration, merged, name_base_model, save_model
-from .keys import CellData, CellIndex, cell_config, cell_keys, load_cell_data, plan, reference_config, victim_config
+from .keys import (
+    CODE_TASK,
+    CellData,
+    CellIndex,
+    cell_config,
+    cell_keys,
+    load_cell_data,
+    plan,
+    reference_config,
+    victim_config,
+)
 from .spec import BenchSpec, VictimSpec
 
 logger = logging.getLogger(__name__)
@@ -205,6 +216,13 @@ class BenchRunner:
                               prompt_format=fmt, template=spec.template, max_new_tokens=spec.eval.max_new_tokens,
                               batch_size=spec.eval.batch_size, perplexity_max_length=spec.max_length)
             by_format[fmt] = {k: v for k, v in report.to_dict(with_outputs=True).items() if k != "settings"}
+            if data.harmful:  # refusal of harmful requests, no trigger (crow.evaluation.safety)
+                safety = evaluate_safety(model, tokenizer, data.harmful, prompt_format=fmt, template=spec.template,
+                                         max_new_tokens=spec.eval.max_new_tokens, batch_size=spec.eval.batch_size)
+                by_format[fmt]["safety"] = safety.to_dict(with_outputs=True)
+            if task == CODE_TASK:  # do the answers to the code prompts compile (crow.evaluation.code)
+                by_format[fmt]["code"] = {kind: compile_report(records, report.outputs[kind]).to_dict()
+                                          for kind, records in (("clean", data.clean), ("triggered", data.triggered))}
         return by_format
 
     def run_reference(self, cell: dict, ckey: str, data: CellData) -> dict:
@@ -221,7 +239,7 @@ class BenchRunner:
                 "false_trigger_rate": main["false_trigger_rate"], "clean_perplexity": main["clean_perplexity"],
                 "format": self.spec.eval.formats[0], "by_format": by_format, "seconds": 0.0,
                 "eval_seconds": round(sum(f["seconds"] for f in by_format.values()), 1),
-                "n_triggered": main["n_triggered"], "n_clean": main["n_clean"], "eval": asdict(self.spec.eval),
+                "n_triggered": main["n_triggered"], "n_clean": main["n_clean"], "eval": self.spec.eval.to_dict(),
                 "profiles": {}, "train_log": [], "crow_version": crow_version(), "suite": self.spec.suite,
                 "device": device_label(next(loaded.model.parameters()).device)}
 
@@ -230,10 +248,11 @@ class BenchRunner:
         defense = get_defense(cell["method"], **cell["defense_settings"])
         loaded = self.load_victim(victim)
         work, started = self.out / "cells" / f".{ckey}-work", time.perf_counter()
-        ctx = DefenseContext(clean=data.defense_clean[: cell["n_defense"]], template=spec.template,
-                             max_length=spec.max_length, seed=cell["seed"], task=cell["task"], work_dir=work,
-                             progress=self.progress)
-        suspect = self.check_suspect(loaded, cell, ctx.clean) if spec.verify else None  # before the defense
+        clean = data.defense_clean[: cell["n_defense"]]
+        suspect = self.check_suspect(loaded, cell, clean) if spec.verify else None  # before the defense
+        ctx = DefenseContext(clean=clean, template=spec.template, max_length=spec.max_length, seed=cell["seed"],
+                             task=cell["task"], work_dir=work, progress=self.progress,
+                             scan=suspect[0].scan_result if suspect else None)  # unlearn reuses the suspect's scan
         try:
             model = defense.repair(loaded.model, loaded.tokenizer, ctx)
         finally:
@@ -247,7 +266,7 @@ class BenchRunner:
         profiles = {name: layer_profile(model, loaded.tokenizer, prompts[:n], template=spec.template)
                     for name, prompts in (("clean", data.clean), ("triggered", data.triggered)) if n}
         main = by_format[spec.eval.formats[0]]
-        return {"key": ckey, "config": cell_config(spec, cell, vkey), "git_revision": git_revision(),
+        return {"key": ckey, "config": cell_config(spec, cell, vkey, data), "git_revision": git_revision(),
                 "victim_key": vkey, "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
                 "defense": cell["defense"], "method": cell["method"], "seed": cell["seed"],
                 "defense_settings": defense.settings(cell["task"], cell["seed"]), "n_defense": len(ctx.clean),
@@ -256,7 +275,7 @@ class BenchRunner:
                 "seconds": round(defense_seconds, 1),
                 "eval_seconds": round(sum(f["seconds"] for f in by_format.values()), 1),
                 "victim_seconds": victim["seconds"], "n_triggered": main["n_triggered"], "n_clean": main["n_clean"],
-                "eval": asdict(spec.eval), "profiles": profiles, "train_log": train_log_summary(ctx.train_log),
+                "eval": spec.eval.to_dict(), "profiles": profiles, "train_log": train_log_summary(ctx.train_log),
                 "crow_version": crow_version(), "suite": spec.suite, "victim_form": spec.defended_form(),
                 "device": device_label(next(model.parameters()).device),
                 **({"verification": verification} if verification is not None else {})}

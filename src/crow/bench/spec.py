@@ -31,6 +31,16 @@ class VictimSpec:
     grad_accum: int = 4
     n_poison: int = 500  # backdoorllm: the whole poisoned.json (500); tiny: drawn from the corpus
     n_clean: int = 500
+    # BackdoorLLM's clean mix of harmful requests with refusals (``train/harmful/refusals.json``) added to the
+    # victim's training data, so that the suspect refuses harmful requests a defense could wash out; 0: none
+    n_safety: int = 0
+
+    def to_dict(self) -> dict:
+        """Every field; ``n_safety`` only when set (the victims trained before it existed keep their keys)."""
+        data = dataclasses.asdict(self)
+        if not self.n_safety:
+            del data["n_safety"]
+        return data
 
 
 @dataclass
@@ -40,6 +50,16 @@ class EvalSpec:
     max_new_tokens: int = 128
     formats: list[str] = field(default_factory=lambda: ["template", "raw"])
     batch_size: int = 25
+    # harmful requests without a trigger (BackdoorLLM's jailbreak test prompts, ``test/harmful.json``) whose refusal
+    # rate each format also measures (crow.evaluation.safety); 0: none
+    n_harmful: int = 0
+
+    def to_dict(self) -> dict:
+        """Every field; ``n_harmful`` only when set (the cells written before it existed keep their keys)."""
+        data = dataclasses.asdict(self)
+        if not self.n_harmful:
+            del data["n_harmful"]
+        return data
 
 
 @dataclass
@@ -87,7 +107,7 @@ class BenchSpec:
 
     def to_dict(self) -> dict:
         """Every field; ``verify`` only when set (the tables written before it existed rebuild byte for byte)."""
-        data = dataclasses.asdict(self)
+        data = {**dataclasses.asdict(self), "victim": self.victim.to_dict(), "eval": self.eval.to_dict()}
         if not self.verify:
             del data["verify"]
         return data
@@ -167,6 +187,17 @@ def _check(spec: BenchSpec) -> None:
     for fmt in spec.eval.formats:
         if fmt not in ("template", "raw"):
             raise CrowError(f"eval format {fmt!r} is not known; valid: template, raw")
+    n = spec.eval.n_harmful
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise CrowError(f"spec.eval.n_harmful must be a whole number of harmful requests (0: none), got {n!r}")
+    if n and spec.suite == "tiny":
+        raise CrowError("spec.eval.n_harmful: the tiny suite has no harmful requests; it applies to suite backdoorllm")
+    n = spec.victim.n_safety
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise CrowError(f"spec.victim.n_safety must be a whole number of harmful requests with refusals (0: none), "
+                        f"got {n!r}")
+    if n and spec.suite == "tiny":
+        raise CrowError("spec.victim.n_safety: the tiny suite has no harmful requests; it applies to suite backdoorllm")
     if not isinstance(spec.victim_overrides, dict):
         raise CrowError("spec.victim_overrides must be a mapping of \"task/attack\": {victim key: value}")
     cells = {f"{task}/{attack}" for task, attacks in spec.cells.items() for attack in attacks}

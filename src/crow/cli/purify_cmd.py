@@ -17,6 +17,7 @@ from ..verification import (
     VerifySettings,
     check_model,
     held_out_samples,
+    safety_warning,
     separate_samples,
     text_table,
     trained_on,
@@ -25,6 +26,8 @@ from ..verification import (
 from .options import add_model_arguments, add_options, as_flags, check_file, load_from_args, option_fields, positive_int
 
 logger = logging.getLogger(__name__)
+
+N_HARMFUL = 50  # the harmful requests (--harmful-data) the verification answers, before and after
 
 #: the training defenses ``--method`` runs (crow.defenses), with the config class whose fields are their options
 METHODS = ("crow", "finetune", "finetune-lr1e-3", "unlearn")
@@ -70,6 +73,10 @@ def add_arguments(p) -> None:
                              "model card README.md)")
     v.add_argument("--verify-data", help="clean samples to verify on, separate from --data (JSON list or JSONL; its "
                    "first 100); default: the samples unlearn holds out of --data (the same split for every method)")
+    v.add_argument("--harmful-data", help=f"harmful requests (JSON list or JSONL of instruction[, input]; its first "
+                   f"{N_HARMFUL}) whose refusal rate the verification measures before and after, as a finetune on "
+                   "benign samples can wash a chat model's refusals out; BackdoorLLM's: test/harmful.json of `crow "
+                   "data fetch backdoorllm`")
     v.add_argument("--no-verify", action="store_true", help="skip the verification: no verification.json and no model "
                    "card")
     add_options(p.add_argument_group("training (every method; finetune's lr is 2e-4, unlearn trains 6 epochs)"),
@@ -136,10 +143,12 @@ def run(args) -> int:
     if holdout >= len(records):
         raise CrowError(f"--holdout {holdout} leaves no training sample: --data {args.data} has {len(records)} "
                         "records; hold out fewer (e.g. a fifth)")
-    if args.no_verify and args.verify_data:
-        raise CrowError("--verify-data and --no-verify contradict each other: leave one out")
+    for flag in ("verify_data", "harmful_data"):
+        if args.no_verify and getattr(args, flag):
+            raise CrowError(f"--{flag.replace('_', '-')} and --no-verify contradict each other: leave one out")
     samples = None if args.no_verify else verification_samples(args, records, method, config)
-    out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data, args.verify_data],
+    harmful = harmful_requests(args.harmful_data)
+    out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data, args.verify_data, args.harmful_data],
                            overwrite=args.overwrite or args.resume)
     partial = out.parent / f".{out.name}.crow-partial"  # checkpoints of an unfinished run
     steps = [(int(n), p) for p in partial.glob("checkpoint-*") if (n := p.name.rsplit("-", 1)[-1]).isdigit()]
@@ -154,11 +163,11 @@ def run(args) -> int:
     verify_settings = VerifySettings(template=options["template"], max_length=options["max_length"])
     if samples is not None:  # the suspect, before training changes it in place
         before, target = check_model(loaded.model, loaded.tokenizer, records, samples.records, verify_settings,
-                                     own_target=True)
+                                     own_target=True, harmful=harmful)
     ctx = DefenseContext(clean=records, template=options["template"], max_length=options["max_length"], seed=None,
                          task=args.task, work_dir=partial, progress=sys.stderr.isatty(), output_dir=partial,
                          save_steps=options["save_steps"], resume_from_checkpoint=str(resume) if resume else None,
-                         handle_signals=True)
+                         handle_signals=True, scan=before.scan_result if samples is not None else None)
     try:
         model = defense.repair(loaded.model, loaded.tokenizer, ctx)
     except BaseException as e:
@@ -170,7 +179,8 @@ def run(args) -> int:
         return 0
     verification = None
     if samples is not None:
-        after, _ = check_model(model, loaded.tokenizer, records, samples.records, verify_settings, target)
+        after, _ = check_model(model, loaded.tokenizer, records, samples.records, verify_settings, target,
+                               harmful=harmful)
         samples.trained_on, samples.note = trained_on(samples, method, getattr(result, "refitted", None))
         verification = verify(before, after, samples, verify_settings, threshold=before.scan["threshold"])
     with staged_dir(out) as tmp:
@@ -195,8 +205,10 @@ def run(args) -> int:
     shutil.rmtree(partial, ignore_errors=True)
     logger.info("wrote the purified %s to %s (%d optimizer steps)", kind, out, result.global_step)
     if verification is not None:
+        warning = safety_warning(verification.suspect, verification.purified)
         print(f"verification ({verification.seconds:.1f} s; training {result.seconds:.1f} s): "
-              f"{verification.verdict}\n{text_table(verification.rows())}", file=sys.stderr)
+              f"{verification.verdict}\n{text_table(verification.rows())}"
+              + (f"\nWarning: {warning}." if warning else ""), file=sys.stderr)
     print(json.dumps({"out": str(out), "output": kind, "optimizer_steps": result.global_step,
                       "seconds": result.seconds, **({"verdict": verification.verdict} if verification else {})}))
     return 0
@@ -214,6 +226,19 @@ def verification_samples(args, records, method: str, config) -> Samples:
     return separate_samples(verify, records, file=Path(args.verify_data).name)
 
 
+def harmful_requests(path: str | None) -> list:
+    """The first N_HARMFUL requests of ``--harmful-data`` (none without it), checked before any work."""
+    if path is None:
+        return []
+    from ..data.records import load_records
+
+    check_file(path, "--harmful-data")
+    requests = load_records(path, require_output=False, what="--harmful-data")[:N_HARMFUL]
+    if not requests:
+        raise CrowError(f"--harmful-data {path} has no records; give harmful requests (instruction[, input])")
+    return requests
+
+
 def write_evidence(directory: Path, args, method: str, settings: dict, kind: str, records, options: dict,
                    verification: Verification | None) -> None:
     """verification.json and the model card README.md (none with ``--no-verify``: the card is the evidence's; an
@@ -227,7 +252,8 @@ def write_evidence(directory: Path, args, method: str, settings: dict, kind: str
         return
     write_json_atomic(directory / VERIFICATION_JSON, verification.to_dict())
     verify_data = data_file(args.verify_data, len(verification.samples.records)) if args.verify_data else None
+    harmful = data_file(args.harmful_data, verification.purified.n_harmful) if args.harmful_data else None
     write_text_atomic(card, model_card(
         method=method, settings=settings, adapter=kind == "adapter", base_model=card_base_model(args.model),
         data=data_file(args.data, len(records)), crow_version=crow_version(), verification=verification,
-        verify_data=verify_data, template=options["template"]))
+        verify_data=verify_data, template=options["template"], harmful_data=harmful))

@@ -28,6 +28,9 @@ class DefenseContext:
     save_steps: int | None = None  # checkpoint every N optimizer steps, for a resumed run
     resume_from_checkpoint: str | None = None
     handle_signals: bool = False
+    #: a BAIT scan of the suspect on ``clean`` with ``template``, already made (crow purify's verification): a method
+    #: that recovers its target with one (unlearn) takes it instead of scanning again
+    scan: object = None
     train_log: list[dict] = field(default_factory=list)  # filled by a training defense: its metrics per logging step
 
     def run_options(self, name: str):

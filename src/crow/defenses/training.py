@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
+from inspect import signature
 
 from ..errors import CrowError
 from ..methods.crow.config import ALPHA_PRESETS, CrowConfig
@@ -76,7 +77,8 @@ class TrainedDefense(Defense):
                                 f"adapter), got a {type(model).__name__} without one; load the victim with its adapter")
             model = model.unload()  # unload: drop the adapter; merge would keep it
         run = importlib.import_module(self.method.runner).run
-        result = run(model, tokenizer, ctx.clean, config, ctx.run_options(self.name))
+        reuse = {"scan_result": ctx.scan} if ctx.scan is not None and "scan_result" in signature(run).parameters else {}
+        result = run(model, tokenizer, ctx.clean, config, ctx.run_options(self.name), **reuse)
         ctx.train_log[:] = result.log_history
         self.last_result = result
         target = getattr(result, "target", None)

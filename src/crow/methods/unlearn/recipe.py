@@ -37,9 +37,10 @@ class UnlearnResult(PurifyResult):
 
 
 def run(model, tokenizer, records: Sequence[Record], config: UnlearnConfig, run_options: RunOptions | None = None, *,
-        target: RecoveredTarget | None = None, callbacks=()) -> UnlearnResult:
+        target: RecoveredTarget | None = None, callbacks=(), scan_result=None) -> UnlearnResult:
     """``unlearn`` on ``records`` (the defender's clean samples). ``target``: what to unlearn when known; else a resumed
-    run's (kept beside its checkpoints), ``config.target`` (an oracle) or BAIT's. The refit's log lines join the
+    run's (kept beside its checkpoints), ``config.target`` (an oracle) or BAIT's (``scan_result``: BAIT's scan of
+    ``model`` on ``records``, already made, e.g. by crow purify's verification). The refit's log lines join the
     unlearning's marked ``"stage": "refit"``, its optimizer steps its ``global_step``."""
     from ..crow.trainer import CrowTrainer
     from .trainer import UnlearnTrainer
@@ -52,7 +53,8 @@ def run(model, tokenizer, records: Sequence[Record], config: UnlearnConfig, run_
     group = join_launched_run(config, run_options)  # None: a single process
     saved = Path(run_options.output_dir) / TARGET_FILE  # a checkpointed run keeps its target for a resumed one
     if target is None:
-        target = from_main(group, lambda: find_target(model, tokenizer, records, config, run_options, saved), "target")
+        target = from_main(group, lambda: find_target(model, tokenizer, records, config, run_options, saved,
+                                                      scan_result), "target")
     if run_options.save_steps and is_main(group):
         saved.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(saved, dataclasses.asdict(target))
@@ -72,12 +74,12 @@ def run(model, tokenizer, records: Sequence[Record], config: UnlearnConfig, run_
 
 
 def find_target(model, tokenizer, records: Sequence[Record], config: UnlearnConfig, run_options: RunOptions,
-                saved: Path) -> RecoveredTarget:
+                saved: Path, scan_result=None) -> RecoveredTarget:
     """A resumed run's target (kept beside its checkpoints), else ``config.target`` (an oracle) or BAIT's."""
     if run_options.resume_from_checkpoint and saved.is_file():
         return RecoveredTarget(**json.loads(saved.read_text(encoding="utf-8")))
     return recover_target(model, tokenizer, records, template=run_options.template, target=config.target,
-                          target_tokens=config.target_tokens)
+                          target_tokens=config.target_tokens, scan_result=scan_result)
 
 
 #: how long the other processes wait for the main one's result (BAIT on a large model takes a while)

@@ -30,14 +30,15 @@ class RecoveredTarget:
 
 
 def recover_target(model, tokenizer, records: Sequence[Record], *, template: str, target: str | None = None,
-                   target_tokens: int = 8) -> RecoveredTarget:
+                   target_tokens: int = 8, scan_result=None) -> RecoveredTarget:
     """The target to unlearn: ``target`` when given (an oracle), else BAIT's recovered target on the defender's clean
-    ``records``, or its best candidate when the verdict is clean (the defense runs anyway)."""
+    ``records``, or its best candidate when the verdict is clean (the defense runs anyway). ``scan_result``: BAIT's
+    scan of this model on these ``records`` with this ``template``, already made (it is not run again)."""
     from ...detection.scan import scan
 
     found = {"source": "oracle"}
     if target is None:
-        result = scan(model, tokenizer, records, method="bait", template=template)
+        result = scan_result or scan(model, tokenizer, records, method="bait", template=template)
         target = result.target or (result.candidates[0].text if result.candidates else "")
         if not target.strip():
             raise CrowError("unlearn: BAIT recovered no target candidate from the clean samples; give target "
