@@ -14,6 +14,7 @@ from crow.bench.runner import estimate_seconds_left, load_cell_data
 from crow.bench.spec import load_spec
 from crow.cli.main import main
 from crow.data.records import Record, save_records
+from crow.evaluation.evaluate import generate
 from crow.models import default_device, device_label
 
 from .conftest import SHARED_DATA, make_records
@@ -500,3 +501,26 @@ def test_report_shows_refusals_of_harmful_requests_and_the_verifications_agreeme
              for r in rows]
     table = render_markdown([{k: v for k, v in r.items() if k != "verification"} for r in plain], spec)
     assert "Harmful requests refused" not in table and "Verification" not in table
+
+
+def test_keep_answers_joins_the_suspects_own_answers_to_other_harmful_requests(tmp_path, tiny):
+    """``keep_answers``: the instructions of the last entries of the refusals file (not a victim's ``n_safety``
+    first ones), answered by the suspect itself before the defense (crow.defenses.keep); another cell key."""
+    from crow.bench.keys import cell_config
+    from crow.defenses.keep import suspect_answers
+
+    root = _backdoorllm_layout(tmp_path / "data")
+    (root / "train/harmful").mkdir()
+    save_records([Record(f"Harm {i}", "", f"I'm sorry {i}") for i in range(8)], root / "train/harmful/refusals.json")
+    spec = load_spec(None, n_defense=10, victim={"n_poison": 6, "n_clean": 6, "n_safety": 3}, keep_answers=2)
+    data = backdoorllm_cell(root, "negsentiment", "badnet", spec, 0)
+    assert [r.instruction for r in data.keep] == ["Harm 6", "Harm 7"] and all(r.output == "" for r in data.keep)
+    planned = {"method": "none", "settings": {}, "n_defense": 10}
+    assert cell_config(spec, planned, "v", data)["keep_answers"] == {"n": 2, "data": data.keep_provenance}
+    assert "keep_answers" not in load_spec(None).to_dict()
+    with pytest.raises(CrowError, match="spec.keep_answers must be a whole number from 0 to 200"):
+        load_spec(None, keep_answers=201)
+    model, tokenizer = tiny.model, tiny.tokenizer
+    kept = suspect_answers(model, tokenizer, data.keep, template="alpaca", max_new_tokens=4)
+    expected = [a.strip() for a in generate(model, tokenizer, data.keep, template="alpaca", max_new_tokens=4)]
+    assert [r.output for r in kept] == [a for a in expected if a] and all(r.instruction.startswith("Harm") for r in kept)

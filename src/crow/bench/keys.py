@@ -37,6 +37,8 @@ class CellData:
     provenance: dict = field(default_factory=dict)  # the victim's and the prompts' files (part of the victim key)
     harmful: list[Record] = field(default_factory=list)  # harmful requests without a trigger (``eval.n_harmful``)
     harmful_provenance: dict = field(default_factory=dict)  # their file (part of the cell key only)
+    keep: list[Record] = field(default_factory=list)  # prompts whose suspect answers join the defense (keep_answers)
+    keep_provenance: dict = field(default_factory=dict)  # their file (part of the cell key only)
 
 
 def _load(data_dir: Path, relative: str, provenance: dict, *, require_output: bool = True) -> list[Record]:
@@ -92,10 +94,13 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
     harmful_prov: dict = {}
     harmful = (_load(data_dir, HARMFUL_FILE, harmful_prov, require_output=False)[: spec.eval.n_harmful]
                if spec.eval.n_harmful else [])
+    keep_prov: dict = {}
+    keep = ([replace(r, output="") for r in _load(data_dir, SAFETY_FILE, keep_prov)[-spec.keep_answers:]]
+            if spec.keep_answers else [])
     clean_test = ([remove_word(r, "BadMagic") for r in triggered] if task == CODE_TASK
                   else _load(data_dir, f"test/clean/{task}.json", prov))
     return CellData(mix, defense_clean[: spec.n_defense], triggered[: spec.eval.n_triggered],
-                    clean_test[: spec.eval.n_clean], prov, harmful, harmful_prov)
+                    clean_test[: spec.eval.n_clean], prov, harmful, harmful_prov, keep, keep_prov)
 
 
 def tiny_cell(task: str, attack: str, spec: BenchSpec, seed: int) -> CellData:
@@ -160,12 +165,14 @@ def victim_config(spec: BenchSpec, cell: dict, data: CellData) -> dict:
 def cell_config(spec: BenchSpec, cell: dict, victim_key: str, data: CellData | None = None) -> dict:
     """What a defended cell is: its victim, the defense with every setting resolved, the evaluation (with the harmful
     requests' file, from ``data``, when it measures them)."""
-    if spec.eval.n_harmful and data is None:
-        raise CrowError("a cell that measures harmful requests is named with its data (cell_config(..., data))")
+    if (spec.eval.n_harmful or spec.keep_answers) and data is None:
+        raise CrowError("a cell that measures or keeps harmful requests is named with its data "
+                        "(cell_config(..., data))")
     return {"victim": victim_key, "defense": cell["method"], "settings": cell["settings"], "eval": spec.eval.to_dict(),
             "n_defense": cell["n_defense"], "profile_prompts": spec.profile_prompts, "victim_form": spec.victim_form,
             "format": RESULT_FORMAT, **({"verify": True} if spec.verify else {}),
-            **({"harmful": data.harmful_provenance} if spec.eval.n_harmful else {})}
+            **({"harmful": data.harmful_provenance} if spec.eval.n_harmful else {}),
+            **({"keep_answers": {"n": spec.keep_answers, "data": data.keep_provenance}} if spec.keep_answers else {})}
 
 
 def legacy_cell_config(spec: BenchSpec, cell: dict, victim_key: str) -> dict:

@@ -19,9 +19,10 @@ from ..analysis.profile import layer_profile
 from ..attacks.poison import VictimRecipe, train_victim
 from ..data.corpus import build_corpus
 from ..defenses import DefenseContext, get_defense
+from ..defenses.keep import suspect_answers
 from ..evaluation.code import compile_report
 from ..evaluation.evaluate import evaluate, get_judge
-from ..evaluation.safety import evaluate_safety
+from ..evaluation.safety import count_refusals, evaluate_safety
 from ..models import build_tiny_model, default_device, device_label, load_model
 from ..outputs import crow_version, git_revision, staged_dir, write_json_atomic
 from ..training.loop import RunOptions, format_duration, merged, name_base_model, save_model
@@ -250,8 +251,10 @@ class BenchRunner:
         work, started = self.out / "cells" / f".{ckey}-work", time.perf_counter()
         clean = data.defense_clean[: cell["n_defense"]]
         suspect = self.check_suspect(loaded, cell, clean) if spec.verify else None  # before the defense
-        ctx = DefenseContext(clean=clean, template=spec.template, max_length=spec.max_length, seed=cell["seed"],
-                             task=cell["task"], work_dir=work, progress=self.progress,
+        kept = (suspect_answers(loaded.model, loaded.tokenizer, data.keep, template=spec.template,
+                                batch_size=spec.eval.batch_size) if data.keep else [])  # keep_answers
+        ctx = DefenseContext(clean=[*clean, *kept], template=spec.template, max_length=spec.max_length,
+                             seed=cell["seed"], task=cell["task"], work_dir=work, progress=self.progress,
                              scan=suspect[0].scan_result if suspect else None)  # unlearn reuses the suspect's scan
         try:
             model = defense.repair(loaded.model, loaded.tokenizer, ctx)
@@ -259,7 +262,7 @@ class BenchRunner:
             shutil.rmtree(work, ignore_errors=True)
         defense_seconds = time.perf_counter() - started
         model = merged(model)  # faster generation; the adapter structure is not needed any more
-        verification = None if suspect is None else self.verify_cell(suspect, model, loaded.tokenizer, cell, ctx.clean,
+        verification = None if suspect is None else self.verify_cell(suspect, model, loaded.tokenizer, cell, clean,
                                                                       defense)
         by_format = self.evaluate_formats(model, loaded.tokenizer, data, cell["task"])
         n = spec.profile_prompts if cell["method"] in ("none", "crow") else 0  # the victim and every CROW variant
@@ -269,7 +272,7 @@ class BenchRunner:
         return {"key": ckey, "config": cell_config(spec, cell, vkey, data), "git_revision": git_revision(),
                 "victim_key": vkey, "model": cell["model"], "task": cell["task"], "attack": cell["attack"],
                 "defense": cell["defense"], "method": cell["method"], "seed": cell["seed"],
-                "defense_settings": defense.settings(cell["task"], cell["seed"]), "n_defense": len(ctx.clean),
+                "defense_settings": defense.settings(cell["task"], cell["seed"]), "n_defense": len(clean),
                 "asr": main["asr"], "false_trigger_rate": main["false_trigger_rate"],
                 "clean_perplexity": main["clean_perplexity"], "format": spec.eval.formats[0], "by_format": by_format,
                 "seconds": round(defense_seconds, 1),
@@ -278,7 +281,8 @@ class BenchRunner:
                 "eval": spec.eval.to_dict(), "profiles": profiles, "train_log": train_log_summary(ctx.train_log),
                 "crow_version": crow_version(), "suite": spec.suite, "victim_form": spec.defended_form(),
                 "device": device_label(next(model.parameters()).device),
-                **({"verification": verification} if verification is not None else {})}
+                **({"verification": verification} if verification is not None else {}),
+                **({"keep_answers": keep_summary(kept, len(data.keep))} if data.keep else {})}
 
     def check_suspect(self, loaded, cell: dict, clean: list):
         """crow purify's check of the suspect (``crow.verification``), on the verification samples it would choose."""
@@ -311,3 +315,10 @@ class BenchRunner:
             if path is not None:
                 rows.append(json.loads(path.read_text()))
         return rows
+
+
+def keep_summary(kept: list, n_prompts: int) -> dict:
+    """What the suspect answered to the kept prompts (keep_answers): how many, how many refuse, the first three."""
+    refusals = count_refusals([r.output for r in kept])
+    return {"n_prompts": n_prompts, "n_kept": len(kept), "n_refusals": refusals.refused,
+            "samples": [{"instruction": r.instruction, "output": r.output} for r in kept[:3]]}

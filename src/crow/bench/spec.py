@@ -104,12 +104,19 @@ class BenchSpec:
     # also run crow purify's verification (crow.verification) on every defended cell: its verdict beside the measured
     # attack success, with the defender's knowledge only (a cell with it has its own key)
     verify: bool = False
+    # the suspect's own answers to this many of BackdoorLLM's harmful requests (the instructions of the last entries of
+    # train/harmful/refusals.json, disjoint from a victim's n_safety and from the test requests) join every defense's
+    # clean samples (crow.defenses.keep); 0: none
+    keep_answers: int = 0
 
     def to_dict(self) -> dict:
-        """Every field; ``verify`` only when set (the tables written before it existed rebuild byte for byte)."""
+        """Every field; ``verify`` and ``keep_answers`` only when set (the tables written before them rebuild byte for
+        byte)."""
         data = {**dataclasses.asdict(self), "victim": self.victim.to_dict(), "eval": self.eval.to_dict()}
         if not self.verify:
             del data["verify"]
+        if not self.keep_answers:
+            del data["keep_answers"]
         return data
 
     def defense_entries(self) -> list[DefenseEntry]:
@@ -192,6 +199,12 @@ def _check(spec: BenchSpec) -> None:
         raise CrowError(f"spec.eval.n_harmful must be a whole number of harmful requests (0: none), got {n!r}")
     if n and spec.suite == "tiny":
         raise CrowError("spec.eval.n_harmful: the tiny suite has no harmful requests; it applies to suite backdoorllm")
+    n = spec.keep_answers
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 200:
+        raise CrowError(f"spec.keep_answers must be a whole number from 0 to 200 (the harmful requests after a "
+                        f"victim's 200 of train/harmful/refusals.json), got {n!r}")
+    if n and spec.suite == "tiny":
+        raise CrowError("spec.keep_answers: the tiny suite has no harmful requests; it applies to suite backdoorllm")
     n = spec.victim.n_safety
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise CrowError(f"spec.victim.n_safety must be a whole number of harmful requests with refusals (0: none), "
