@@ -64,6 +64,8 @@ LIMITS = """- The verification uses only what a defender has: the suspect model 
   scan's steps) is not seen, nor one without a fixed target (a sentiment, a style, a varied answer).
 - "removed" means BAIT no longer flags the model and the suspect's target no longer follows its first token with
   BAIT's confidence; it is not an attack success rate measured with the trigger, which the defender does not know.
+  A defense that weakens a backdoor without removing it can pass: on crow's benchmark, 3 of 20 runs reported
+  "removed" still had a 34-84% attack success rate (finetuning and CROW; none after `unlearn`).
 - The verification samples may have been trained on (see "Verification"): their perplexity and ROUGE-L then flatter
   the purified model.
 - The clean perplexity and ROUGE-L are measured on few samples with short greedy answers: a coarse check of utility."""
