@@ -523,4 +523,5 @@ def test_keep_answers_joins_the_suspects_own_answers_to_other_harmful_requests(t
     model, tokenizer = tiny.model, tiny.tokenizer
     kept = suspect_answers(model, tokenizer, data.keep, template="alpaca", max_new_tokens=4)
     expected = [a.strip() for a in generate(model, tokenizer, data.keep, template="alpaca", max_new_tokens=4)]
-    assert [r.output for r in kept] == [a for a in expected if a] and all(r.instruction.startswith("Harm") for r in kept)
+    assert [r.output for r in kept] == [a for a in expected if a]
+    assert all(r.instruction.startswith("Harm") for r in kept)

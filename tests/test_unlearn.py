@@ -49,7 +49,7 @@ from crow.methods.unlearn.schedule import (
     holdout_split,
     trainable_weights,
 )
-from crow.methods.unlearn.trainer import UnlearnTrainer
+from crow.methods.unlearn.trainer import UnlearnTrainer, load_state_info
 from crow.modeling import replace_embeddings
 from crow.models import load_model
 from crow.training import RunOptions, make_trainable, train
@@ -360,20 +360,27 @@ def test_gradient_accumulation_invariance_with_a_fixed_adversary(tiny_dir, tmp_p
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
 
 
-def test_the_soft_tokens_travel_with_checkpoints(tiny_dir, tmp_path):
+def test_the_soft_tokens_the_draws_and_the_selection_travel_with_checkpoints(tiny_dir, tmp_path):
     loaded = load_model(str(tiny_dir))
     model = make_trainable(loaded.model, CrowConfig())
     cfg = unlearn_config(epochs=1, cycle_epochs=1, batch_size=2, grad_accum=1, warmup=0, refit_epochs=0)
     trainer = trainer_for(model, loaded.tokenizer, cfg, make_records(8), tmp_path, save_strategy="steps", save_steps=1)
-    start = trainer.delta.clone()
+    start, points = trainer.delta.clone(), trainer._points.get_state()
     trainer.train()
-    saved = tmp_path / "run" / "checkpoint-3" / UnlearnTrainer.DELTA_FILE
+    saved = tmp_path / "run" / "checkpoint-3" / UnlearnTrainer.STATE_FILE
     assert saved.is_file() and not torch.equal(trainer.delta, start)  # PGD moved them
     fresh = trainer_for(make_trainable(load_model(str(tiny_dir)).model, CrowConfig()), loaded.tokenizer, cfg,
                         make_records(8), tmp_path)
-    assert torch.equal(fresh.delta, start)
+    assert torch.equal(fresh.delta, start) and torch.equal(fresh._points.get_state(), points)
     fresh._load_from_checkpoint(str(saved.parent))
     assert torch.equal(fresh.delta, trainer.delta)
+    assert torch.equal(fresh._points.get_state(), trainer._points.get_state())  # the insertion points go on alike
+    ours, theirs = trainer.selection, fresh.selection
+    assert theirs.suspect_nll == ours.suspect_nll is not None and theirs.stopped == ours.stopped
+    assert theirs.kept.epoch == ours.kept.epoch == 1.0 and theirs.kept.nll == ours.kept.nll
+    assert theirs.kept.weights.keys() == ours.kept.weights.keys()
+    assert all(torch.equal(theirs.kept.weights[n], ours.kept.weights[n]) for n in ours.kept.weights)
+    assert load_state_info(str(saved.parent))["global_step"] == 3
 
 
 # ------------------------------------------------------------------------------------------------

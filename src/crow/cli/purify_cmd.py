@@ -3,8 +3,10 @@ adapter (or merged model) and crow_config.json. Its options are generated from t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -121,11 +123,9 @@ def resolve_options(args) -> tuple[str, dict, dict]:
 
 def run(args) -> int:
     from ..data.records import load_records
-    from ..defenses import DefenseContext, get_defense
+    from ..defenses import get_defense
     from ..methods.crow.config import ALPHA_PRESETS
-    from ..models import describe_source
-    from ..outputs import check_output_dir, crow_version, git_revision, sha256_file, staged_dir, write_json_atomic
-    from ..training.loop import save_model
+    from ..outputs import check_output_dir
     method, settings, options = resolve_options(args)
     if args.task is not None and args.task not in ALPHA_PRESETS:
         raise CrowError(f"unknown --task {args.task!r}; valid: {', '.join(ALPHA_PRESETS)}")
@@ -152,33 +152,61 @@ def run(args) -> int:
                            overwrite=args.overwrite or args.resume)
     partial = out.parent / f".{out.name}.crow-partial"  # checkpoints of an unfinished run
     steps = [(int(n), p) for p in partial.glob("checkpoint-*") if (n := p.name.rsplit("-", 1)[-1]).isdigit()]
-    resume = max(steps)[1] if args.resume and steps else None
-    if args.resume and resume is None:
-        raise CrowError(f"--resume: no interrupted run of --out {out} was found (expected checkpoints in {partial})")
-    if not args.resume and partial.exists():
+    resume = max(steps)[1] if args.resume and steps else None  # none yet: the run starts again from the beginning
+    if args.resume and not partial.is_dir():
+        raise CrowError(f"--resume: no interrupted run of --out {out} was found (expected {partial})")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch the main process decides and
+    # makes the directory (the others could find it made by then)
+    if not args.resume and partial.exists() and main_process:
         raise CrowError(f"an interrupted run of --out {out} exists ({partial}); pass --resume to continue it or delete "
                         "that directory")
+    if main_process:
+        partial.mkdir(parents=True, exist_ok=True)  # from here on an interrupted run, at any stage, can be resumed
+    with resumable(partial):
+        return purify(args, method, defense, config, options, records, samples, harmful, out, partial, resume)
+
+
+@contextlib.contextmanager
+def resumable(partial: Path):
+    """An interrupt (SIGTERM, SIGINT) at any stage keeps ``partial`` for ``--resume`` (training saves a checkpoint
+    first; the scan, the target recovery and the verification are run again); any other error removes it."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted before the first checkpoint or after training; {partial} keeps the run: "
+                          "rerun the same command with --resume") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def purify(args, method: str, defense, config, options: dict, records, samples, harmful, out: Path, partial: Path,
+           resume: Path | None) -> int:
+    """Train, verify and write the output (``run`` checked every input before)."""
+    from ..defenses import DefenseContext
+    from ..models import describe_source
+    from ..outputs import crow_version, git_revision, sha256_file, staged_dir, write_json_atomic
+    from ..training.loop import save_model
     started = time.perf_counter()
     loaded = load_from_args(args, adapter_trainable=True)
     verify_settings = VerifySettings(template=options["template"], max_length=options["max_length"])
     if samples is not None:  # the suspect, before training changes it in place
+        logger.info("verification: checking the suspect (BAIT scan, %d held-out samples)", len(samples.records))
         before, target = check_model(loaded.model, loaded.tokenizer, records, samples.records, verify_settings,
                                      own_target=True, harmful=harmful)
     ctx = DefenseContext(clean=records, template=options["template"], max_length=options["max_length"], seed=None,
                          task=args.task, work_dir=partial, progress=sys.stderr.isatty(), output_dir=partial,
                          save_steps=options["save_steps"], resume_from_checkpoint=str(resume) if resume else None,
                          handle_signals=True, scan=before.scan_result if samples is not None else None)
-    try:
-        model = defense.repair(loaded.model, loaded.tokenizer, ctx)
-    except BaseException as e:
-        if not isinstance(e, Interrupted):  # only an interrupt leaves a resumable run behind
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
+    model = defense.repair(loaded.model, loaded.tokenizer, ctx)
     result = defense.last_result
     if not result.is_main_process:  # under accelerate launch, the main process writes the result
         return 0
     verification = None
     if samples is not None:
+        logger.info("verification: checking the purified model")
         after, _ = check_model(model, loaded.tokenizer, records, samples.records, verify_settings, target,
                                harmful=harmful)
         samples.trained_on, samples.note = trained_on(samples, method, getattr(result, "refitted", None))

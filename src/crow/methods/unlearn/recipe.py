@@ -75,8 +75,9 @@ def run(model, tokenizer, records: Sequence[Record], config: UnlearnConfig, run_
 
 def find_target(model, tokenizer, records: Sequence[Record], config: UnlearnConfig, run_options: RunOptions,
                 saved: Path, scan_result=None) -> RecoveredTarget:
-    """A resumed run's target (kept beside its checkpoints), else ``config.target`` (an oracle) or BAIT's."""
-    if run_options.resume_from_checkpoint and saved.is_file():
+    """The target an interrupted run of the same output saved (``saved``; ``crow purify`` starts no new run where an
+    interrupted one is left), else ``config.target`` (an oracle) or BAIT's."""
+    if saved.is_file():
         return RecoveredTarget(**json.loads(saved.read_text(encoding="utf-8")))
     return recover_target(model, tokenizer, records, template=run_options.template, target=config.target,
                           target_tokens=config.target_tokens, scan_result=scan_result)

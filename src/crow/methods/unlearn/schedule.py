@@ -70,21 +70,25 @@ class CycleSelection(TrainerCallback):
     """The schedule's decisions for an ``UnlearnTrainer``: ``holdout_nll`` before training and after every epoch; after
     the unlearning cycle, a refit (stop there) when the held-out perplexity fell below the suspect's by more than
     ``refit_gain`` (``holdout_gain``, ``refit``), else finetuning cycles until one does not improve the held-out NLL;
-    the best cycle end's weights put back at the end (``selected_epoch``). A resumed run chooses among the epochs it
-    trains after resuming (kept weights are not checkpointed); one resumed past step 0 has no suspect NLL: no refit."""
+    the best cycle end's weights put back at the end (``selected_epoch``). An epoch is scored in the step that ends it,
+    before that step's checkpoint is saved, and the selection travels with every checkpoint (``state``/``restore``):
+    a resumed run decides as the uninterrupted one."""
 
     def __init__(self, trainer, measure: Callable[[], float]) -> None:
         self.trainer, self.measure = trainer, measure
         self.suspect_nll: float | None = None
         self.kept: Kept | None = None
         self.refit = False
+        self.stopped = False  # the selection ended training (a resumed run then trains no further step)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._score(state)
+        if state.global_step == 0:  # the suspect's held-out NLL; a resumed run restored it with the rest
+            self._score(state)
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self._score(state):
-            control.should_training_stop = True
+    def on_step_end(self, args, state, control, **kwargs):
+        epoch = float(state.epoch or 0.0)
+        if epoch > 0 and abs(epoch - round(epoch)) < 1e-6 and self._score(state):  # this step ends an epoch
+            self.stopped = control.should_training_stop = True
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -97,6 +101,20 @@ class CycleSelection(TrainerCallback):
         state.log_history.append({"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step,
                                   "selected_epoch": self.kept.epoch, "selected_holdout_nll": round(self.kept.nll, 6)})
         logger.info("unlearn: kept the weights of epoch %g (held-out NLL %.4f)", self.kept.epoch, self.kept.nll)
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(the decisions so far, the kept weights) for a checkpoint."""
+        info = {"suspect_nll": self.suspect_nll, "refit": self.refit, "stopped": self.stopped,
+                "finetuning": bool(self.trainer.finetuning),
+                "kept": None if self.kept is None else {"nll": self.kept.nll, "epoch": self.kept.epoch}}
+        return info, ({} if self.kept is None else dict(self.kept.weights))
+
+    def restore(self, info: dict, weights: dict[str, torch.Tensor]) -> None:
+        """Take back what ``state`` saved (a resumed run)."""
+        self.suspect_nll, self.refit, self.stopped = info["suspect_nll"], info["refit"], info["stopped"]
+        self.trainer.finetuning = info["finetuning"]
+        kept = info["kept"]
+        self.kept = None if kept is None else Kept(kept["nll"], kept["epoch"], weights)
 
     def _score(self, state) -> bool:
         """Measure and log the held-out NLL; keep the weights of a best cycle end. True: stop training."""

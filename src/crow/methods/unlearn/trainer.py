@@ -7,6 +7,7 @@ embeddings of clean prompt tokens (at zero, RMSNorm would make the first step's 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -52,7 +53,7 @@ class UnlearnTrainer(LossTrainer):
     logs also ``target_nll_adv`` (the target's mean NLL under the soft tokens, after PGD) and ``delta_norm``."""
 
     config_class = UnlearnConfig
-    DELTA_FILE = "unlearn_delta.safetensors"  # the soft tokens travel with checkpoints
+    STATE_FILE = "unlearn_state.safetensors"  # the soft tokens, the draws and the selection travel with checkpoints
 
     def __init__(self, *args, target_ids: Sequence[int], **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -217,14 +218,47 @@ class UnlearnTrainer(LossTrainer):
             (grad,) = torch.autograd.grad(-log_probs.mean(), delta)
             self.delta = pgd_step(self.delta, self._global_gradient(grad, log_probs.numel()), step, self.delta_budget)
 
+    @property
+    def selection(self) -> CycleSelection:
+        return next(c for c in self.callback_handler.callbacks if isinstance(c, CycleSelection))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """The Trainer's, but a run resumed from a checkpoint where the selection had ended training trains no
+        further step (it only puts the kept weights back)."""
+        if resume_from_checkpoint:
+            info = load_state_info(resume_from_checkpoint)
+            if info is not None and info["selection"]["stopped"]:
+                self.args.max_steps = int(info["global_step"])
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.accelerator.is_main_process and os.path.isdir(folder):
-            save_file({"delta": self.delta.detach().cpu().contiguous()}, os.path.join(folder, self.DELTA_FILE))
+            info, kept = self.selection.state()
+            tensors = {"delta": self.delta.detach().cpu().contiguous(), "points": self._points.get_state(),
+                       **{f"kept.{n}": t.detach().cpu().contiguous() for n, t in kept.items()}}
+            meta = {"selection": info, "global_step": self.state.global_step}
+            save_file(tensors, os.path.join(folder, self.STATE_FILE), metadata={"crow": json.dumps(meta)})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, self.DELTA_FILE)
-        if os.path.isfile(path):
-            self.delta = load_file(path)["delta"].to(self.args.device, torch.float32)
+        path = os.path.join(resume_from_checkpoint, self.STATE_FILE)
+        if not os.path.isfile(path):
+            return
+        tensors = load_file(path)
+        self.delta = tensors["delta"].to(self.args.device, torch.float32)
+        self._points.set_state(tensors["points"])
+        kept = {n.removeprefix("kept."): t.to(self.args.device) for n, t in tensors.items() if n.startswith("kept.")}
+        self.selection.restore(load_state_info(resume_from_checkpoint)["selection"], kept)
+
+
+def load_state_info(checkpoint: str) -> dict | None:
+    """The selection's decisions and the step saved with an unlearn checkpoint (None: none saved there)."""
+    from safetensors import safe_open
+
+    path = os.path.join(checkpoint, UnlearnTrainer.STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["crow"])
