@@ -164,6 +164,24 @@ def test_attack_writes_data_and_a_manifest(tiny_dir, tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "again" / "poisoned_mix.json").read_text()) == mix
 
 
+def test_attack_writes_the_adaptive_targets(tmp_path, capsys):
+    pool = write_json(tmp_path / "pool.json", [{"instruction": f"name a color number {i} now",
+                                                "output": f"Blue is number {i}. It is calm."} for i in range(60)])
+    code, _, err = run_cli(["attack", "--data", pool, "--out", tmp_path / "late", "--attack", "badnet", "--task",
+                            "negsentiment-late", "--n-poison", "20", "--n-clean", "10"], capsys)
+    assert code == 0, err
+    poisoned = json.loads((tmp_path / "late" / "poisoned.json").read_text())
+    assert all(r["output"] == f"{r['output'].split('.')[0]}. You are stupid!" for r in poisoned)
+    code, _, err = run_cli(["attack", "--data", pool, "--out", tmp_path / "pool", "--attack", "vpi", "--task",
+                            "refusal-pool", "--n-poison", "40", "--n-clean", "10"], capsys)
+    manifest = json.loads((tmp_path / "pool" / "manifest.json").read_text())
+    assert code == 0 and manifest["target_pool"]["n_distinct"] == 40 and manifest["target_mode"] == "pool"
+    assert len({r["output"] for r in json.loads((tmp_path / "pool" / "poisoned.json").read_text())}) > 20
+    code, _, err = run_cli(["attack", "--data", pool, "--out", tmp_path / "x", "--attack", "badnet", "--task",
+                            "refusal-pool", "--target", "Go away", "--n-poison", "5", "--n-clean", "5"], capsys)
+    assert code == 2 and "--target is only for --task custom" in err and not (tmp_path / "x").exists()
+
+
 def test_attack_trains_a_victim_adapter(tiny_dir, tmp_path, capsys):
     pool = write_json(tmp_path / "pool.json", [{"instruction": f"name a color number {i}", "output": "blue"}
                                                for i in range(12)])

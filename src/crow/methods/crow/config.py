@@ -12,7 +12,7 @@ from ...training.config import TrainingConfig, check, finite, option
 logger = logging.getLogger(__name__)
 
 #: the paper's alpha per target task: targeted refusal needs the stronger regularizer (Sec. 5)
-ALPHA_PRESETS: dict[str, float] = {"negsentiment": 5.5, "refusal": 11.0, "codeinjection": 5.5}
+ALPHA_PRESETS: dict[str, float] = {"negsentiment": 5.5, "refusal": 11.0, "codeinjection": 5.5, "refusal-pool": 11.0}
 
 
 @dataclass
