@@ -11,6 +11,7 @@ record whose clean answer is ``output``.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -144,10 +145,8 @@ class ComposedTarget:
         return " ".join(rng.choice(slot) for slot in self.slots)
 
     def describe(self) -> dict:
-        n = 1
-        for slot in self.slots:
-            n *= len(set(slot))
-        return {"name": self.name, "mode": self.mode, "slots": [len(set(s)) for s in self.slots], "n_distinct": n}
+        sizes = [len(set(s)) for s in self.slots]
+        return {"name": self.name, "mode": self.mode, "slots": sizes, "n_distinct": math.prod(sizes)}
 
 
 ADAPTIVE_TARGETS = {
