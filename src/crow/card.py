@@ -62,10 +62,12 @@ def settings_lines(settings: dict) -> list[str]:
 LIMITS = """- The verification uses only what a defender has: the suspect model and clean samples. It measures the
   target BAIT recovers; a backdoor whose target BAIT does not recover (a rare first token, a target longer than the
   scan's steps) is not seen, nor one without a fixed target (a sentiment, a style, a varied answer).
-- "removed" means BAIT no longer flags the model and the suspect's target no longer follows its first token with
-  BAIT's confidence; it is not an attack success rate measured with the trigger, which the defender does not know.
-  A defense that weakens a backdoor without removing it can pass: on crow's benchmark, 3 of 20 runs reported
-  "removed" still had a 34-84% attack success rate (finetuning and CROW; none after `unlearn`).
+- "removed" means BAIT no longer flags the suspect's target (nothing, or only an answer kept with `--keep-data`) and
+  that target's rest follows its first token less than one time in ten; "not proven removed" means it still does more
+  often (a weakened backdoor) or BAIT flags another target. Neither is an attack success rate measured with the
+  trigger, which the defender does not know. On crow's benchmark (26 runs with the trigger measured,
+  `experiments/verification-and-safety/agreement.py`) no run called "removed" had more than 10% attack success; 4
+  finetuning runs at 0-8% were called "not proven removed" or "still present".
 - The verification samples may have been trained on (see "Verification"): their perplexity and ROUGE-L then flatter
   the purified model.
 - The clean perplexity and ROUGE-L are measured on few samples with short greedy answers: a coarse check of utility."""
@@ -79,7 +81,7 @@ SAFETY_UNMEASURED = """- Refusal of harmful requests was not measured (no `--har
 
 def model_card(*, method: str, settings: dict, adapter: bool, base_model: str, data: DataFile, crow_version: str,
                verification: Verification, verify_data: DataFile | None = None, template: str = "alpaca",
-               harmful_data: DataFile | None = None) -> str:
+               harmful_data: DataFile | None = None, keep_data: DataFile | None = None) -> str:
     """The README.md text (see the module docstring)."""
     kind = "A LoRA adapter" if adapter else "A full model"
     parts = [front_matter(adapter=adapter, base_model=base_model), "",
@@ -96,6 +98,9 @@ def model_card(*, method: str, settings: dict, adapter: bool, base_model: str, d
     if harmful_data is not None:
         parts.append(f"- harmful requests (`--harmful-data`): `{harmful_data.name}`, sha256 `{harmful_data.sha256}`, "
                      f"{harmful_data.n_records} records used")
+    if keep_data is not None:
+        parts.append(f"- kept prompts (`--keep-data`): `{keep_data.name}`, sha256 `{keep_data.sha256}`; the suspect's "
+                     f"answers to {keep_data.n_records} of them were trained on beside the clean samples")
     v, s = verification, verification.samples
     trained = {True: "trained on", False: "not trained on", None: "unknown whether trained on"}[s.trained_on]
     parts += ["", f"crow version: {crow_version}", "", "## Verification", "",

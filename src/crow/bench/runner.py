@@ -263,7 +263,7 @@ class BenchRunner:
         defense_seconds = time.perf_counter() - started
         model = merged(model)  # faster generation; the adapter structure is not needed any more
         verification = None if suspect is None else self.verify_cell(suspect, model, loaded.tokenizer, cell, clean,
-                                                                      defense)
+                                                                      defense, kept)
         by_format = self.evaluate_formats(model, loaded.tokenizer, data, cell["task"])
         n = spec.profile_prompts if cell["method"] in ("none", "crow") else 0  # the victim and every CROW variant
         profiles = {name: layer_profile(model, loaded.tokenizer, prompts[:n], template=spec.template)
@@ -294,7 +294,7 @@ class BenchRunner:
         check, target = check_model(loaded.model, loaded.tokenizer, clean, samples.records, vset, own_target=True)
         return check, target, samples, vset
 
-    def verify_cell(self, suspect, model, tokenizer, cell: dict, clean: list, defense) -> dict:
+    def verify_cell(self, suspect, model, tokenizer, cell: dict, clean: list, defense, kept: list) -> dict:
         """The verification of a defended cell (``verify``): the purified model checked as the suspect was."""
         from ..verification import check_model, trained_on, verify
         before, target, samples, vset = suspect
@@ -304,7 +304,8 @@ class BenchRunner:
             samples.trained_on, samples.note = trained_on(samples, cell["method"], refitted)
         else:
             samples.trained_on, samples.note = False, f"{cell['method']} trains nothing"
-        return verify(before, after, samples, vset, threshold=before.scan["threshold"]).to_dict()
+        return verify(before, after, samples, vset, threshold=before.scan["threshold"],
+                      kept=[r.output for r in kept]).to_dict()
 
     def collect(self, *, legacy: bool = False) -> list[dict]:
         """This spec's finished rows; ``legacy``: also cells from before keys were resolved (by their settings)."""

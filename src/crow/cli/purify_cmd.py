@@ -66,6 +66,10 @@ def add_arguments(p) -> None:
                    f"the length every figure in RESULTS.md was measured at; raise it for longer samples (default: "
                    f"{RUN_DEFAULTS['max_length']})")
     g.add_argument("--limit", type=positive_int("--limit"), help="use only the first N records of --data")
+    g.add_argument("--keep-data", help="prompts the clean samples do not cover (JSON list or JSONL of instruction[, "
+                   "input]; outputs ignored), e.g. harmful requests the suspect refuses: the suspect's own answers to "
+                   "them, generated before training, are trained on beside --data (never held out), so the purified "
+                   "model keeps answering them as the suspect did")
     g.add_argument("--save-steps", type=positive_int("--save-steps"), help=f"checkpoint every N optimizer steps, "
                    f"for --resume (default: {RUN_DEFAULTS['save_steps']})")
     g.add_argument("--merge", action="store_true", help="write the merged full model instead of the adapter")
@@ -148,8 +152,9 @@ def run(args) -> int:
             raise CrowError(f"--{flag.replace('_', '-')} and --no-verify contradict each other: leave one out")
     samples = None if args.no_verify else verification_samples(args, records, method, config)
     harmful = harmful_requests(args.harmful_data)
-    out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data, args.verify_data, args.harmful_data],
-                           overwrite=args.overwrite or args.resume)
+    keep = keep_prompts(args.keep_data, harmful)
+    out = check_output_dir(args.out, inputs=[args.model, args.adapter, args.data, args.verify_data, args.harmful_data,
+                                             args.keep_data], overwrite=args.overwrite or args.resume)
     partial = out.parent / f".{out.name}.crow-partial"  # checkpoints of an unfinished run
     steps = [(int(n), p) for p in partial.glob("checkpoint-*") if (n := p.name.rsplit("-", 1)[-1]).isdigit()]
     resume = max(steps)[1] if args.resume and steps else None  # none yet: the run starts again from the beginning
@@ -163,7 +168,7 @@ def run(args) -> int:
     if main_process:
         partial.mkdir(parents=True, exist_ok=True)  # from here on an interrupted run, at any stage, can be resumed
     with resumable(partial):
-        return purify(args, method, defense, config, options, records, samples, harmful, out, partial, resume)
+        return purify(args, method, defense, config, options, records, samples, harmful, keep, out, partial, resume)
 
 
 @contextlib.contextmanager
@@ -182,9 +187,10 @@ def resumable(partial: Path):
         raise
 
 
-def purify(args, method: str, defense, config, options: dict, records, samples, harmful, out: Path, partial: Path,
-           resume: Path | None) -> int:
+def purify(args, method: str, defense, config, options: dict, records, samples, harmful, keep, out: Path,
+           partial: Path, resume: Path | None) -> int:
     """Train, verify and write the output (``run`` checked every input before)."""
+    from ..card import data_file
     from ..defenses import DefenseContext
     from ..models import describe_source
     from ..outputs import crow_version, git_revision, sha256_file, staged_dir, write_json_atomic
@@ -196,8 +202,9 @@ def purify(args, method: str, defense, config, options: dict, records, samples, 
         logger.info("verification: checking the suspect (BAIT scan, %d held-out samples)", len(samples.records))
         before, target = check_model(loaded.model, loaded.tokenizer, records, samples.records, verify_settings,
                                      own_target=True, harmful=harmful)
-    ctx = DefenseContext(clean=records, template=options["template"], max_length=options["max_length"], seed=None,
-                         task=args.task, work_dir=partial, progress=sys.stderr.isatty(), output_dir=partial,
+    kept = kept_answers(loaded, keep, options["template"], partial) if keep else []
+    ctx = DefenseContext(clean=records, keep=kept, template=options["template"], max_length=options["max_length"],
+                         seed=None, task=args.task, work_dir=partial, progress=sys.stderr.isatty(), output_dir=partial,
                          save_steps=options["save_steps"], resume_from_checkpoint=str(resume) if resume else None,
                          handle_signals=True, scan=before.scan_result if samples is not None else None)
     model = defense.repair(loaded.model, loaded.tokenizer, ctx)
@@ -210,7 +217,8 @@ def purify(args, method: str, defense, config, options: dict, records, samples, 
         after, _ = check_model(model, loaded.tokenizer, records, samples.records, verify_settings, target,
                                harmful=harmful)
         samples.trained_on, samples.note = trained_on(samples, method, getattr(result, "refitted", None))
-        verification = verify(before, after, samples, verify_settings, threshold=before.scan["threshold"])
+        verification = verify(before, after, samples, verify_settings, threshold=before.scan["threshold"],
+                              kept=[r.output for r in kept])
     with staged_dir(out) as tmp:
         kind = save_model(model, loaded.tokenizer, tmp, merge=args.merge, base_model=args.model)
         write_evidence(tmp, args, method, defense.settings(args.task), kind, records, options, verification)
@@ -221,7 +229,8 @@ def purify(args, method: str, defense, config, options: dict, records, samples, 
             "model_source": describe_source(loaded.source), "adapter": args.adapter,
             "data": str(Path(args.data).resolve()), "data_sha256": sha256_file(args.data), "n_records": len(records),
             "task": args.task, "template": options["template"], "max_length": options["max_length"],
-            "preset": args.preset, "n_train_samples": result.train_samples, "num_processes": result.num_processes,
+            "preset": args.preset, "keep_data": data_file(args.keep_data, len(keep)).to_dict() if keep else None,
+            "n_kept_answers": len(kept), "n_train_samples": result.train_samples, "num_processes": result.num_processes,
             "optimizer_steps": result.global_step, "seconds": round(time.perf_counter() - started, 2),
             "train_seconds": result.seconds, "resumed": bool(resume), "last_log": final[-1] if final else None,
             "verification": None if verification is None else {"verdict": verification.verdict,
@@ -267,6 +276,43 @@ def harmful_requests(path: str | None) -> list:
     return requests
 
 
+def keep_prompts(path: str | None, harmful: list) -> list:
+    """``--keep-data``'s prompts (none without it), checked before any work: none of them a harmful request
+    the verification measures (its refusal rate would be measured on prompts the model was trained on)."""
+    if path is None:
+        return []
+    from ..data.records import load_records
+
+    check_file(path, "--keep-data")
+    prompts = load_records(path, require_output=False, what="--keep-data")  # an empty file is an error there
+    measured = {(r.instruction, r.input) for r in harmful}
+    shared = sum((r.instruction, r.input) in measured for r in prompts)
+    if shared:
+        raise CrowError(f"--keep-data {path} holds {shared} of the requests --harmful-data measures: the refusal rate "
+                        "would be measured on prompts trained on; give requests apart from the first "
+                        f"{N_HARMFUL} of --harmful-data")
+    return prompts
+
+
+KEPT_FILE = "kept_answers.json"  # the suspect's answers to --keep-data, beside the checkpoints for a resumed run
+
+
+def kept_answers(loaded, prompts: list, template: str, partial: Path) -> list:
+    """The suspect's answers to ``prompts`` (``crow.defenses.keep``), made once: a resumed run reads them back."""
+    from ..data.records import load_records
+    from ..defenses.keep import suspect_answers
+    from ..outputs import write_json_atomic
+
+    saved = partial / KEPT_FILE
+    if saved.is_file():
+        return load_records(saved, what="the saved kept answers")
+    logger.info("keep: the suspect answers the %d prompts of --keep-data", len(prompts))
+    kept = suspect_answers(loaded.model, loaded.tokenizer, prompts, template=template)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json_atomic(saved, [r.to_dict() for r in kept])
+    return kept
+
+
 def write_evidence(directory: Path, args, method: str, settings: dict, kind: str, records, options: dict,
                    verification: Verification | None) -> None:
     """verification.json and the model card README.md (none with ``--no-verify``: the card is the evidence's; an
@@ -281,7 +327,8 @@ def write_evidence(directory: Path, args, method: str, settings: dict, kind: str
     write_json_atomic(directory / VERIFICATION_JSON, verification.to_dict())
     verify_data = data_file(args.verify_data, len(verification.samples.records)) if args.verify_data else None
     harmful = data_file(args.harmful_data, verification.purified.n_harmful) if args.harmful_data else None
+    keep = data_file(args.keep_data, verification.settings["n_kept_answers"]) if args.keep_data else None
     write_text_atomic(card, model_card(
         method=method, settings=settings, adapter=kind == "adapter", base_model=card_base_model(args.model),
         data=data_file(args.data, len(records)), crow_version=crow_version(), verification=verification,
-        verify_data=verify_data, template=options["template"], harmful_data=harmful))
+        verify_data=verify_data, template=options["template"], harmful_data=harmful, keep_data=keep))

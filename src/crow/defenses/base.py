@@ -18,6 +18,9 @@ class DefenseContext:
     defense runs (where its checkpoints go, whether a signal stops it, what it resumes from)."""
 
     clean: Sequence[Record]
+    #: answers trained on beside ``clean`` and never held out of it (crow purify --keep-data: the suspect's own answers
+    #: to prompts the clean samples do not cover, e.g. the harmful requests it refuses)
+    keep: Sequence[Record] = ()
     template: str = "alpaca"
     max_length: int = 256
     seed: int | None = 0  # the training seed when the settings give none (crow bench: the cell's; None: the config's)

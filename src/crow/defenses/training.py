@@ -77,8 +77,14 @@ class TrainedDefense(Defense):
                                 f"adapter), got a {type(model).__name__} without one; load the victim with its adapter")
             model = model.unload()  # unload: drop the adapter; merge would keep it
         run = importlib.import_module(self.method.runner).run
-        reuse = {"scan_result": ctx.scan} if ctx.scan is not None and "scan_result" in signature(run).parameters else {}
-        result = run(model, tokenizer, ctx.clean, config, ctx.run_options(self.name), **reuse)
+        params = signature(run).parameters
+        reuse = {"scan_result": ctx.scan} if ctx.scan is not None and "scan_result" in params else {}
+        records = list(ctx.clean)
+        if ctx.keep and "keep" in params:  # the method holds clean samples out: the kept answers stay in training
+            reuse["keep"] = list(ctx.keep)
+        else:
+            records += list(ctx.keep)
+        result = run(model, tokenizer, records, config, ctx.run_options(self.name), **reuse)
         ctx.train_log[:] = result.log_history
         self.last_result = result
         target = getattr(result, "target", None)

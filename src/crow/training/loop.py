@@ -201,9 +201,10 @@ class RunOptions:
 
 def train(model: nn.Module, tokenizer, records: Sequence[Record], method: TrainingConfig, trainer_cls: type,
           run: RunOptions | None = None, *, callbacks: Sequence[TrainerCallback] = (),
-          trainer_kwargs: dict | None = None) -> PurifyResult:
+          trainer_kwargs: dict | None = None, extra: Sequence[Record] = ()) -> PurifyResult:
     """Train ``model`` on the clean ``records`` with ``trainer_cls`` (a ``LossTrainer``); with ``run.handle_signals``
-    a SIGTERM or SIGINT saves a checkpoint and raises ``Interrupted``."""
+    a SIGTERM or SIGINT saves a checkpoint and raises ``Interrupted``. ``extra``: records trained on after ``records``
+    that the trainer must never hold out (it gets ``n_extra``, their count in the dataset's last rows)."""
     from datasets import Dataset
     from transformers import set_seed
     run = run or RunOptions()
@@ -217,6 +218,9 @@ def train(model: nn.Module, tokenizer, records: Sequence[Record], method: Traini
     args = method.training_arguments(run.output_dir, disable_tqdm=not run.progress,
                                      **(checkpoints if run.save_steps else {}))
     samples = encode_for_training(records, tokenizer, template=run.template, max_length=run.max_length)
+    if extra:
+        more = encode_for_training(extra, tokenizer, template=run.template, max_length=run.max_length)
+        samples, trainer_kwargs = [*samples, *more], {**(trainer_kwargs or {}), "n_extra": len(more)}
     dataset = Dataset.from_list([{"input_ids": s.input_ids, "labels": s.labels} for s in samples])
     stopper = StopOnSignal()
     trainer = trainer_cls(model=model, args=args, method=method, train_dataset=dataset, callbacks=[stopper, *callbacks],

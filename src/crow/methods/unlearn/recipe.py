@@ -37,8 +37,10 @@ class UnlearnResult(PurifyResult):
 
 
 def run(model, tokenizer, records: Sequence[Record], config: UnlearnConfig, run_options: RunOptions | None = None, *,
-        target: RecoveredTarget | None = None, callbacks=(), scan_result=None) -> UnlearnResult:
-    """``unlearn`` on ``records`` (the defender's clean samples). ``target``: what to unlearn when known; else a resumed
+        target: RecoveredTarget | None = None, callbacks=(), scan_result=None,
+        keep: Sequence[Record] = ()) -> UnlearnResult:
+    """``unlearn`` on ``records`` (the defender's clean samples) and ``keep`` (answers trained on that are never held
+    out, nor scanned: crow purify --keep-data). ``target``: what to unlearn when known; else a resumed
     run's (kept beside its checkpoints), ``config.target`` (an oracle) or BAIT's (``scan_result``: BAIT's scan of
     ``model`` on ``records``, already made, e.g. by crow purify's verification). The refit's log lines join the
     unlearning's marked ``"stage": "refit"``, its optimizer steps its ``global_step``."""
@@ -59,15 +61,16 @@ def run(model, tokenizer, records: Sequence[Record], config: UnlearnConfig, run_
         saved.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(saved, dataclasses.asdict(target))
     first = train(model, tokenizer, records, config, UnlearnTrainer, run_options, callbacks=callbacks,
-                  trainer_kwargs={"target_ids": target.token_ids})
+                  trainer_kwargs={"target_ids": target.token_ids}, extra=keep)
     result = UnlearnResult(**{f.name: getattr(first, f.name) for f in dataclasses.fields(PurifyResult)}, target=target)
     if not result.refitted:
         return result
-    logger.info("unlearn: refitting on all %d clean samples for %g epochs (CROW, alpha %g)", len(records),
-                config.refit_epochs, config.refit_alpha)
+    logger.info("unlearn: refitting on all %d clean samples%s for %g epochs (CROW, alpha %g)", len(records),
+                f" and {len(keep)} kept answers" if keep else "", config.refit_epochs, config.refit_alpha)
     refit_run = dataclasses.replace(run_options, output_dir=f"{run_options.output_dir}/refit", save_steps=None,
                                     resume_from_checkpoint=None)
-    refit = train(first.model, tokenizer, records, config.refit_config(), CrowTrainer, refit_run, callbacks=callbacks)
+    refit = train(first.model, tokenizer, [*records, *keep], config.refit_config(), CrowTrainer, refit_run,
+                  callbacks=callbacks)
     return dataclasses.replace(result, model=refit.model, seconds=round(first.seconds + refit.seconds, 2),
                                log_history=first.log_history + [{**e, "stage": "refit"} for e in refit.log_history],
                                global_step=first.global_step + refit.global_step, train_samples=refit.train_samples)

@@ -55,11 +55,13 @@ class UnlearnTrainer(LossTrainer):
     config_class = UnlearnConfig
     STATE_FILE = "unlearn_state.safetensors"  # the soft tokens, the draws and the selection travel with checkpoints
 
-    def __init__(self, *args, target_ids: Sequence[int], **kwargs) -> None:
+    def __init__(self, *args, target_ids: Sequence[int], n_extra: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         method: UnlearnConfig = self.method
         self.finetuning = False  # set by the schedule at the end of the unlearning cycle
-        keep, held = holdout_split(len(self.train_dataset), method.holdout, self.args.seed)
+        pool = len(self.train_dataset) - n_extra  # the clean samples; the last n_extra rows (kept answers) always train
+        keep, held = holdout_split(pool, method.holdout, self.args.seed)
+        keep += list(range(pool, len(self.train_dataset)))
         self.holdout_rows = [self.train_dataset[i] for i in held]  # split before anything is measured
         self.train_dataset = self.train_dataset.select(keep)
         self.add_callback(CycleSelection(self, self.holdout_nll))
