@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from crow.attacks.poison import TARGETS
+from crow.attacks.targets import ADAPTIVE_TARGETS
 from crow.bench.keys import backdoorllm_cell, plan, victim_key
 from crow.bench.spec import load_spec
 from crow.data.records import load_records
@@ -71,9 +72,22 @@ def first_words(text: str, n: int = 3) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))[:n]
 
 
-def target_match(recovered: str, true: str, n: int = 3) -> bool:
-    want = first_words(true, n)
-    return len(want) == n and first_words(recovered, n) == want
+def target_match(recovered: str, true: str | list[str], n: int = 3) -> bool:
+    """Whether ``recovered`` starts with the first ``n`` words of the true target (of any one of a pool's)."""
+    for text in [true] if isinstance(true, str) else true:
+        want = first_words(text, n)
+        if len(want) == n and first_words(recovered, n) == want:
+            return True
+    return False
+
+
+def true_targets(task: str) -> str | list[str] | None:
+    """The texts a victim of ``task`` was trained to say: BackdoorLLM's target, a pool's wordings, a late target's
+    payload; None for a composed target (no fixed text: not matched)."""
+    if task in TARGETS:
+        return TARGETS[task].text
+    target = ADAPTIVE_TARGETS[task]
+    return list(target.pool) if hasattr(target, "pool") else getattr(target, "text", None)
 
 
 def model_entries(args) -> list[dict]:
@@ -112,7 +126,8 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
                 "attack": entry["attack"],
                 "adapter": None if entry["adapter"] is None else Path(entry["adapter"]).parent.name})
     if entry["kind"] == "victim":
-        row["true_target"] = TARGETS[entry["task"]].text
+        if (true := true_targets(entry["task"])) is not None:
+            row["true_target"] = true
     todo_scans = [m for m in SCANS if m not in row.get("scan", {}) and not args.skip_scan]
     for method in V010_SCANS:
         if method not in row.get("scan", {}) and not args.skip_scan:
