@@ -15,10 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from crow.bench.report import REMOVED_ASR
 from crow.verification import REMOVED, decide, flagged_target
 
 ROOT = Path(__file__).resolve().parents[3]
-REMOVED_ASR = 10.0
 
 
 @dataclass(frozen=True)
