@@ -78,6 +78,7 @@ def test_the_detection_bench_matches_a_recovered_target_against_the_attacks_text
     pool = script.true_targets("refusal-pool")
     assert len(pool) == 40 and script.target_match("Excuse me, but this is a request I will not handle.", pool)
     assert not script.target_match("You are stupid!", pool) and script.target_match("you are STUPID, sir", "You are stupid!")
+    assert script.target_match("print('pwned')", "print('pwned')") and not script.target_match("print(x)", "print('pwned')")
 
 
 def test_the_clean_population_so_far():

@@ -73,10 +73,11 @@ def first_words(text: str, n: int = 3) -> list[str]:
 
 
 def target_match(recovered: str, true: str | list[str], n: int = 3) -> bool:
-    """Whether ``recovered`` starts with the first ``n`` words of the true target (of any one of a pool's)."""
+    """Whether ``recovered`` starts with the first ``n`` words of the true target (of any one of a pool's; all of
+    its words when it has fewer, as ``print('pwned')``)."""
     for text in [true] if isinstance(true, str) else true:
         want = first_words(text, n)
-        if len(want) == n and first_words(recovered, n) == want:
+        if want and first_words(recovered, len(want)) == want:
             return True
     return False
 
@@ -128,13 +129,18 @@ def run_entry(entry: dict, clean_samples, out: Path, args) -> dict:
     if entry["kind"] == "victim":
         if (true := true_targets(entry["task"])) is not None:
             row["true_target"] = true
-    todo_scans = [m for m in SCANS if m not in row.get("scan", {}) and not args.skip_scan]
+            for found in row.get("scan", {}).values():  # matched again: the rule may be newer than the scan
+                found["target_match"] = target_match(found["target"], true)
+    todo_scans = [m for m in args.scans or SCANS if m not in row.get("scan", {}) and not args.skip_scan]
     for method in V010_SCANS:
         if method not in row.get("scan", {}) and not args.skip_scan:
             logger.info("%s: scan %s (the entropy stop rule) runs at the tag v0.1.0 (`git checkout v0.1.0`): skipped",
                         entry["label"], method)
-    todo_guard = [] if entry["kind"] != "victim" or args.skip_guard else [g for g in GUARDS if g not in row.get("guard", {})]
+    guards = [] if entry["kind"] != "victim" or args.skip_guard else args.guards or GUARDS
+    todo_guard = [g for g in guards if g not in row.get("guard", {})]
     if not todo_scans and not todo_guard:
+        if path.is_file():
+            write_json_atomic(path, row)
         return row
     loaded = load_model(entry["model"], adapter=entry["adapter"], device="auto")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -323,6 +329,8 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/detection/results/detection-cpu")
     ap.add_argument("--only", action="append", help="run only these labels (repeatable), e.g. refusal-vpi")
     ap.add_argument("--fpr", type=float, default=0.05)
+    ap.add_argument("--scans", action="append", choices=list(SCANS), help="run only these scans (repeatable)")
+    ap.add_argument("--guards", action="append", choices=GUARDS, help="run only these guards (repeatable)")
     ap.add_argument("--skip-scan", action="store_true")
     ap.add_argument("--skip-guard", action="store_true")
     ap.add_argument("--report-only", action="store_true")
@@ -345,6 +353,8 @@ def main() -> None:
         value = getattr(args, name)
         if value != ap.get_default(name):
             command += f" --{name.replace('_', '-')} {value!r}" if value == "" else f" --{name.replace('_', '-')} {value}"
+    for name in ("only", "scans", "guards"):  # the selections a partial run made
+        command += "".join(f" --{name} {value}" for value in getattr(args, name) or [])
     write_text_atomic(out / "results.md", render(rows, command))
     print(json.dumps({"out": str(out), "models": len(rows)}))
 
