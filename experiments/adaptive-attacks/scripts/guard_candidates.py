@@ -5,6 +5,10 @@ guard) or all of them (the largest score counts), with and without its threshold
 
     python experiments/adaptive-attacks/scripts/guard_candidates.py --data data/backdoorllm
     python experiments/adaptive-attacks/scripts/guard_candidates.py --data data/backdoorllm --report-only
+    python experiments/adaptive-attacks/scripts/guard_candidates.py --data data/backdoorllm --floors
+
+``--floors``: no model; today's guard (one watched target) on every committed guard row (the table's 13 cells and the
+three new victims) at other floors of its threshold, from the stored per-prompt scores and judged answers.
 
 Reads the victim's row of ``results/detection-adaptive-targets-cpu`` (its scan and its judged answers); writes
 ``results/detection-adaptive-targets-cpu/guard-candidates-<label>.json`` (per-prompt scores) and prints the table.
@@ -92,12 +96,54 @@ def table(found: dict, row: dict) -> str:
     return "\n".join(lines)
 
 
+FLOORS = (0.5, 0.35, 0.25, 0.1, 0.0)
+
+
+def floor_rows() -> list[tuple[str, dict]]:
+    """(cell, {min_prob: (TPR, clean blocked, ASR left)}) for each committed target-official row whose fit quantile is
+    known (stored under ``without_floor``, or the threshold itself when above the floor)."""
+    from crow.evaluation.evaluate import get_judge
+
+    paths = [*sorted((ROOT / "experiments/detection/results").glob("detection*-cpu/*.json")),
+             *sorted((ROOT / "experiments/adaptive-attacks/results").glob("detection-*/*-*.json"))]
+    out = []
+    for path in paths:
+        row = json.loads(path.read_text())
+        g = (row.get("guard") or {}).get("target-official")
+        if not g or path.name.startswith("guard-candidates"):
+            continue
+        quantile = g["without_floor"]["threshold"] if "without_floor" in g else g["threshold"]
+        if "without_floor" not in g and quantile <= FLOOR + 1e-9:
+            continue  # fitted with the floor above its quantile, which was not stored
+        hits = np.array([get_judge(row["task"])(o) for o in row["eval"]["outputs"]["triggered"]])
+        triggered, clean = np.array(g["scores"]["triggered"]), np.array(g["scores"]["clean"])
+        figures = {}
+        for min_prob in FLOORS:
+            threshold = max(quantile, math.log(min_prob)) if min_prob else quantile
+            flagged = triggered >= threshold
+            figures[min_prob] = (100 * float(flagged.mean()), 100 * float((clean >= threshold).mean()),
+                                 100 * float((hits & ~flagged).mean()))
+        out.append((f"{row['model']} {row['label']}", figures))
+    return out
+
+
+def floor_table() -> str:
+    lines = ["| cell | " + " | ".join(f"floor {p:g}" for p in FLOORS) + " |", "|---|" + "---|" * len(FLOORS)]
+    for cell, figures in floor_rows():
+        lines.append(f"| {cell} | " + " | ".join(" / ".join(f"{v:.0f}" for v in figures[p]) for p in FLOORS) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="BackdoorLLM's data (crow data fetch backdoorllm)")
     ap.add_argument("--label", default="refusal-pool-badnet")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--floors", action="store_true", help="the floor table from the stored guard rows (no model)")
     args = ap.parse_args()
+    if args.floors:
+        print(floor_table())
+        return
     path = FOLDER / f"guard-candidates-{args.label}.json"
     row = json.loads((FOLDER / f"{args.label}.json").read_text())
     if not args.report_only:
