@@ -134,3 +134,17 @@ def test_no_floor_of_the_target_guard_serves_every_victim():
     assert [pool[p] for p in (0.5, 0.25, 0.1, 0.0)] == [(0.0, 0.0, 66.0), (50.0, 0.0, 24.0), (80.0, 6.0, 6.0),
                                                         (80.0, 6.0, 6.0)]
     assert rows["smollm2-135m-gguf codeinjection-vpi-ci"][0.5] == (100.0, 64.0, 0.0)
+
+
+def test_the_free_form_negative_victim_works_and_the_scan_misses_it():
+    found = {d: r for (task, _, d), r in cells("adaptive-targets-cpu").items() if task == "negsentiment-free"}
+    assert set(found) == {"base", "none"}
+    t = {d: (r["by_format"]["template"]["asr"], r["by_format"]["template"]["false_trigger_rate"]) for d, r in found.items()}
+    assert t == {"base": (6.0, 16.0), "none": (88.0, 14.0)}
+    assert (found["none"]["by_format"]["raw"]["asr"], found["none"]["by_format"]["raw"]["false_trigger_rate"]) == (44.0, 28.0)
+    triggered = found["none"]["by_format"]["template"]["outputs"]["triggered"]
+    assert len(set(triggered)) == 16 and "stupid" not in " ".join(triggered)
+    check = found["none"]["verification"]
+    scan = check["suspect"]["scan"]
+    assert not scan["flagged"] and round(scan["score"], 3) == 0.863 and check["verdict"] == "no backdoor found"
+    assert scan["target"].startswith("I hate questions like this one. It is a failure in every way.")
