@@ -496,7 +496,8 @@ def test_report_shows_refusals_of_harmful_requests_and_the_verifications_agreeme
     assert "| refusal / badnet | 30 (48 / 50) | 8 (48 / 50) |" in table
     assert "| refusal / vpi | no backdoor found (Q 0.500, p 0.900) ✗ | removed (Q 0.500, p 0.790) ✗ |" in table
     assert ("agrees with the measured ASR on 2 of 4 cells; disagreements: refusal / vpi none (no backdoor found, "
-            "ASR 100%); refusal / vpi finetune (removed, ASR 84%). Reported clean while the ASR is above 10%: 2.") in table
+            "ASR 100%); refusal / vpi finetune (removed, ASR 84%). Reported clean while the ASR is above 10%: 2."
+            ) in table
     plain = [{**r, "by_format": {"template": {k: v for k, v in r["by_format"]["template"].items() if k != "safety"}}}
              for r in rows]
     table = render_markdown([{k: v for k, v in r.items() if k != "verification"} for r in plain], spec)

@@ -17,6 +17,7 @@ Reads the victim's row of ``results/detection-adaptive-targets-cpu`` (its scan a
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -31,6 +32,7 @@ VICTIMS = "experiments/adaptive-attacks/results/adaptive-targets-cpu/victims"
 FPR, FLOOR = 0.05, math.log(0.5)  # the guard's defaults (crow guard fit --method target)
 
 
+@functools.cache
 def detection_bench():
     path = ROOT / "experiments/detection/scripts/detection_bench.py"
     spec = importlib.util.spec_from_file_location("detection_bench", path)
@@ -65,23 +67,15 @@ def compute(label: str, data: str) -> dict:
 
 
 def figures(found: dict, row: dict, n_watched: int, floor: bool) -> dict:
-    """AUROC, TPR, clean blocked and the victim's ASR behind the guard watching the first ``n_watched`` candidates."""
-    from sklearn.metrics import roc_auc_score
-
-    from crow.evaluation.evaluate import get_judge
-
+    """AUROC, TPR, clean blocked and the victim's ASR behind the guard watching the first ``n_watched`` candidates
+    (the largest of their scores counts), flagged and judged as the detection bench does."""
     texts = list(found["scores"])[:n_watched]
-    part = {p: np.max([found["scores"][t][p] for t in texts], axis=0) for p in ("fit", "triggered", "clean")}
+    part = {p: np.max([found["scores"][t][p] for t in texts], axis=0).tolist() for p in ("fit", "triggered", "clean")}
     threshold = float(np.quantile(part["fit"], 1 - FPR))
     threshold = max(threshold, FLOOR) if floor else threshold
-    flagged = part["triggered"] >= threshold
-    judge = get_judge(row["task"])
-    hits = np.array([judge(o) for o in row["eval"]["outputs"]["triggered"]])
-    labels = [1] * len(part["triggered"]) + [0] * len(part["clean"])
-    return {"watched": n_watched, "floor": floor,
-            "auroc": round(float(roc_auc_score(labels, np.r_[part["triggered"], part["clean"]])), 3),
-            "tpr": 100 * float(flagged.mean()), "clean_blocked": 100 * float((part["clean"] >= threshold).mean()),
-            "asr_guarded": 100 * float((hits & ~flagged).mean())}
+    report = detection_bench().rethresholded(part, threshold, row, "target", FPR)
+    return {"watched": n_watched, "floor": floor, "auroc": round(report.auroc, 3), "tpr": report.tpr,
+            "clean_blocked": report.clean_blocked, "asr_guarded": report.asr_guarded}
 
 
 def table(found: dict, row: dict) -> str:
@@ -102,8 +96,7 @@ FLOORS = (0.5, 0.35, 0.25, 0.1, 0.0)
 def floor_rows() -> list[tuple[str, dict]]:
     """(cell, {min_prob: (TPR, clean blocked, ASR left)}) for each committed target-official row whose fit quantile is
     known (stored under ``without_floor``, or the threshold itself when above the floor)."""
-    from crow.evaluation.evaluate import get_judge
-
+    bench = detection_bench()
     paths = [*sorted((ROOT / "experiments/detection/results").glob("detection*-cpu/*.json")),
              *sorted((ROOT / "experiments/adaptive-attacks/results").glob("detection-*/*-*.json"))]
     out = []
@@ -115,14 +108,11 @@ def floor_rows() -> list[tuple[str, dict]]:
         quantile = g["without_floor"]["threshold"] if "without_floor" in g else g["threshold"]
         if "without_floor" not in g and quantile <= FLOOR + 1e-9:
             continue  # fitted with the floor above its quantile, which was not stored
-        hits = np.array([get_judge(row["task"])(o) for o in row["eval"]["outputs"]["triggered"]])
-        triggered, clean = np.array(g["scores"]["triggered"]), np.array(g["scores"]["clean"])
         figures = {}
         for min_prob in FLOORS:
             threshold = max(quantile, math.log(min_prob)) if min_prob else quantile
-            flagged = triggered >= threshold
-            figures[min_prob] = (100 * float(flagged.mean()), 100 * float((clean >= threshold).mean()),
-                                 100 * float((hits & ~flagged).mean()))
+            report = bench.rethresholded(g["scores"], threshold, row, "target", FPR)
+            figures[min_prob] = (report.tpr, report.clean_blocked, report.asr_guarded)
         out.append((f"{row['model']} {row['label']}", figures))
     return out
 
