@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from crow.bench.report import CLEAN_VERDICTS, REMOVED_ASR
-from crow.verification import decide, flagged_target
+from crow.bench.report import REMOVED_ASR
+from crow.verification import CLEAN_VERDICTS, decide, flagged_target
 
 ROOT = Path(__file__).resolve().parents[3]
 
