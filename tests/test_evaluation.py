@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 
@@ -121,6 +122,21 @@ def test_perplexity_equals_exp_of_the_token_mean_loss(tiny):
         n = int((labels[:, 1:] != -100).sum())
         total, count = total + loss.item() * n, count + n
     assert ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_perplexity_asks_the_model_only_for_the_answers_logits(tiny, monkeypatch):
+    """Memory: the prompt's positions get no logits (``logits_to_keep``) and each row's loss is taken apart."""
+    shapes, forward = [], tiny.model.forward
+
+    @functools.wraps(forward)  # its signature: the code asks it whether it takes logits_to_keep
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        shapes.append((kwargs["input_ids"].shape[1], out.logits.shape[1]))
+        return out
+
+    monkeypatch.setattr(tiny.model, "forward", spy)
+    perplexity(tiny.model, tiny.tokenizer, make_records(3), template="alpaca", batch_size=2)
+    assert len(shapes) == 2 and all(kept < total for total, kept in shapes)
 
 
 def test_evaluate_runs_end_to_end_on_a_tiny_model(tiny):

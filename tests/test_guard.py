@@ -1,5 +1,6 @@
 """crow guard: the LCF detector and the ONION baseline on a tiny backdoored Llama, the pure math, the CLI."""
 
+import functools
 import json
 import math
 import random
@@ -412,6 +413,26 @@ def test_target_log_probs_match_a_direct_forward(victim, held_out):
             logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
         want = sum(logp[len(prompt) - 1 + t, target[t]].item() for t in range(len(target))) / len(target)
         assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_target_log_probs_ask_the_model_only_for_the_target_positions_logits(victim, held_out, monkeypatch):
+    """Memory: each forward returns the logits of its length-sorted batch's target positions, not [B, T, vocab] (on
+    Gemma's 262k vocabulary that was 8 GB for the verification's 20 prompts)."""
+    from crow.detection.target import target_log_probs
+
+    model, tok, _ = victim
+    target = tok("You are stupid", add_special_tokens=False).input_ids
+    shapes, forward = [], model.forward
+
+    @functools.wraps(forward)  # its signature: the code asks it whether it takes logits_to_keep
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        shapes.append((kwargs["input_ids"].shape[1], out.logits.shape[1]))
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    target_log_probs(model, tok, held_out["clean"][:6], target, template="raw", batch_size=3)
+    assert len(shapes) == 2 and all(len(target) < kept < total for total, kept in shapes)
 
 
 def test_target_guard_recovers_the_target_and_separates_triggered_prompts(victim, held_out, tmp_path):

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..data.records import Record
-from ..data.templates import encode_prompts, pad_batch
+from ..data.templates import batches, encode_prompts, pad_batch
 from ..errors import CrowError
-from ..modeling import evaluating
+from ..modeling import evaluating, keeps_logits
 from ..training.config import check, finite, option
 from .guard import DETECTOR_JSON, DETECTORS, Detector, info_from_json, malformed, quantile_threshold
 from .scan import scan
@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 @evaluating
 def target_log_probs(model, tokenizer, records: Sequence[Record], target_ids: Sequence[int], *, template: str,
                      batch_size: int = 16) -> np.ndarray:
-    """Mean log-probability of ``target_ids`` teacher-forced after each (right-padded) prompt: [N] float64."""
+    """Mean log-probability of ``target_ids`` teacher-forced after each (right-padded) prompt: [N] float64. Prompts
+    are batched by length and only the positions that predict a target token are given logits (``logits_to_keep``
+    where the model takes it), so memory stays near one batch's target logits, not [B, T, vocab] (262k on Gemma)."""
     if not target_ids:
         raise CrowError("the target has no tokens; give a non-empty target")
     k = len(target_ids)
@@ -41,15 +43,19 @@ def target_log_probs(model, tokenizer, records: Sequence[Record], target_ids: Se
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     target = torch.tensor(list(target_ids), dtype=torch.long, device=device)[:, None]  # [k, 1]
+    trailing = keeps_logits(model)
     out = np.zeros(len(prompts), dtype=np.float64)
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids, mask = pad_batch([list(p) + list(target_ids) for p in chunk], pad)  # [B, T] prompt + target
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
-        for row, p in enumerate(chunk):
-            # the logits at position j predict token j + 1: the target's tokens sit at len(p) .. len(p)+k-1
-            out[start + row] = logp[row, len(p) - 1 : len(p) - 1 + k].gather(1, target).mean().item()
+    for idx in batches(sorted(range(len(prompts)), key=lambda i: len(prompts[i])), batch_size):
+        ids, mask = pad_batch([list(prompts[i]) + list(target_ids) for i in idx], pad)  # [B, T] prompt + target
+        # the logits at position j predict token j + 1: row i's target tokens sit at len(p) .. len(p)+k-1
+        first = min(len(prompts[i]) for i in idx) - 1  # the first position whose logits are needed
+        keep = {"logits_to_keep": ids.shape[1] - first} if trailing else {}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **keep).logits
+        offset = first if trailing else 0  # logits[:, j] is position j + offset
+        for row, i in enumerate(idx):
+            start = len(prompts[i]) - 1 - offset
+            logp = torch.log_softmax(logits[row, start : start + k].float(), dim=-1)  # [k, V]
+            out[i] = logp.gather(1, target).mean().item()
     return out
 
 

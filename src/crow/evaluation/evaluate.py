@@ -19,7 +19,8 @@ from ..attacks.targets import LATE_PAYLOAD
 from ..data.records import Record
 from ..data.templates import batches, encode_for_training, encode_prompts, pad_batch
 from ..errors import CrowError
-from ..modeling import evaluating, forward_parameters
+from ..losses import logits_needed
+from ..modeling import evaluating, forward_parameters, keeps_logits
 from .sentiment import SentimentJudge
 
 
@@ -131,16 +132,21 @@ def perplexity(model, tokenizer, records: Sequence[Record], *, template: str = "
     """exp(mean NLL) of the reference outputs (+ EOS) given their prompts: token-level, over all records."""
     samples = encode_for_training(records, tokenizer, template=template, max_length=max_length)
     device = next(model.parameters()).device
+    trailing = keeps_logits(model)
     total, count = 0.0, 0
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
     for idx in batches(order, batch_size):
         ids, mask = pad_batch([samples[i].input_ids for i in idx], tokenizer.pad_token_id)  # [B, T] right-padded
         labels, _ = pad_batch([samples[i].labels for i in idx], -100)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        targets = labels[:, 1:].to(device)
-        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        nll = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
-        total += float(nll)
+        # logits only from the position before the first reference token on (the prompt's need none): the logits at
+        # position j predict token j + 1; each row's loss apart, so no [B, T, vocab] copy is made
+        needed = logits_needed(labels) if trailing else labels.shape[1]
+        keep = {"logits_to_keep": needed} if trailing else {}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **keep).logits
+        targets = labels[:, labels.shape[1] - needed + 1 :].to(device)  # what logits[:, :-1] predict
+        for row in range(len(idx)):
+            total += float(torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=-100,
+                                                             reduction="sum"))
         count += int((targets != -100).sum())
     return math.exp(total / max(count, 1))
 
