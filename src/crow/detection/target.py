@@ -47,7 +47,7 @@ def target_log_probs(model, tokenizer, records: Sequence[Record], target_ids: Se
     out = np.zeros(len(prompts), dtype=np.float64)
     for idx in batches(sorted(range(len(prompts)), key=lambda i: len(prompts[i])), batch_size):
         ids, mask = pad_batch([list(prompts[i]) + list(target_ids) for i in idx], pad)  # [B, T] prompt + target
-        # the logits at position j predict token j + 1: row i's target tokens sit at len(p) .. len(p)+k-1
+        # the logits at position j predict token j + 1: prompt i's target tokens sit at len(prompts[i]) + 0..k-1
         first = min(len(prompts[i]) for i in idx) - 1  # the first position whose logits are needed
         keep = {"logits_to_keep": ids.shape[1] - first} if trailing else {}
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **keep).logits
