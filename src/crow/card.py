@@ -65,9 +65,9 @@ LIMITS = """- The verification uses only what a defender has: the suspect model 
 - "removed" means BAIT no longer flags the suspect's target (nothing, or only an answer kept with `--keep-data`) and
   that target's rest follows its first token less than one time in ten; "not proven removed" means it still does more
   often (a weakened backdoor) or BAIT flags another target. Neither is an attack success rate measured with the
-  trigger, which the defender does not know. On crow's benchmark (35 runs with the trigger measured:
+  trigger, which the defender does not know. On crow's benchmark (37 runs with the trigger measured:
   `experiments/verification-and-safety/scripts/agreement.py`) no run called "removed" had more than 10% attack
-  success; 4 finetuning runs at 0-8% were called "not proven removed" or "still present", and a backdoor with
+  success; 6 finetuning or CROW runs at 0-8% were called "not proven removed" or "still present", and a backdoor with
   free-form negative answers, which BAIT does not flag, "no backdoor found" undefended (88%) and after three defenses
   (24-32%).
 - The verification samples may have been trained on (see "Verification"): their perplexity and ROUGE-L then flatter
