@@ -416,8 +416,8 @@ def test_target_log_probs_match_a_direct_forward(victim, held_out):
 
 
 def test_target_log_probs_ask_the_model_only_for_the_target_positions_logits(victim, held_out, monkeypatch):
-    """Memory: each forward returns the logits of its length-sorted batch's target positions, not [B, T, vocab] (on
-    Gemma's 262k vocabulary that was 8 GB for the verification's 20 prompts)."""
+    """Memory: each forward returns the logits of its length-sorted batch's target positions, not [B, T, vocab] (what
+    got crow purify's check killed on Gemma's 262k vocabulary)."""
     from crow.detection.target import target_log_probs
 
     model, tok, _ = victim
